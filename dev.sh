@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The two commands of README.md:
+#   ./dev.sh demo   set everything up on a fresh machine, then boot the default guest (`bulkhead demo`)
+#   ./dev.sh test   set everything up on a fresh machine, then run the whole test suite
+# Setup is idempotent and fast when nothing is missing.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$here"
+
+APT_PACKAGES=(build-essential libcap-dev libseccomp-dev acpica-tools)
+
+log() { printf '[dev.sh] %s\n' "$*" >&2; }
+
+setup_apt() {
+    local missing=()
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        log "installing Debian packages: ${missing[*]}"
+        local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+setup_python() {
+    if [ ! -x .venv/bin/python ]; then
+        log "creating .venv"
+        python3 -m venv .venv
+    fi
+    local stamp=.venv/.bulkhead-installed
+    local newest
+    newest=$(ls -t pyproject.toml setup.py vmm_core/kvm/_build.py device_procs/jail/_seccomp_build.py 2>/dev/null | head -1)
+    if [ ! -f "$stamp" ] || [ "$newest" -nt "$stamp" ]; then
+        log "installing Python packages into .venv"
+        .venv/bin/pip install -q --upgrade pip >/dev/null
+        .venv/bin/pip install -q -e ".[test]"
+        # cffi extension modules next to their sources, so the source tree imports them directly.
+        .venv/bin/python setup.py -q build_ext --inplace >/dev/null
+        touch "$stamp"
+    fi
+}
+
+setup_guest() {
+    log "building the test guest (guest_kit)"
+    make -s -C guest_kit
+}
+
+setup() { setup_apt; setup_python; setup_guest; }
+
+cmd="${1:-}"; shift || true
+case "$cmd" in
+    demo) setup; exec .venv/bin/bulkhead demo "$@" ;;
+    test) setup; exec .venv/bin/python -m pytest -q "$@" ;;
+    setup) setup ;;
+    *) echo "usage: ./dev.sh demo|test|setup [args...]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,1 @@
+"""Bulkhead core process: KVM, guest memory, the Bus, legacy devices and the CLI."""

@@ -12,6 +12,12 @@ class ConfigError(BulkheadError):
 class KvmError(BulkheadError):
     """KVM is missing, refused an ioctl, or lacks a capability we need."""
 
+    errno: int = 0
+
+    def with_errno(self, errno: int) -> "KvmError":
+        self.errno = errno
+        return self
+
 
 class GuestMemoryError(BulkheadError):
     """A guest physical address range is not backed by guest RAM.

@@ -1,0 +1,1 @@
+"""Loading guests: CPU entry state (`cpu`), ELF images (`elf`), Linux (`linux`)."""

@@ -1,0 +1,128 @@
+"""`bulkhead`: the command line.  Bad input gets one clear line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import layout
+from .errors import BulkheadError
+
+EXIT_USAGE = 2
+
+RUN_EXAMPLES = """\
+examples:
+  bulkhead run --kernel guest_kit/build/testguest.elf --cmdline 'gk.tests=pio,mmio'
+  bulkhead run --kernel vmlinuz --initrd initrd.img --mem 512 --vcpus 2
+  bulkhead demo
+
+exit status: the guest's own code (test guest EXIT register / debug port 0x501), 0 on ACPI
+power-off, 65 guest reset, 66 fatal vCPU error, 67 a device failure stopped the VM,
+130 Ctrl-C, 143 SIGTERM, 2 bad input.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that prints one line and exits 2 (not a usage dump) on bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"bulkhead: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def default_guest_path() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(root, "guest_kit", "build", "testguest.elf")
+
+
+def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
+    p.add_argument("--kernel", required=kernel_required, metavar="PATH",
+                   help="test guest ELF, Linux bzImage or vmlinux")
+    p.add_argument("--initrd", metavar="PATH", help="initramfs for a Linux kernel")
+    p.add_argument("--cmdline", default=None, metavar="STR", help="kernel command line")
+    p.add_argument("--mem", type=_positive_int, default=256, metavar="MIB", help="guest RAM in MiB (default 256)")
+    p.add_argument("--vcpus", type=_positive_int, default=1, metavar="N", help="number of vCPUs (default 1)")
+    p.add_argument("--serial", default="stdout", metavar="stdout|FILE", help="where COM1 output goes")
+    p.add_argument("--name", default="", help="a name for the VM (for ps/stats/fault)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop the VM after this long (exit 143)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bulkhead", description="Bulkhead: a KVM VMM whose devices run in jailed processes.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=RUN_EXAMPLES)
+    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="boot a kernel", epilog=RUN_EXAMPLES,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_vm_args(run, kernel_required=True)
+    demo = sub.add_parser("demo", help="boot the built test guest and run its checks",
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="example:\n  bulkhead demo --vcpus 2\n")
+    _add_vm_args(demo, kernel_required=False)
+    return parser
+
+
+DEMO_TESTS = "pio,mmio,irq,irqfd,hlt,smp"
+
+
+def _config_from_args(args: argparse.Namespace):
+    from .vm import VmConfig
+    kernel = args.kernel
+    cmdline = args.cmdline
+    vcpus = args.vcpus
+    if args.verb == "demo":
+        kernel = kernel or default_guest_path()
+        if not os.path.exists(kernel):
+            raise BulkheadError(f"the test guest {kernel} is not built: run `make -C guest_kit` "
+                                "(./dev.sh demo does it for you)")
+        if vcpus == 1:
+            vcpus = 2
+        if cmdline is None:
+            cmdline = f"gk.tests={DEMO_TESTS}"
+    return VmConfig(kernel=kernel, cmdline=cmdline or "", mem_mib=args.mem, vcpus=vcpus,
+                    serial=args.serial, initrd=args.initrd, name=args.name)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .vm import Machine
+    config = _config_from_args(args)
+    machine = Machine(config)
+    try:
+        stop = machine.run(timeout=args.timeout)
+    finally:
+        machine.close()
+    if stop.message and stop.exit_status != 0:
+        print(f"bulkhead: {stop.message}", file=sys.stderr)
+    return stop.exit_status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="bulkhead %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.verb in ("run", "demo"):
+            return cmd_run(args)
+    except BulkheadError as e:
+        print(f"bulkhead: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    parser.error(f"unknown verb {args.verb}")
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

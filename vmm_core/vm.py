@@ -1,0 +1,284 @@
+"""Build a VM from a `VmConfig` and run it: the one place the pieces are wired together."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable
+
+from . import layout
+from .boot import cpu as cpu_setup
+from .boot.elf import is_elf, load_elf, entry_physical
+from .bus import Bus
+from .errors import BootError, ConfigError
+from .kvm import Kvm, Vcpu, Vm
+from .kvm._kvm_cffi import lib
+from .memory import GuestMemory
+from .vcpu import StopReason, StopRequest, VcpuThread
+
+log = logging.getLogger(__name__)
+
+MIN_MEM_MIB = 16
+MAX_MEM_MIB = 1 << 20
+
+
+@dataclass
+class VmConfig:
+    kernel: str
+    cmdline: str = ""
+    mem_mib: int = 256
+    vcpus: int = 1
+    serial: str = "stdout"  # "stdout" or a file path
+    initrd: str | None = None
+    name: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def validate(self, max_vcpus: int = 254) -> None:
+        if not MIN_MEM_MIB <= self.mem_mib <= MAX_MEM_MIB:
+            raise ConfigError(f"--mem {self.mem_mib}: give between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB")
+        if not 1 <= self.vcpus <= max_vcpus:
+            raise ConfigError(f"--vcpus {self.vcpus}: give between 1 and {max_vcpus}")
+        if not os.path.exists(self.kernel):
+            raise ConfigError(f"--kernel {self.kernel}: no such file")
+        if not os.path.isfile(self.kernel):
+            raise ConfigError(f"--kernel {self.kernel}: not a regular file")
+        if not os.access(self.kernel, os.R_OK):
+            raise ConfigError(f"--kernel {self.kernel}: not readable (permission denied)")
+        if self.initrd is not None and not os.path.isfile(self.initrd):
+            raise ConfigError(f"--initrd {self.initrd}: no such file")
+        if len(self.cmdline.encode()) >= layout.CMDLINE_MAX:
+            raise ConfigError(f"--cmdline is {len(self.cmdline)} bytes; at most {layout.CMDLINE_MAX - 1}")
+
+
+def _ignore_signal(signum, frame) -> None:  # pragma: no cover - only interrupts KVM_RUN
+    pass
+
+
+class Machine:
+    """A running (or about to run) VM: KVM fds, memory, buses, devices, vCPU threads."""
+
+    def __init__(self, config: VmConfig, serial_out: BinaryIO | None = None) -> None:
+        self.config = config
+        self.kvm = Kvm()
+        self.kvm.require_caps()
+        config.validate(max_vcpus=min(254, self.kvm.max_vcpus()))
+        self.start_time = time.monotonic()
+        self._stop_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.stop_request: StopRequest | None = None
+        self.serial_out = serial_out or self._open_serial(config.serial)
+        self._serial_lock = threading.Lock()
+
+        self.vm = Vm(self.kvm)
+        self.memory = GuestMemory.create(config.mem_mib << 20)
+        for region in self.memory.regions:
+            self.vm.set_user_memory_region(region.start, region.spec.size, region.host_addr)
+        self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+
+        self.pio_bus: Bus = Bus("pio")
+        self.mmio_bus: Bus = Bus("mmio")
+        self._timers: list[threading.Timer] = []
+        self.irq_injections = 0
+        self.markers: list[tuple[int, float]] = []
+        self._cleanups: list[Callable[[], None]] = []
+        from .devices_legacy import attach_legacy_devices  # wiring kept apart from KVM setup
+        attach_legacy_devices(self)
+
+        self.boot_kind, entry, boot_regs = self._load_kernel()
+        self.vcpus = [Vcpu(self.vm, i) for i in range(config.vcpus)]
+        cpuid = self.kvm.supported_cpuid()
+        for v in self.vcpus:
+            self._setup_vcpu(v, cpuid, entry, boot_regs)
+        self.threads: list[VcpuThread] = []
+
+    # -- setup --------------------------------------------------------------------------------
+    @staticmethod
+    def _open_serial(spec: str) -> BinaryIO:
+        if spec == "stdout":
+            return sys.stdout.buffer
+        try:
+            return open(spec, "wb", buffering=0)
+        except OSError as e:
+            raise ConfigError(f"--serial {spec}: cannot open for writing: {e.strerror}") from None
+
+    def _load_kernel(self) -> tuple[str, int, dict[str, int]]:
+        with open(self.config.kernel, "rb") as f:
+            data = f.read()
+        cpu_setup.write_boot_structures(self.memory)
+        cmdline = self.config.cmdline.encode() + b"\0"
+        self.memory.write(layout.CMDLINE_ADDR, cmdline)
+        linux = _linux_module()
+        if linux is not None and linux.is_linux_kernel(data):
+            plan = linux.prepare_linux_boot(self, data)
+            return "linux", plan.entry, plan.regs
+        if is_elf(data):
+            if self.config.initrd:
+                raise ConfigError("--initrd is for Linux kernels; the test guest takes none")
+            image = load_elf(self.memory, data, self.config.kernel)
+            return "elf", entry_physical(image), {
+                "rsi": layout.CMDLINE_ADDR, "rdx": self.config.vcpus}
+        raise BootError(f"{self.config.kernel} is neither a bzImage nor an ELF kernel")
+
+    def _setup_vcpu(self, v: Vcpu, cpuid, entry: int, boot_regs: dict[str, int]) -> None:
+        # APIC ID in leaf 1 EBX[31:24] and the x2APIC leaves; ignored by kvm_pvm, needed on hardware.
+        for i in range(cpuid.nent):
+            e = cpuid.entries[i]
+            if e.function == 1:
+                e.ebx = (e.ebx & 0x00FFFFFF) | (v.index << 24)
+            elif e.function in (0xB, 0x1F):
+                e.edx = v.index
+        v.set_cpuid2(cpuid)
+        v.set_msrs(cpu_setup.BOOT_MSRS)
+        fpu = v.get_fpu()
+        fpu.fcw = 0x37F
+        fpu.mxcsr = 0x1F80
+        v.set_fpu(fpu)
+        lapic = v.get_lapic()
+        regs_page = bytearray(bytes(lapic.regs))
+        for off, mode in ((cpu_setup.APIC_LVT0, cpu_setup.APIC_MODE_EXTINT),
+                          (cpu_setup.APIC_LVT1, cpu_setup.APIC_MODE_NMI)):
+            old = int.from_bytes(regs_page[off:off + 4], "little")
+            regs_page[off:off + 4] = cpu_setup.lint_value(old, mode).to_bytes(4, "little")
+        lapic.regs = bytes(regs_page)
+        v.set_lapic(lapic)
+        if self.boot_kind == "linux" and v.index != 0:
+            return  # Linux starts its APs with INIT/SIPI through the LAPIC.
+        sregs = v.get_sregs()
+        cpu_setup.long_mode_sregs(sregs)
+        v.set_sregs(sregs)
+        regs = v.get_regs()
+        for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
+                     "r12", "r13", "r14", "r15"):
+            setattr(regs, name, 0)
+        regs.rflags = 0x2
+        regs.rip = entry
+        regs.rsp = layout.BOOT_STACK_POINTER if v.index == 0 else 0
+        regs.rdi = v.index
+        for name, value in boot_regs.items():
+            setattr(regs, name, value)
+        v.set_regs(regs)
+        if v.index != 0:
+            v.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
+
+    # -- hooks used by devices ------------------------------------------------------------------
+    def serial_write(self, data: bytes) -> None:
+        with self._serial_lock:
+            try:
+                self.serial_out.write(data)
+                self.serial_out.flush()
+            except (OSError, ValueError):
+                pass  # a closed stdout must not kill the VM
+
+    def irq_line(self, gsi: int, level: bool) -> None:
+        self.vm.irq_line(gsi, level)
+
+    def pulse_irq(self, gsi: int) -> None:
+        self.vm.irq_line(gsi, True)
+        self.vm.irq_line(gsi, False)
+        self.irq_injections += 1
+
+    def after(self, delay_s: float, fn: Callable[[], None]) -> None:
+        t = threading.Timer(delay_s, fn)
+        t.daemon = True
+        self._timers.append(t)
+        t.start()
+
+    def mark(self, value: int) -> None:
+        elapsed = time.monotonic() - self.start_time
+        self.markers.append((value, elapsed))
+        log.info("boot progress marker %#x at %.3f s", value, elapsed)
+
+    def add_cleanup(self, fn: Callable[[], None]) -> None:
+        self._cleanups.append(fn)
+
+    # -- running ------------------------------------------------------------------------------
+    def request_stop(self, request: StopRequest) -> None:
+        with self._stop_lock:
+            if self.stop_request is None:
+                self.stop_request = request
+                log.info("VM stopping: %s", request.message or request.reason.name)
+        self._stopped.set()
+
+    def run(self, timeout: float | None = None) -> StopRequest:
+        """Run until the guest stops, Ctrl-C/SIGTERM, or `timeout` seconds; then tear down."""
+        main = threading.current_thread() is threading.main_thread()
+        old_handlers = {}
+        if main:
+            old_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, _ignore_signal)
+            old_handlers[signal.SIGTERM] = signal.signal(
+                signal.SIGTERM, lambda s, f: self.request_stop(StopRequest(StopReason.TERMINATED, "SIGTERM")))
+        try:
+            self.threads = [VcpuThread(v, self.pio_bus, self.mmio_bus, self.memory, self.request_stop)
+                            for v in self.vcpus]
+            for t in self.threads:
+                t.start()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._stopped.is_set():
+                wait = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
+                try:
+                    self._stopped.wait(wait)
+                except KeyboardInterrupt:
+                    self.request_stop(StopRequest(StopReason.INTERRUPTED, "interrupted (Ctrl-C)"))
+                if deadline is not None and time.monotonic() >= deadline and not self._stopped.is_set():
+                    self.request_stop(StopRequest(StopReason.TERMINATED, f"timed out after {timeout} s"))
+        except KeyboardInterrupt:
+            self.request_stop(StopRequest(StopReason.INTERRUPTED, "interrupted (Ctrl-C)"))
+        finally:
+            self._stop_vcpus()
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+        assert self.stop_request is not None
+        return self.stop_request
+
+    def _stop_vcpus(self) -> None:
+        for t in self.threads:
+            t.stop()
+        deadline = time.monotonic() + 5.0
+        for t in self.threads:
+            while t.is_alive() and time.monotonic() < deadline:
+                if t.ident is not None:
+                    try:
+                        signal.pthread_kill(t.ident, signal.SIGUSR1)
+                    except ProcessLookupError:
+                        break
+                t.join(0.05)
+            if t.is_alive():
+                log.error("vCPU thread %s did not stop", t.name)
+
+    def close(self) -> None:
+        for t in self._timers:
+            t.cancel()
+        for fn in reversed(self._cleanups):
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - teardown continues past one failure
+                log.exception("cleanup failed")
+        for v in getattr(self, "vcpus", []):
+            v.close()
+        self.vm.close()
+        self.memory.close()
+        self.kvm.close()
+        if self.serial_out not in (sys.stdout.buffer,):
+            try:
+                self.serial_out.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def _linux_module():
+    """The Linux loader, if present (it lives in vmm_core.boot.linux)."""
+    try:
+        from .boot import linux
+    except ImportError:
+        return None
+    if not hasattr(linux, "is_linux_kernel"):
+        return None
+    return linux

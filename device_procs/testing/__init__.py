@@ -1,0 +1,1 @@
+"""Test doubles shipped as API: a host-side virtio driver and hostile-ring builders."""

@@ -1,0 +1,155 @@
+"""What every virtio device is to the transport: `VirtioDevice`, and the `Interrupt` it signals.
+
+The transport (`mmio.MmioDevice`) decodes registers, negotiates features and builds the queues;
+a device only sees feature bits, its config space and parsed descriptor chains (kvmtool's split).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from typing import Any, Protocol
+
+from vmm_core.errors import GuestMemoryError
+from vmm_core.memory import GuestMemory
+
+from .errors import QueueError
+from .queue import DescriptorChain, Queue
+
+log = logging.getLogger(__name__)
+
+# Device IDs (§5).
+VIRTIO_ID_NET = 1
+VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_CONSOLE = 3
+VIRTIO_ID_RNG = 4
+
+# Reserved feature bits (§6).
+VIRTIO_F_INDIRECT_DESC = 1 << 28
+VIRTIO_F_EVENT_IDX = 1 << 29
+VIRTIO_F_VERSION_1 = 1 << 32
+# What every device here offers: modern only, split rings with indirect tables and event idx.
+COMMON_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX
+
+
+class Interrupt(Protocol):
+    """How a device reaches the driver; the transport implements it (`MmioDevice`)."""
+
+    def signal_used(self) -> None:
+        """Used buffers were added: set InterruptStatus bit 0 and notify the guest."""
+
+    def signal_config(self) -> None:
+        """The config space changed: bump ConfigGeneration, set bit 1 and notify."""
+
+    def signal_needs_reset(self, reason: str) -> None:
+        """The driver broke the device (§2.1.2): set DEVICE_NEEDS_RESET, stop processing."""
+
+
+class VirtioDevice(abc.ABC):
+    """Base of blk, rng and console.
+
+    Subclasses set `device_type`, `queue_max_sizes`, `device_features` and implement
+    `handle_chain`; the default `process_queue` pops every available chain, hands it over and
+    returns it to the driver with the byte count `handle_chain` reports.
+    """
+
+    device_type: int
+    queue_max_sizes: list[int]
+    device_features: int = COMMON_FEATURES
+
+    def __init__(self) -> None:
+        self.acked_features = 0
+        self.memory: GuestMemory | None = None
+        self.queues: list[Queue] = []
+        self.interrupt: Interrupt | None = None
+        self.counters: dict[str, int] = {"chains": 0, "interrupts": 0, "queue_errors": 0}
+
+    # -- contract with the transport ----------------------------------------------------------
+    @property
+    def features(self) -> int:
+        return self.device_features
+
+    @property
+    def active(self) -> bool:
+        return self.interrupt is not None
+
+    def has_feature(self, bit_mask: int) -> bool:
+        return bool(self.acked_features & bit_mask)
+
+    def ack_features(self, value: int) -> None:
+        """The driver's accepted subset; the transport has already checked it (§2.2.1)."""
+        self.acked_features = value
+
+    def config_bytes(self) -> bytes:
+        """The device-specific config space (§4.2.2 offset 0x100 on); empty by default."""
+        return b""
+
+    def read_config(self, offset: int, data: bytearray) -> None:
+        config = self.config_bytes()
+        chunk = config[offset:offset + len(data)] if offset >= 0 else b""
+        data[:] = chunk + bytes(len(data) - len(chunk))
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Config writes are ignored unless a device has writable fields."""
+
+    def activate(self, memory: GuestMemory, queues: list[Queue | None], interrupt: Interrupt) -> None:
+        """DRIVER_OK: `queues[i]` is None for a queue the driver did not enable."""
+        self.memory = memory
+        self.queues = queues  # type: ignore[assignment]
+        self.interrupt = interrupt
+
+    def reset(self) -> None:
+        """Status 0 (§2.4): forget the driver, its features and its queues."""
+        self.acked_features = 0
+        self.memory = None
+        self.queues = []
+        self.interrupt = None
+
+    def process_queue(self, index: int) -> bool:
+        """Handle what the driver made available on queue `index`; True if buffers were used.
+
+        Never raises for guest mistakes: a `QueueError` (or a guest address that is not RAM)
+        becomes DEVICE_NEEDS_RESET through the interrupt object.
+        """
+        queue = self.queues[index] if self.active and 0 <= index < len(self.queues) else None
+        if queue is None:
+            return False
+        try:
+            used = self.drain_queue(index, queue)
+            if used and queue.needs_notification():
+                self.signal_used()
+            return used
+        except (QueueError, GuestMemoryError) as e:
+            self.counters["queue_errors"] += 1
+            log.warning("%s queue %d: %s", type(self).__name__, index, e)
+            assert self.interrupt is not None
+            self.interrupt.signal_needs_reset(f"queue {index}: {e}")
+            return False
+
+    def drain_queue(self, index: int, queue: Queue) -> bool:
+        """Pop, handle and complete chains until the ring stays empty."""
+        used = False
+        while True:
+            chain = queue.pop()
+            while chain is not None:
+                self.counters["chains"] += 1
+                queue.add_used(chain.head, self.handle_chain(index, chain))
+                used = True
+                chain = queue.pop()
+            if not queue.enable_notification():
+                return used
+
+    def signal_used(self) -> None:
+        if self.interrupt is not None:
+            self.counters["interrupts"] += 1
+            self.interrupt.signal_used()
+
+    @abc.abstractmethod
+    def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
+        """Execute one parsed chain; return how many bytes were written to its writable part."""
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.counters)
+
+    def close(self) -> None:
+        """Release host resources (files); the device is unusable afterwards."""

@@ -1,0 +1,83 @@
+"""Fixtures for the virtio unit tests: guest RAM, a temp image, devices behind MmioDevice."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import pytest
+
+from device_procs.testing.driver import VirtioDriver
+from device_procs.virtio import BlkDevice, ConsoleDevice, MmioDevice, RngDevice, VirtioDevice
+from vmm_core.memory import GuestMemory
+
+RAM_SIZE = 32 << 20
+IMAGE_SECTORS = 2048  # 1 MiB
+
+
+class Harness:
+    """A device behind its transport, and a driver playing the guest."""
+
+    def __init__(self, device: VirtioDevice, memory: GuestMemory) -> None:
+        self.device = device
+        self.memory = memory
+        self.notifications = 0
+        self.mmio = MmioDevice(device, memory, self._notify)
+        self.driver = VirtioDriver(self.mmio.read, self.mmio.write, memory)
+
+    def _notify(self) -> None:
+        self.notifications += 1
+
+
+@pytest.fixture
+def memory() -> Iterator[GuestMemory]:
+    mem = GuestMemory.create(RAM_SIZE)
+    yield mem
+    mem.close()
+
+
+@pytest.fixture
+def image(tmp_path) -> str:
+    path = tmp_path / "disk.img"
+    # A recognisable pattern: byte i of sector s is (s * 7 + i) & 0xff.
+    with open(path, "wb") as f:
+        for s in range(IMAGE_SECTORS):
+            f.write(bytes((s * 7 + i) & 0xFF for i in range(512)))
+    return str(path)
+
+
+def sector_pattern(sector: int, count: int = 1) -> bytes:
+    return b"".join(bytes((s * 7 + i) & 0xFF for i in range(512)) for s in range(sector, sector + count))
+
+
+@pytest.fixture
+def blk(memory, image) -> Iterator[Harness]:
+    dev = BlkDevice(image, serial="bulkhead-disk-0")
+    yield Harness(dev, memory)
+    dev.close()
+
+
+@pytest.fixture
+def rng(memory) -> Harness:
+    return Harness(RngDevice(), memory)
+
+
+@pytest.fixture
+def console(memory, tmp_path) -> Iterator[Harness]:
+    dev = ConsoleDevice.open(str(tmp_path / "console.out"))
+    h = Harness(dev, memory)
+    h.output_path = str(tmp_path / "console.out")  # type: ignore[attr-defined]
+    yield h
+    dev.close()
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture
+def devnull_fd() -> Iterator[int]:
+    fd = os.open(os.devnull, os.O_WRONLY)
+    yield fd
+    os.close(fd)

@@ -156,7 +156,11 @@ class Serial:
         if reg == MCR:
             return self._mcr
         if reg == LSR:
-            lsr = LSR_THRE | LSR_TEMT | (LSR_DR if self._rx else 0) | (LSR_OE if self._overrun else 0)
+            lsr = LSR_THRE | LSR_TEMT
+            if self._rx:
+                lsr |= LSR_DR
+            if self._overrun:
+                lsr |= LSR_OE
             self._overrun = False
             return lsr
         if reg == MSR:
@@ -251,7 +255,8 @@ class Serial:
         dropped = len(data) - len(accepted)
         if dropped:
             if not self.rx_dropped:
-                log.warning("serial input buffer full (%d bytes): dropping input", self._rx_capacity)
+                log.warning("serial input buffer full (%d bytes): dropping input",
+                            self._rx_capacity)
             self.rx_dropped += dropped
             self._overrun = True
         return len(accepted)

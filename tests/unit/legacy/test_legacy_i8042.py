@@ -136,3 +136,8 @@ def test_output_buffer_is_bounded(kbc: Kbc) -> None:
         kbc.data()
         drained += 1
     assert drained == k.OUTPUT_BUFFER_MAX
+
+
+def test_is_a_bus_device(kbc: Kbc) -> None:
+    from vmm_core.bus import BusDevice
+    assert isinstance(kbc.dev, BusDevice)

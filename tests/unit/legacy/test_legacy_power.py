@@ -104,3 +104,9 @@ def test_boot_progress_is_bounded_and_rate_limited(caplog: pytest.LogCaptureFixt
     assert dev.count == BootProgress.MAX_MARKS + 10
     assert dev.marks[0][1] == 5.0
     assert len(caplog.records) == BootProgress.LOG_PER_SECOND
+
+
+def test_are_bus_devices(ev: Events) -> None:
+    from vmm_core.bus import BusDevice
+    for dev in (ev.dev, DebugExit(lambda c: None), BootProgress()):
+        assert isinstance(dev, BusDevice)

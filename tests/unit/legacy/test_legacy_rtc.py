@@ -155,3 +155,8 @@ def test_half_written_staged_date_reads_safely(cmos: Cmos) -> None:
     assert cmos.get(r.REG_DAY_OF_WEEK) == 0
     cmos.set(r.REG_B, r.REG_B_24H)  # committed invalid: ignored, host time stays
     assert time_regs(cmos) == (0x05, 0x04, 0x15, 7, 0x09, 0x03, 0x24, 0x20)
+
+
+def test_is_a_bus_device(cmos: Cmos) -> None:
+    from vmm_core.bus import BusDevice
+    assert isinstance(cmos.dev, BusDevice)

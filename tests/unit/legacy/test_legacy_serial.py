@@ -190,3 +190,8 @@ def test_no_irq_hook_is_fine() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError):
         Serial(lambda b: None, None, rx_capacity=0)
+
+
+def test_is_a_bus_device() -> None:
+    from vmm_core.bus import BusDevice
+    assert isinstance(Serial(lambda b: None, None), BusDevice)

@@ -190,3 +190,20 @@ def test_hook_counters_only_called_when_read(rig: Rig) -> None:
 def test_exit_code_is_32_bit(rig: Rig) -> None:
     rig.mmio.write(t.REG_EXIT, struct.pack("<I", 0xFFFF_FFFF))
     assert rig.hooks.calls == [("exit", 0xFFFF_FFFF)]
+
+
+def test_are_bus_devices(rig: Rig) -> None:
+    from vmm_core.bus import BusDevice
+    assert isinstance(rig.mmio, BusDevice) and isinstance(rig.pio, BusDevice)
+
+
+def test_on_a_bus_at_the_layout_addresses(rig: Rig) -> None:
+    from vmm_core import layout
+    from vmm_core.bus import Bus
+    mmio, pio = Bus("mmio"), Bus("pio")
+    mmio.insert(rig.mmio, layout.TESTDEV_MMIO_BASE, t.TESTDEV_SIZE)
+    pio.insert(rig.pio, layout.PIO_PROBE_PORT, layout.PIO_PROBE_SIZE)
+    pio.write(layout.PIO_PROBE_PORT + 3, b"\x99")
+    buf = bytearray(8)
+    mmio.read(layout.TESTDEV_MMIO_BASE + t.REG_LAST_OFFSET, buf)
+    assert int.from_bytes(buf, "little") == 3

@@ -17,7 +17,7 @@ from .boot.elf import is_elf, load_elf, entry_physical
 from .bus import Bus
 from .errors import BootError, ConfigError
 from .kvm import Kvm, Vcpu, Vm
-from .kvm._kvm_cffi import lib
+from .kvm._kvm_cffi import ffi, lib
 from .memory import GuestMemory
 from .vcpu import StopReason, StopRequest, VcpuThread
 
@@ -87,9 +87,8 @@ class Machine:
         self.mmio_bus: Bus = Bus("mmio")
         self._timers: list[threading.Timer] = []
         self.irq_injections = 0
-        self.markers: list[tuple[int, float]] = []
         self._cleanups: list[Callable[[], None]] = []
-        from .devices_legacy import attach_legacy_devices  # wiring kept apart from KVM setup
+        from .platform import attach_legacy_devices  # wiring kept apart from KVM setup
         attach_legacy_devices(self)
 
         self.boot_kind, entry, boot_regs = self._load_kernel()
@@ -142,12 +141,12 @@ class Machine:
         fpu.mxcsr = 0x1F80
         v.set_fpu(fpu)
         lapic = v.get_lapic()
-        regs_page = bytearray(bytes(lapic.regs))
+        regs_page = bytearray(ffi.buffer(lapic.regs))
         for off, mode in ((cpu_setup.APIC_LVT0, cpu_setup.APIC_MODE_EXTINT),
                           (cpu_setup.APIC_LVT1, cpu_setup.APIC_MODE_NMI)):
             old = int.from_bytes(regs_page[off:off + 4], "little")
             regs_page[off:off + 4] = cpu_setup.lint_value(old, mode).to_bytes(4, "little")
-        lapic.regs = bytes(regs_page)
+        ffi.memmove(lapic.regs, bytes(regs_page), len(regs_page))
         v.set_lapic(lapic)
         if self.boot_kind == "linux" and v.index != 0:
             return  # Linux starts its APs with INIT/SIPI through the LAPIC.
@@ -190,11 +189,6 @@ class Machine:
         t.daemon = True
         self._timers.append(t)
         t.start()
-
-    def mark(self, value: int) -> None:
-        elapsed = time.monotonic() - self.start_time
-        self.markers.append((value, elapsed))
-        log.info("boot progress marker %#x at %.3f s", value, elapsed)
 
     def add_cleanup(self, fn: Callable[[], None]) -> None:
         self._cleanups.append(fn)

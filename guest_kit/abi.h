@@ -13,11 +13,12 @@
 
 /* Interrupt vectors. */
 #define VEC_PIC_BASE 0x20   /* 8259 lines 0-15 -> 0x20-0x2f */
+#define VEC_SYSCALL 3       /* `int3` from CPL3: the system-call gate (DPL3), see entry.S */
 #define VEC_TIMER 0x30      /* local APIC one-shot timer (wait_irq timeouts) */
-#define VEC_SYSCALL 0x80    /* int 0x80, DPL3 */
 #define VEC_APIC_SPURIOUS 0xff
 
-/* System calls: rax = number, arguments in rdi, rsi, rdx; result in rax; every other register kept. */
+/* System calls (`int3`): rax = number, arguments in rdi, rsi, rdx; result in rax; every other
+ * register kept. */
 #define SYS_WRITE 1    /* (buf, len) -> len: bytes to COM1 */
 #define SYS_WAIT_IRQ 2 /* (line mask, timeout_ms) -> fired lines | WAIT_TIMEOUT | halts << 32 */
 #define SYS_PIO 3      /* (port | size << 16 | PIO_WRITE, value) -> value read */

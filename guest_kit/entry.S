@@ -109,7 +109,10 @@ irq_common:
 apic_spurious_stub:
 	iretq
 
-/* int 0x80 from CPL3 (interrupt gate: IF stays clear).  rax = number, rdi/rsi/rdx = arguments. */
+/* System calls: `int3` from CPL3, through a DPL3 interrupt gate on vector 3 (IF stays clear).
+ * On this machine's kvm_pvm, `int N` (0xcd) raises #UD from CPL3 and `syscall` reaches LSTAR
+ * without leaving CPL3; the one-byte `int3` is delivered like on hardware.  rax = number,
+ * rdi/rsi/rdx = arguments, result in rax, every other register kept. */
 	.globl syscall_stub
 syscall_stub:
 	push	%rcx
@@ -120,7 +123,7 @@ syscall_stub:
 	push	%r9
 	push	%r10
 	push	%r11
-	sub	$8, %rsp
+	sub	$8, %rsp		/* 16-byte alignment at the call */
 	mov	%rdx, %rcx
 	mov	%rsi, %rdx
 	mov	%rdi, %rsi

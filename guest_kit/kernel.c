@@ -90,7 +90,8 @@ void kernel_init(void)
 			 "ltr %w3"
 			 : : "m"(p), "i"(SEL_KCODE), "r"(SEL_KDATA), "r"(SEL_TSS) : "memory");
 
-	/* IDT: exceptions, the 16 PIC lines, the APIC timer, spurious, and the DPL3 syscall gate. */
+	/* IDT: exceptions, the 16 PIC lines, the APIC timer, APIC spurious, and the DPL3 system-call
+	 * gate on the breakpoint vector (see syscall_stub). */
 	for (v = 0; v < 32; v++)
 		set_gate(v, exc_stubs + 16 * v, 0);
 	for (v = 0; v <= VEC_TIMER - VEC_PIC_BASE; v++)

@@ -10,7 +10,7 @@ static inline u64 syscall3(u64 nr, u64 a, u64 b, u64 c)
 {
 	u64 ret;
 
-	__asm__ volatile("int $0x80" : "=a"(ret) : "a"(nr), "D"(a), "S"(b), "d"(c) : "memory");
+	__asm__ volatile("int3" : "=a"(ret) : "a"(nr), "D"(a), "S"(b), "d"(c) : "memory");
 	return ret;
 }
 

@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 
-from . import layout
 from .errors import BulkheadError
 
 EXIT_USAGE = 2
@@ -58,6 +57,14 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
     p.add_argument("--name", default="", help="a name for the VM (for ps/stats/fault)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="stop the VM after this long (exit 143)")
+    p.add_argument("--disk", action="append", default=[], metavar="PATH[,readonly]",
+                   help="a raw disk image as virtio-blk (repeatable)")
+    p.add_argument("--rng", action="store_true", help="a virtio-rng device fed by the host CSPRNG")
+    p.add_argument("--console", metavar="PATH", help="a virtio-console whose port 0 writes to PATH")
+    p.add_argument("--no-sandbox", action="store_true",
+                   help="run the virtio devices inside the core process (the baseline for benchmarks)")
+    p.add_argument("--hold", action="store_true",
+                   help="keep the VM alive after the test guest's checks until SIGTERM/Ctrl-C")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
 
 
@@ -76,13 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEMO_TESTS = "pio,mmio,irq,irqfd,hlt,smp"
+DEMO_VIRTIO_TESTS = "virtio-blk,virtio-rng,virtio-console"
+DEMO_DISK_BYTES = 8 << 20
 
 
-def _config_from_args(args: argparse.Namespace):
+def _config_from_args(args: argparse.Namespace, scratch: str):
+    from .devices.manager import DeviceSpec, parse_console, parse_disk
     from .vm import VmConfig
     kernel = args.kernel
     cmdline = args.cmdline
     vcpus = args.vcpus
+    disks, rng, console = list(args.disk), args.rng, args.console
     if args.verb == "demo":
         kernel = kernel or default_guest_path()
         if not os.path.exists(kernel):
@@ -90,23 +101,51 @@ def _config_from_args(args: argparse.Namespace):
                                 "(./dev.sh demo does it for you)")
         if vcpus == 1:
             vcpus = 2
+        if not disks:
+            disk = os.path.join(scratch, "demo-disk.img")
+            with open(disk, "wb") as f:
+                f.truncate(DEMO_DISK_BYTES)
+            disks = [disk]
+        rng = True
+        console = console or os.path.join(scratch, "demo-console.txt")
         if cmdline is None:
-            cmdline = f"gk.tests={DEMO_TESTS}"
-    return VmConfig(kernel=kernel, cmdline=cmdline or "", mem_mib=args.mem, vcpus=vcpus,
-                    serial=args.serial, initrd=args.initrd, name=args.name)
+            cmdline = f"gk.tests={DEMO_TESTS},{DEMO_VIRTIO_TESTS}"
+    devices = [parse_disk(d, i) for i, d in enumerate(disks)]
+    if rng:
+        devices.append(DeviceSpec("rng", "rng0"))
+    if console:
+        devices.append(parse_console(console))
+    cmdline = cmdline or ""
+    if args.hold and "gk.hold=" not in cmdline:
+        cmdline += " gk.hold=1"
+    return VmConfig(kernel=kernel, cmdline=cmdline.strip(), mem_mib=args.mem, vcpus=vcpus,
+                    serial=args.serial, initrd=args.initrd, name=args.name, devices=devices,
+                    sandbox=not args.no_sandbox)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import tempfile
     from .vm import Machine
-    config = _config_from_args(args)
-    machine = Machine(config)
-    try:
-        stop = machine.run(timeout=args.timeout)
-    finally:
-        machine.close()
+    with tempfile.TemporaryDirectory(prefix="bulkhead-") as scratch:
+        config = _config_from_args(args, scratch)
+        machine = Machine(config)
+        try:
+            stop = machine.run(timeout=args.timeout)
+        finally:
+            machine.close()
+        if args.verb == "demo" and config.devices:
+            _report_demo(config)
     if stop.message and stop.exit_status != 0:
         print(f"bulkhead: {stop.message}", file=sys.stderr)
     return stop.exit_status
+
+
+def _report_demo(config) -> None:
+    console = next((d for d in config.devices if d.kind == "console"), None)
+    if console is not None and os.path.exists(console.params["path"]):
+        with open(console.params["path"], "rb") as f:
+            text = f.read().decode(errors="replace").strip()
+        print(f"[demo] virtio-console output: {text!r}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

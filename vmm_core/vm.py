@@ -36,7 +36,9 @@ class VmConfig:
     serial: str = "stdout"  # "stdout" or a file path
     initrd: str | None = None
     name: str = ""
-    extra: dict = field(default_factory=dict)
+    devices: list = field(default_factory=list)  # list[DeviceSpec]
+    sandbox: bool = True
+    device_options: dict = field(default_factory=dict)
 
     def validate(self, max_vcpus: int = 254) -> None:
         if not MIN_MEM_MIB <= self.mem_mib <= MAX_MEM_MIB:
@@ -90,6 +92,11 @@ class Machine:
         self._cleanups: list[Callable[[], None]] = []
         from .platform import attach_legacy_devices  # wiring kept apart from KVM setup
         attach_legacy_devices(self)
+        from .devices.manager import DeviceManager
+        self.devices = DeviceManager(self, sandbox=config.sandbox, options=config.device_options)
+        self.add_cleanup(self.devices.close)
+        for spec in config.devices:
+            self.devices.add(spec)
 
         self.boot_kind, entry, boot_regs = self._load_kernel()
         self.vcpus = [Vcpu(self.vm, i) for i in range(config.vcpus)]
@@ -112,8 +119,6 @@ class Machine:
         with open(self.config.kernel, "rb") as f:
             data = f.read()
         cpu_setup.write_boot_structures(self.memory)
-        cmdline = self.config.cmdline.encode() + b"\0"
-        self.memory.write(layout.CMDLINE_ADDR, cmdline)
         linux = _linux_module()
         if linux is not None and linux.is_linux_kernel(data):
             plan = linux.prepare_linux_boot(self, data)
@@ -121,6 +126,10 @@ class Machine:
         if is_elf(data):
             if self.config.initrd:
                 raise ConfigError("--initrd is for Linux kernels; the test guest takes none")
+            cmdline = self.config.cmdline
+            if self.devices.slots and "gk.virtio=" not in cmdline:
+                cmdline = f"{cmdline} gk.virtio={self.devices.guest_kit_arg()}".strip()
+            self.memory.write(layout.CMDLINE_ADDR, cmdline.encode() + b"\0")
             image = load_elf(self.memory, data, self.config.kernel)
             return "elf", entry_physical(image), {
                 "rsi": layout.CMDLINE_ADDR, "rdx": self.config.vcpus}
@@ -210,6 +219,7 @@ class Machine:
             old_handlers[signal.SIGTERM] = signal.signal(
                 signal.SIGTERM, lambda s, f: self.request_stop(StopRequest(StopReason.TERMINATED, "SIGTERM")))
         try:
+            self.devices.start()
             self.threads = [VcpuThread(v, self.pio_bus, self.mmio_bus, self.memory, self.request_stop)
                             for v in self.vcpus]
             for t in self.threads:

@@ -7,26 +7,15 @@ from typing import Iterator
 
 import pytest
 
-from device_procs.testing.driver import VirtioDriver
-from device_procs.virtio import BlkDevice, ConsoleDevice, MmioDevice, RngDevice, VirtioDevice
+from device_procs.testing.local import LocalHarness
+from device_procs.virtio import BlkDevice, ConsoleDevice, RngDevice
 from vmm_core.memory import GuestMemory
 
 RAM_SIZE = 32 << 20
 IMAGE_SECTORS = 2048  # 1 MiB
 
 
-class Harness:
-    """A device behind its transport, and a driver playing the guest."""
-
-    def __init__(self, device: VirtioDevice, memory: GuestMemory) -> None:
-        self.device = device
-        self.memory = memory
-        self.notifications = 0
-        self.mmio = MmioDevice(device, memory, self._notify)
-        self.driver = VirtioDriver(self.mmio.read, self.mmio.write, memory)
-
-    def _notify(self) -> None:
-        self.notifications += 1
+Harness = LocalHarness
 
 
 @pytest.fixture
@@ -44,10 +33,6 @@ def image(tmp_path) -> str:
         for s in range(IMAGE_SECTORS):
             f.write(bytes((s * 7 + i) & 0xFF for i in range(512)))
     return str(path)
-
-
-def sector_pattern(sector: int, count: int = 1) -> bytes:
-    return b"".join(bytes((s * 7 + i) & 0xFF for i in range(512)) for s in range(sector, sector + count))
 
 
 @pytest.fixture
@@ -69,11 +54,6 @@ def console(memory, tmp_path) -> Iterator[Harness]:
     h.output_path = str(tmp_path / "console.out")  # type: ignore[attr-defined]
     yield h
     dev.close()
-
-
-def read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 @pytest.fixture

@@ -66,7 +66,8 @@ class Machine:
 
     def __init__(self, config: VmConfig, serial_out: BinaryIO | None = None) -> None:
         self.config = config
-        self.kvm = Kvm()
+        config.validate()  # before touching /dev/kvm: bad input must not depend on the host
+        self.kvm = Kvm(os.environ.get("BULKHEAD_KVM_DEVICE", "/dev/kvm"))
         self.kvm.require_caps()
         config.validate(max_vcpus=min(254, self.kvm.max_vcpus()))
         self.start_time = time.monotonic()

@@ -1,0 +1,73 @@
+"""Every bad input gets one clear line on stderr and exit status 2, and leaves nothing behind."""
+
+import glob
+import os
+import subprocess
+import tempfile
+
+import pytest
+
+from vmm_core.testing import ROOT, TEST_GUEST, GuestRun, bulkhead_argv, run_bulkhead
+
+
+def one_line_error(run, *needles):
+    assert run.returncode == 2, run.explain()
+    lines = [l for l in run.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("bulkhead: ")
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def leftover_scratch():
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "bulkhead-*")))
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["run", "--kernel", "/nonexistent/vmlinux"], ["/nonexistent/vmlinux", "no such file"]),
+    (["run", "--kernel", "/etc"], ["not a regular file"]),
+    (["run", "--kernel", "/etc/hostname"], ["neither a bzImage nor an ELF"]),
+    (["run", "--kernel", TEST_GUEST, "--mem", "0"], ["--mem", "at least 1"]),
+    (["run", "--kernel", TEST_GUEST, "--mem", "1"], ["--mem 1", "between"]),
+    (["run", "--kernel", TEST_GUEST, "--mem", "lots"], ["--mem", "whole number"]),
+    (["run", "--kernel", TEST_GUEST, "--vcpus", "999"], ["--vcpus 999"]),
+    (["run", "--kernel", TEST_GUEST, "--disk", "/nonexistent.img"], ["--disk", "no such file"]),
+    (["run", "--kernel", TEST_GUEST, "--console", "/nonexistent/dir/out.txt"], ["--console", "does not exist"]),
+    (["run", "--kernel", TEST_GUEST, "--serial", "/nonexistent/dir/serial.txt"], ["--serial", "cannot open"]),
+    (["run"], ["--kernel"]),
+    (["frobnicate"], ["invalid choice"]),
+    (["run", "--kernel", TEST_GUEST, "--bogus-flag"], ["unrecognized arguments"]),
+])
+def test_bad_input_one_line_exit_2(args, needles):
+    before = leftover_scratch()
+    one_line_error(run_bulkhead(*args, timeout=60), *needles)
+    assert leftover_scratch() == before
+
+
+def test_disk_option_typo(tmp_path):
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(4096))
+    one_line_error(run_bulkhead("run", "--kernel", TEST_GUEST, "--disk", f"{img},readnoly"),
+                   "unknown option 'readnoly'")
+
+
+def test_missing_kvm_device_is_explained():
+    run = run_bulkhead("run", "--kernel", TEST_GUEST, env={"BULKHEAD_KVM_DEVICE": "/nonexistent/kvm"})
+    one_line_error(run, "/nonexistent/kvm does not exist")
+
+
+def test_kvm_permission_denied_is_explained():
+    # An unprivileged user (nobody) cannot open the root-only /dev/kvm.
+    if not os.path.exists("/dev/kvm") or os.stat("/dev/kvm").st_mode & 0o006:
+        pytest.skip("/dev/kvm is missing or world-accessible here")
+    assert os.geteuid() == 0, "this check drops from root to nobody with setpriv"
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           *bulkhead_argv("run", "--kernel", TEST_GUEST)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    one_line_error(GuestRun(proc.returncode, proc.stdout, proc.stderr), "no permission to open /dev/kvm")
+
+
+def test_help_has_examples():
+    run = run_bulkhead("run", "--help")
+    assert run.returncode == 0
+    assert "examples:" in run.stdout and "--kernel" in run.stdout

@@ -1,0 +1,64 @@
+"""Helpers for tests and benchmarks: run `bulkhead` on the test guest and parse its results.
+
+The guest reports `GK <test> ok|fail <detail>` lines and `GK done <passed>/<total>` on COM1
+(docs/guest_abi.md).  `run_bulkhead` runs the real CLI in a child process, as a user would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_GUEST = os.path.join(ROOT, "guest_kit", "build", "testguest.elf")
+
+_GK_LINE = re.compile(r"^GK (\S+) (ok|fail)(?: (.*))?$")
+_GK_DONE = re.compile(r"^GK done (\d+)/(\d+)")
+
+
+@dataclass
+class GuestRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    results: dict[str, tuple[bool, str]] = field(default_factory=dict)
+    done: tuple[int, int] | None = None
+
+    def ok(self, test: str) -> bool:
+        return self.results.get(test, (False, ""))[0]
+
+    def explain(self) -> str:
+        return f"exit {self.returncode}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr[-4000:]}"
+
+
+def parse_results(text: str) -> tuple[dict[str, tuple[bool, str]], tuple[int, int] | None]:
+    results: dict[str, tuple[bool, str]] = {}
+    done = None
+    for line in text.splitlines():
+        m = _GK_DONE.match(line)
+        if m:
+            done = (int(m.group(1)), int(m.group(2)))
+            continue
+        m = _GK_LINE.match(line)
+        if m:
+            results[m.group(1)] = (m.group(2) == "ok", m.group(3) or "")
+    return results, done
+
+
+def bulkhead_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vmm_core.cli", *args]
+
+
+def run_bulkhead(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> GuestRun:
+    proc = subprocess.run(bulkhead_argv(*args), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+    results, done = parse_results(proc.stdout)
+    return GuestRun(proc.returncode, proc.stdout, proc.stderr, results, done)
+
+
+def run_test_guest(tests: str, *args: str, vcpus: int = 1, timeout: float = 120) -> GuestRun:
+    return run_bulkhead("run", "--kernel", TEST_GUEST, "--vcpus", str(vcpus),
+                        "--cmdline", f"gk.tests={tests}", *args, timeout=timeout)

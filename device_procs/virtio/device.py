@@ -62,6 +62,8 @@ class VirtioDevice(abc.ABC):
         self.memory: GuestMemory | None = None
         self.queues: list[Queue] = []
         self.interrupt: Interrupt | None = None
+        # Set by a guest error; input paths that bypass the transport (console feed) check it.
+        self.broken = False
         self.counters: dict[str, int] = {"chains": 0, "interrupts": 0, "queue_errors": 0}
 
     # -- contract with the transport ----------------------------------------------------------
@@ -104,6 +106,7 @@ class VirtioDevice(abc.ABC):
         self.memory = None
         self.queues = []
         self.interrupt = None
+        self.broken = False
 
     def process_queue(self, index: int) -> bool:
         """Handle what the driver made available on queue `index`; True if buffers were used.
@@ -112,7 +115,7 @@ class VirtioDevice(abc.ABC):
         becomes DEVICE_NEEDS_RESET through the interrupt object.
         """
         queue = self.queues[index] if self.active and 0 <= index < len(self.queues) else None
-        if queue is None:
+        if queue is None or self.broken:
             return False
         try:
             used = self.drain_queue(index, queue)
@@ -121,6 +124,7 @@ class VirtioDevice(abc.ABC):
             return used
         except (QueueError, GuestMemoryError) as e:
             self.counters["queue_errors"] += 1
+            self.broken = True
             log.warning("%s queue %d: %s", type(self).__name__, index, e)
             assert self.interrupt is not None
             self.interrupt.signal_needs_reset(f"queue {index}: {e}")

@@ -204,12 +204,21 @@ class Configure(Message):
 
 @_message
 class Activate(Message):
-    """Core -> child: restore transport state by applying (offset, size, value) writes in order.
+    """Core -> child: resume the transport state a predecessor reached (restart after a crash).
 
-    Used when a restarted child must resume where its predecessor stopped (the proxy's shadow)."""
+    Carries the proxy's shadow of what the driver programmed: the child restores it (queues resume
+    at the used index found in guest memory) and re-checks every queue.  `queues` rows are
+    (index, size, ready, desc, driver, device); `config` rows are config-space writes
+    (offset from 0x100, size, value), applied in order after the restore."""
 
     request_id: Annotated[int, U32]
-    writes: Annotated[tuple, Rows(4096, (U32, Int(1, 8), U64))]
+    status: Annotated[int, U8]
+    driver_features: Annotated[int, U64]
+    device_features_sel: Annotated[int, U32]
+    driver_features_sel: Annotated[int, U32]
+    queue_sel: Annotated[int, U32]
+    queues: Annotated[tuple, Rows(64, (U16, U32, Int(0, 1), U64, U64, U64))]
+    config: Annotated[tuple, Rows(256, (U32, Int(1, 8), U64))]
 
 
 @_message
@@ -262,7 +271,7 @@ class ErrorReport(Message):
     text: Annotated[str, Text(1000)]
 
 
-FAULT_KINDS = frozenset({"crash", "hang", "garbage_response", "exit", "stall_ms"})
+FAULT_KINDS = frozenset({"crash", "hang", "exit", "stall_ms", "garbage_response", "garbage_control"})
 
 
 @_message

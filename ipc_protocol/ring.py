@@ -251,6 +251,18 @@ class RingProducer(_RingEnd):
         INDEX_STRUCT.pack_into(self._view, PRODUCER_INDEX_OFFSET, self._head)  # publish last
         return True
 
+    def push_raw(self, raw: bytes) -> bool:
+        """Publish arbitrary SLOT_SIZE bytes: fault injection and fuzzing of the peer's validation."""
+        if len(raw) != SLOT_SIZE:
+            raise LocalProtocolError(f"a raw slot is {SLOT_SIZE} bytes, not {len(raw)}")
+        if self.free_slots() == 0:
+            return False
+        start = self._slot_offset(self._head)
+        self._view[start:start + SLOT_SIZE] = raw
+        self._head = (self._head + 1) & U64_MAX
+        INDEX_STRUCT.pack_into(self._view, PRODUCER_INDEX_OFFSET, self._head)
+        return True
+
 
 class RingConsumer(_RingEnd):
     """The reading end.  Only slots whose op is in `allowed_ops` are accepted."""

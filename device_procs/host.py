@@ -1,0 +1,348 @@
+"""The device process: `python -m device_procs.host --name blk0 --type blk ...`.
+
+Started by `vmm_core.devices.spawn` as a fresh interpreter (never a fork of the threaded core).
+Its life, in order:
+
+1. parse argv; set the process title; arm PR_SET_PDEATHSIG so it dies with the core;
+2. receive its fds over the bootstrap socket (SCM_RIGHTS bundle: guest memory, ring memfd,
+   doorbells, irqfd, one kick eventfd per queue, optional disk image), then close that socket;
+3. connect the ZeroMQ control channel, send `Hello`, wait for `Configure` — its arrival also
+   proves the connection is up, so no reconnect is ever needed from inside the jail;
+4. map guest memory, build the device (opening its files), close every fd it no longer needs;
+5. **enter the jail** (the marked call site below) — before touching any guest-controlled data;
+6. send `Ack` and serve: request-ring doorbell, kick eventfds and control socket in one poll.
+
+The serve loop is single-threaded and plain receive -> match -> reply (crosvm's child loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import zmq
+
+from ipc_protocol import messages as msg
+from ipc_protocol.errors import ProtocolError, RemoteProtocolError
+from ipc_protocol.ring import SLOT_SIZE, Op, Slot
+from ipc_protocol.transport import fds as fdpass
+from ipc_protocol.transport.shm_ring import RingEndpoint, ShmRings, drain_eventfd
+from ipc_protocol.transport.zmq_channel import ControlClient
+from vmm_core.memory import GuestMemory, RegionSpec
+
+log = logging.getLogger("device_procs.host")
+
+BOOTSTRAP_TIMEOUT = 10.0   # seconds to receive fds / Configure before giving up
+EXIT_OK, EXIT_ERROR, EXIT_BOOTSTRAP = 0, 1, 2
+
+# A factory builds the BusDevice the ring feeds: (spec, memory, notify) -> object with
+# read/write and, optionally, queue_notify(i), stats(), reset(), restore(state), kick_all().
+DeviceFactory = Callable[[dict[str, Any], GuestMemory, Callable[[], None]], Any]
+
+
+def virtio_factory(spec: dict[str, Any], memory: GuestMemory, notify: Callable[[], None]) -> Any:
+    from device_procs.virtio import MmioDevice, create_device
+    return MmioDevice(create_device(spec), memory, notify)
+
+
+def load_factory(path: str | None) -> DeviceFactory:
+    """`module:function` given by the (trusted) core on argv; tests use it for fake devices."""
+    if not path:
+        return virtio_factory
+    module_name, _, attr = path.partition(":")
+    module = __import__(module_name, fromlist=[attr])
+    return getattr(module, attr)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="device_procs.host")
+    p.add_argument("--name", required=True, help="device name, e.g. blk0")
+    p.add_argument("--type", required=True, dest="device_type", help="blk | rng | console | test")
+    p.add_argument("--identity", required=True, help="ZeroMQ routing id, e.g. blk0.1")
+    p.add_argument("--control", required=True, help="ipc:// endpoint of the core's ROUTER")
+    p.add_argument("--bootstrap-fd", type=int, required=True, help="inherited SEQPACKET socket")
+    p.add_argument("--parent-pid", type=int, required=True, help="the core's pid (PDEATHSIG race)")
+    p.add_argument("--factory", default=None, help="module:function building the device (tests)")
+    p.add_argument("--allow-faults", action="store_true", help="honour Fault messages (tests)")
+    p.add_argument("--log-level", default="WARNING")
+    return p.parse_args(argv)
+
+
+def set_process_title(name: str) -> None:
+    """`bulkhead-dev:blk0` in ps -f / pgrep -f; comm (15 bytes max) gets `bhdev:blk0`."""
+    try:
+        import prctl
+        prctl.set_name(f"bhdev:{name}"[:15])
+        prctl.set_proctitle(f"bulkhead-dev:{name}")
+    except Exception:  # cosmetic: never a reason not to run
+        try:
+            with open("/proc/self/comm", "w") as f:
+                f.write(f"bhdev:{name}"[:15])
+        except OSError:
+            pass
+
+
+def arm_parent_death(parent_pid: int) -> None:
+    """Die with the core (a device never outlives its VM).
+
+    The signal fires when the *thread* that forked us exits, so the core must spawn devices from
+    a long-lived thread.  If the core died before this call, getppid() already differs: exit.
+    """
+    import prctl
+    prctl.set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_BOOTSTRAP)
+
+
+class DeviceHost:
+    """Owns the device, its rings and its control channel; `serve()` runs until Shutdown."""
+
+    def __init__(self, args: argparse.Namespace, fds: dict[str, int], control: ControlClient,
+                 factory: DeviceFactory) -> None:
+        self.args = args
+        self.fds = fds
+        self.control = control
+        self.factory = factory
+        self.device: Any = None
+        self.memory: GuestMemory | None = None
+        self.rings: ShmRings | None = None
+        self.ring: RingEndpoint | None = None
+        self.kick_fds: list[int] = []
+        self.irqfd = -1
+        self.spin_us = 0
+        self.counters = {"ring_reads": 0, "ring_writes": 0, "ring_syncs": 0, "kicks": 0,
+                         "interrupts": 0}
+        self._garbage_next = False
+
+    # -- setup ---------------------------------------------------------------------------------
+    def configure(self, config: msg.Configure) -> None:
+        """Map memory, attach rings, build the device; afterwards only needed fds stay open."""
+        fds = dict(self.fds)
+        for role in ("guest_memory", "ring", "request_doorbell", "response_doorbell", "irqfd"):
+            if role not in fds:
+                raise ValueError(f"no {role!r} fd was passed")
+        specs = [RegionSpec.from_wire(list(row)) for row in config.memory]
+        self.memory = GuestMemory.from_fd(fds.pop("guest_memory"), specs)
+        self.rings = ShmRings.attach(fds.pop("ring"), fds.pop("request_doorbell"),
+                                     fds.pop("response_doorbell"), config.ring_capacity)
+        self.ring = self.rings.device_endpoint()
+        self.irqfd = fds.pop("irqfd")
+        kicks = sorted((int(r[4:]), fd) for r, fd in list(fds.items())
+                       if r.startswith("kick") and r[4:].isdigit())
+        self.kick_fds = [fd for _, fd in kicks]
+        for i, _ in kicks:
+            fds.pop(f"kick{i}")
+        spec = dict(config.spec)
+        disk_fd = fds.pop("disk", None)
+        if disk_fd is not None:
+            # Open by the inherited fd rather than a path the jail will hide.
+            spec["path"] = f"/proc/self/fd/{disk_fd}"
+        self.spin_us = config.spin_us
+        try:
+            self.device = self.factory(spec, self.memory, self._notify)
+        finally:
+            if disk_fd is not None:
+                os.close(disk_fd)  # the device opened its own description of the file
+        for role, fd in fds.items():  # anything unexpected: not ours to keep
+            log.warning("closing unexpected fd role %r", role)
+            os.close(fd)
+
+    def _notify(self) -> None:
+        self.counters["interrupts"] += 1
+        os.eventfd_write(self.irqfd, 1)
+
+    # -- serving -------------------------------------------------------------------------------
+    def serve(self) -> int:
+        assert self.ring is not None
+        poller = zmq.Poller()
+        poller.register(self.ring.incoming_doorbell, zmq.POLLIN)
+        for fd in self.kick_fds:
+            poller.register(fd, zmq.POLLIN)
+        poller.register(self.control.socket, zmq.POLLIN)
+        kick_index = {fd: i for i, fd in enumerate(self.kick_fds)}
+        while True:
+            self._drain_ring()
+            for target, _ in poller.poll():
+                if target is self.control.socket:
+                    code = self._drain_control()
+                    if code is not None:
+                        return code
+                elif target == self.ring.incoming_doorbell:
+                    drain_eventfd(target)
+                elif target in kick_index:
+                    if drain_eventfd(target):
+                        self.counters["kicks"] += 1
+                        self.device.queue_notify(kick_index[target])
+
+    def _drain_ring(self) -> None:
+        """Apply every pending slot in order; then spin a little for the next burst."""
+        assert self.ring is not None
+        spin_end = time.monotonic() + self.spin_us / 1e6
+        while True:
+            slot = self.ring.try_recv()
+            if slot is None:
+                if time.monotonic() >= spin_end:
+                    return
+                continue
+            self._apply(slot)
+            spin_end = time.monotonic() + self.spin_us / 1e6
+
+    def _apply(self, slot: Slot) -> None:
+        assert self.ring is not None
+        if slot.op is Op.WRITE:
+            self.counters["ring_writes"] += 1
+            self.device.write(slot.offset, slot.data)
+            return
+        if slot.op is Op.READ:
+            self.counters["ring_reads"] += 1
+            data = bytearray(slot.size)
+            self.device.read(slot.offset, data)
+            answer = slot.answer(bytes(data))
+        else:
+            self.counters["ring_syncs"] += 1
+            answer = slot.answer()
+        if self._garbage_next:
+            self._garbage_next = False
+            sent = self.ring.producer.push_raw(b"\xa5" * SLOT_SIZE)
+            self.ring.ring_doorbell()
+        else:
+            sent = self.ring.send(answer)
+        if not sent:  # the core never has more than one answer in flight: a core bug
+            raise RemoteProtocolError("response ring is full")
+
+    def _drain_control(self) -> int | None:
+        while True:
+            try:
+                message = self.control.try_recv()
+            except RemoteProtocolError as err:
+                self.control.send(msg.ErrorReport(msg.E_PROTOCOL, str(err)[:1000]))
+                continue
+            if message is None:
+                return None
+            code = self._handle(message)
+            if code is not None:
+                return code
+
+    def _handle(self, m: msg.Message) -> int | None:
+        if isinstance(m, msg.Heartbeat):
+            self.control.send(msg.HeartbeatAck(m.seq))
+        elif isinstance(m, msg.Stats):
+            self.control.send(msg.StatsReply(m.request_id, self._stats()))
+        elif isinstance(m, msg.Shutdown):
+            log.info("shutdown: %s", m.reason)
+            return EXIT_OK
+        elif isinstance(m, msg.Reset):
+            self.device.reset()
+            self.control.send(msg.Ack(m.request_id))
+        elif isinstance(m, msg.Activate):
+            self._activate(m)
+            self.control.send(msg.Ack(m.request_id))
+        elif isinstance(m, msg.Fault):
+            self._fault(m)
+        elif isinstance(m, msg.ErrorReport):
+            log.error("core reports %s: %s", m.code, m.text)
+        else:
+            self.control.send(msg.ErrorReport(msg.E_PROTOCOL, f"unexpected {m.TAG}"))
+        return None
+
+    def _activate(self, m: msg.Activate) -> None:
+        """Resume a predecessor's transport state (see `MmioDevice.restore`)."""
+        state = self.device.state()
+        for index, size, ready, desc, driver, device in m.queues:
+            if index < len(state["queues"]):
+                state["queues"][index] = {"size": size, "ready": bool(ready), "desc": desc,
+                                          "driver": driver, "device": device}
+        state.update(status=m.status, driver_features=m.driver_features,
+                     device_features_sel=m.device_features_sel,
+                     driver_features_sel=m.driver_features_sel, queue_sel=m.queue_sel,
+                     interrupt_status=0)
+        self.device.restore(state)
+        for offset, size, value in m.config:
+            self.device.write(0x100 + offset, value.to_bytes(size, "little"))
+        self.device.kick_all()
+
+    def _stats(self) -> dict[str, int]:
+        out = dict(self.counters)
+        stats = getattr(self.device, "stats", None)
+        for key, value in (stats() if stats else {}).items():
+            if isinstance(value, (bool, int)) and 0 <= int(value) < 1 << 64 and len(key) <= 48:
+                out[key] = int(value)
+        return dict(list(out.items())[:64])
+
+    def _fault(self, m: msg.Fault) -> None:
+        if not self.args.allow_faults:
+            self.control.send(msg.ErrorReport(msg.E_PROTOCOL, "fault injection is disabled"))
+            return
+        log.warning("injecting fault %s %s", m.kind, m.args)
+        if m.kind == "crash":
+            os.abort()
+        elif m.kind == "exit":
+            os._exit(int(m.args.get("code", 3)))
+        elif m.kind == "hang":
+            while True:
+                time.sleep(3600)
+        elif m.kind == "stall_ms":
+            time.sleep(int(m.args.get("ms", 100)) / 1000)
+        elif m.kind == "garbage_response":
+            self._garbage_next = True
+        elif m.kind == "garbage_control":
+            self.control.socket.send(b"\x81\xa4type\xa7Garbage")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s dev:{args.name}[%(process)d] %(levelname)s %(message)s")
+    set_process_title(args.name)
+    arm_parent_death(args.parent_pid)
+    import socket
+    bootstrap = socket.socket(fileno=args.bootstrap_fd)
+    try:
+        fds = fdpass.recv_bundle(bootstrap, timeout=BOOTSTRAP_TIMEOUT)
+    except ProtocolError as err:
+        log.error("no fds from the core: %s", err)
+        return EXIT_BOOTSTRAP
+    finally:
+        bootstrap.close()
+
+    control = ControlClient(args.control, args.identity.encode())
+    try:
+        control.send(msg.Hello(msg.PROTOCOL_MAJOR, msg.PROTOCOL_MINOR, args.name,
+                               args.device_type, os.getpid()))
+        config = control.recv(BOOTSTRAP_TIMEOUT)
+        if not isinstance(config, msg.Configure):
+            raise RemoteProtocolError(f"expected Configure, got {config.TAG}")
+        host = DeviceHost(args, fds, control, load_factory(args.factory))
+        try:
+            host.configure(config)
+        except Exception as err:  # a bad spec or path: tell the core why, then exit
+            control.send(msg.ErrorReport(msg.E_CONFIG, f"{type(err).__name__}: {err}"[:1000]))
+            return EXIT_ERROR
+
+        # ---- JAIL ENTRY POINT -------------------------------------------------------------------
+        # Everything is imported, every fd we keep is open, the control connection is proven up.
+        # Nothing guest-controlled has been read yet.  `device_procs.jail.enter_jail(...)`
+        # (namespaces, pivot_root, caps, no_new_privs, seccomp) is to be called exactly here.
+        # Note for the policy: libzmq runs I/O threads, so seccomp needs SECCOMP_FILTER_FLAG_TSYNC.
+        # -----------------------------------------------------------------------------------------
+
+        control.send(msg.Ack(config.request_id))
+        return host.serve()
+    except ProtocolError as err:
+        log.error("control channel: %s", err)
+        try:
+            control.send(msg.ErrorReport(msg.E_PROTOCOL, str(err)[:1000]), timeout=0.1)
+        except ProtocolError:
+            pass
+        return EXIT_ERROR
+    finally:
+        control.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

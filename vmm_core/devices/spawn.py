@@ -1,0 +1,218 @@
+"""Starting a device process and shaking hands with it.
+
+The child is a **fresh interpreter** (`python -m device_procs.host`), never a fork: the core is
+multi-threaded (vCPUs, libzmq) and a forked copy of a threaded process may inherit locks held by
+threads that no longer exist.
+
+fd-passing protocol (what `device_procs.host` expects):
+
+1. The only fd inherited (`pass_fds`) is one end of a SOCK_SEQPACKET socket pair, named on argv:
+
+       python -m device_procs.host --name blk0 --type blk --identity blk0.1
+           --control ipc:///run/user/0/bulkhead-vm-x/control.sock --bootstrap-fd 3
+           --parent-pid 1234 [--factory mod:fn] [--allow-faults]
+
+2. The core sends one SCM_RIGHTS bundle (`transport.fds.send_bundle`) whose roles are:
+   `guest_memory` (memfd), `ring` (ring memfd), `request_doorbell`, `response_doorbell`,
+   `irqfd` (eventfd; KVM irqfd target in a VM), `kick0`..`kickN` (one eventfd per queue, the
+   KVM ioeventfd targets), and optionally `disk` (the image, opened by the core).
+3. Child -> core `Hello` on ZeroMQ; core -> child `Configure` (spec, memory layout, ring size);
+   child builds the device, enters its jail, answers `Ack`.  Or `ErrorReport` and exit.
+
+Passing fds by SCM_RIGHTS rather than inheritance keeps argv free of fd numbers, lets the child
+receive them after it has set PDEATHSIG, and is the same path a restarted child will use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ipc_protocol import messages as msg
+from ipc_protocol.errors import ProtocolError, TransportTimeout
+from ipc_protocol.transport import fds as fdpass
+from ipc_protocol.transport.shm_ring import DEFAULT_CAPACITY, ShmRings
+from ipc_protocol.transport.zmq_channel import ControlServer
+
+from ..errors import BulkheadError
+from ..memory import GuestMemory
+from .proxy import DEFAULT_SPIN_US, DEFAULT_TIMEOUT, ProxyDevice
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0  # a fresh interpreter importing zmq/msgpack takes ~0.2-1 s
+_REPO_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+class DeviceStartError(BulkheadError):
+    """A device process did not start or refused its configuration."""
+
+
+@dataclass
+class DeviceFds:
+    """The fds the core hands a device (the core keeps its own copies)."""
+
+    guest_memory: int
+    irqfd: int
+    kicks: Sequence[int] = ()
+    extra: dict[str, int] = field(default_factory=dict)  # e.g. {"disk": fd}
+
+
+class DeviceProcess:
+    """A running device process: its Popen, pidfd, rings and control identity."""
+
+    def __init__(self, name: str, device_type: str, identity: bytes, popen: subprocess.Popen,
+                 rings: ShmRings, ring_capacity: int) -> None:
+        self.name = name
+        self.device_type = device_type
+        self.identity = identity
+        self.popen = popen
+        self.pid = popen.pid
+        # A pidfd names this exact process (no pid reuse race); it turns readable when it exits.
+        self.pidfd = os.pidfd_open(popen.pid)
+        self.rings = rings
+        self.ring_capacity = ring_capacity
+        self.hello: msg.Hello | None = None
+        self._request_id = 0
+
+    def next_request_id(self) -> int:
+        self._request_id = (self._request_id + 1) & 0xFFFF_FFFF
+        return self._request_id
+
+    def handshake(self, control: ControlServer, spec: dict[str, Any], memory: GuestMemory, *,
+                  spin_us: int = 0, timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        """Hello -> Configure -> Ack; raises `DeviceStartError` with the child's reason."""
+        deadline = time.monotonic() + timeout
+        hello = self._await(control, deadline, "Hello")
+        try:
+            self.hello = msg.check_hello(hello, expected_name=self.name, expected_pid=self.pid)
+        except ProtocolError as err:
+            control.send(self.identity, msg.ErrorReport(msg.E_VERSION, str(err)[:1000]))
+            raise DeviceStartError(f"device {self.name}: {err}") from None
+        request_id = self.next_request_id()
+        control.send(self.identity, msg.Configure(
+            request_id, dict(spec), tuple(tuple(s.to_wire()) for s in memory.specs),
+            self.ring_capacity, spin_us))
+        reply = self._await(control, deadline, "Ack")
+        if not isinstance(reply, msg.Ack) or reply.request_id != request_id:
+            raise DeviceStartError(f"device {self.name}: expected Ack, got {reply!r}")
+
+    def _await(self, control: ControlServer, deadline: float, what: str) -> msg.Message:
+        # Short polls so a child that dies during start-up is reported at once, with its status.
+        while True:
+            if self.popen.poll() is not None:
+                raise DeviceStartError(f"device {self.name} exited with status "
+                                       f"{self.popen.returncode} before sending {what}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeviceStartError(f"device {self.name} sent no {what} in time")
+            try:
+                _, reply = control.recv(min(0.05, remaining), peer=self.identity)
+            except TransportTimeout:
+                continue
+            except ProtocolError as err:
+                raise DeviceStartError(f"device {self.name}: {err}") from None
+            if isinstance(reply, msg.ErrorReport):
+                raise DeviceStartError(f"device {self.name} refused to start: "
+                                       f"{reply.code}: {reply.text}")
+            return reply
+
+    def make_proxy(self, *, timeout: float = DEFAULT_TIMEOUT, spin_us: int = DEFAULT_SPIN_US,
+                   on_failure: Callable[[str], None] | None = None) -> ProxyDevice:
+        """A `ProxyDevice` on this child's rings that also notices its exit through the pidfd."""
+        return ProxyDevice(self.name, self.rings.core_endpoint(), timeout=timeout,
+                           spin_us=spin_us, on_failure=on_failure, watch_fds=[self.pidfd])
+
+    def shutdown(self, control: ControlServer | None, timeout: float = 2.0) -> int:
+        """Ask politely (Shutdown), then SIGKILL; returns the exit status."""
+        if control is not None and self.popen.poll() is None:
+            try:
+                control.send(self.identity, msg.Shutdown("core shutting down"))
+            except ProtocolError:
+                pass
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.popen.wait()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Release the core's handles (call after the process is gone)."""
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        self.rings.close()
+
+
+def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: DeviceFds,
+                 ring_capacity: int = DEFAULT_CAPACITY, generation: int = 1,
+                 factory: str | None = None, allow_faults: bool = False,
+                 log_level: str = "WARNING") -> DeviceProcess:
+    """Start the child and send it its fds; the handshake is `DeviceProcess.handshake`.
+
+    Call from a long-lived thread: PR_SET_PDEATHSIG in the child fires when the *spawning thread*
+    exits, not only the core process.
+    """
+    identity = f"{name}.{generation}".encode()
+    rings = ShmRings.create(ring_capacity, name=f"bulkhead-ring-{name}")
+    parent_sock, child_sock = fdpass.socketpair()
+    argv = [sys.executable, "-m", "device_procs.host", "--name", name, "--type", device_type,
+            "--identity", identity.decode(), "--control", control_endpoint,
+            "--bootstrap-fd", str(child_sock.fileno()), "--parent-pid", str(os.getpid()),
+            "--log-level", log_level]
+    if factory:
+        argv += ["--factory", factory]
+    if allow_faults:
+        argv.append("--allow-faults")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
+    try:
+        popen = subprocess.Popen(argv, pass_fds=[child_sock.fileno()], close_fds=True,
+                                 stdin=subprocess.DEVNULL, env=env, cwd=_REPO_ROOT)
+    except BaseException:
+        rings.close()
+        raise
+    finally:
+        child_sock.close()
+    try:
+        bundle = {"guest_memory": fds.guest_memory, **rings.fds, "irqfd": fds.irqfd}
+        bundle.update({f"kick{i}": fd for i, fd in enumerate(fds.kicks)})
+        bundle.update(fds.extra)
+        fdpass.send_bundle(parent_sock, bundle)
+    except BaseException:
+        popen.kill()
+        popen.wait()
+        rings.close()
+        raise
+    finally:
+        parent_sock.close()
+    log.info("spawned device %s (%s) as pid %d", name, device_type, popen.pid)
+    return DeviceProcess(name, device_type, identity, popen, rings, ring_capacity)
+
+
+def start_device(control: ControlServer, name: str, spec: dict[str, Any], memory: GuestMemory,
+                 fds: DeviceFds, *, device_type: str | None = None, spin_us: int = 0,
+                 **spawn_kwargs: Any) -> DeviceProcess:
+    """Spawn + handshake; on failure the child is killed and its resources released."""
+    proc = spawn_device(name, device_type or spec["type"], control_endpoint=control.endpoint,
+                        fds=fds, **spawn_kwargs)
+    try:
+        proc.handshake(control, spec, memory, spin_us=spin_us)
+    except BaseException:
+        proc.kill()
+        proc.popen.wait()
+        control.forget(proc.identity)
+        proc.close()
+        raise
+    return proc

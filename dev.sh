@@ -30,9 +30,12 @@ setup_python() {
         python3 -m venv .venv
     fi
     local stamp=.venv/.bulkhead-installed
-    local newest
-    newest=$(ls -t pyproject.toml setup.py vmm_core/kvm/_build.py device_procs/jail/_seccomp_build.py 2>/dev/null | head -1)
-    if [ ! -f "$stamp" ] || [ "$newest" -nt "$stamp" ]; then
+    local stale=0 f
+    [ -f "$stamp" ] || stale=1
+    for f in pyproject.toml setup.py vmm_core/kvm/_build.py device_procs/jail/_seccomp_build.py; do
+        [ -f "$f" ] && [ "$f" -nt "$stamp" ] && stale=1
+    done
+    if ((stale)); then
         log "installing Python packages into .venv"
         .venv/bin/pip install -q --upgrade pip >/dev/null
         .venv/bin/pip install -q -e ".[test]"

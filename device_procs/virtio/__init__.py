@@ -4,6 +4,18 @@ Public surface:
     create_device(spec) -> VirtioDevice       build a device from its spec (opens files now)
     MmioDevice(device, memory, notify)        the register file; a BusDevice
     VirtioDevice, Interrupt, Queue, DescriptorChain, QueueError, DeviceSpecError
+
+For a process host:
+- call `create_device(spec)` before entering the jail (it opens the image / console files);
+- build `MmioDevice(device, GuestMemory.from_fd(...), notify)` where `notify()` writes 1 to the
+  irqfd eventfd; forward register reads/writes to `read`/`write`; on a kick eventfd for queue i
+  call `queue_notify(i)` (it never raises for guest errors);
+- console input: poll `device.input_fd` (if not None) and call `device.on_input_ready()`, or
+  push bytes with `device.feed(data)`; do it on the same thread as register accesses;
+- restart after a crash: `MmioDevice(...).restore(state)` with the `state()` dict the core kept,
+  then `kick_all()` once the notifier works; chains taken but not completed are re-executed;
+- blk needs fallocate(2) (PUNCH_HOLE/ZERO_RANGE; it falls back to pwrite of zeroes on EPERM,
+  ENOSYS or EOPNOTSUPP), preadv/pwritev/pwrite, fdatasync; rng needs getrandom(2).
 """
 
 from __future__ import annotations

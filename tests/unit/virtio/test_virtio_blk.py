@@ -211,3 +211,14 @@ def test_large_request_over_many_segments(d, image):
     done = q.submit([header] + [data[i:i + 512] for i in range(0, len(data), 512)], [1], indirect=True)
     assert done.writable_data(d.memory) == b"\0"
     assert read_file(image)[1000 * 512:1200 * 512] == data
+
+
+def test_read_without_data_buffer(d):
+    res = d.blk_read(0, 0)
+    assert (res.status, res.used_len) == (b.VIRTIO_BLK_S_OK, 1)
+
+
+def test_write_from_all_writable_chain_is_ioerr(d):
+    """Everything device-writable: no header to read, so IOERR in the last byte."""
+    done = d.queue(0).submit([], [16, 512, 1])
+    assert done.writable_data(d.memory)[-1] == b.VIRTIO_BLK_S_IOERR

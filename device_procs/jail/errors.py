@@ -1,0 +1,18 @@
+"""The jail's errors.  Each message names what went wrong and, for policies, the file and line."""
+
+from __future__ import annotations
+
+
+class JailError(Exception):
+    """A jail could not be built or entered (namespaces, mounts, capabilities, seccomp, cgroups).
+
+    The device process must not serve a guest after this: it exits and the core reports the text.
+    """
+
+
+class PolicyError(JailError):
+    """A seccomp policy file is wrong; the message starts with `file:line:`."""
+
+
+class CgroupError(JailError):
+    """A cgroup could not be created, limited, joined or removed."""

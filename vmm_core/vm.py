@@ -219,6 +219,7 @@ class Machine:
             old_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, _ignore_signal)
             old_handlers[signal.SIGTERM] = signal.signal(
                 signal.SIGTERM, lambda s, f: self.request_stop(StopRequest(StopReason.TERMINATED, "SIGTERM")))
+        restore_tty = self._start_stdin_reader()
         try:
             self.devices.start()
             self.threads = [VcpuThread(v, self.pio_bus, self.mmio_bus, self.memory, self.request_stop)
@@ -238,10 +239,35 @@ class Machine:
             self.request_stop(StopRequest(StopReason.INTERRUPTED, "interrupted (Ctrl-C)"))
         finally:
             self._stop_vcpus()
+            restore_tty()
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
         assert self.stop_request is not None
         return self.stop_request
+
+    def _start_stdin_reader(self) -> Callable[[], None]:
+        """Interactive use: the terminal in cbreak mode feeds COM1's receiver (Ctrl-C still stops
+        the VM).  Returns the function that restores the terminal."""
+        if not (self.config.serial == "stdout" and sys.stdin is not None and sys.stdin.isatty()):
+            return lambda: None
+        import termios
+        import tty
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+        tty.setcbreak(fd)
+
+        def pump() -> None:
+            while not self._stopped.is_set():
+                try:
+                    data = os.read(fd, 1024)
+                except OSError:
+                    return
+                if not data:
+                    return
+                self.serial.queue_input(data.replace(b"\n", b"\r"))
+
+        threading.Thread(target=pump, name="stdin", daemon=True).start()
+        return lambda: termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
     def _stop_vcpus(self) -> None:
         for t in self.threads:

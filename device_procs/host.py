@@ -340,6 +340,14 @@ def main(argv: list[str] | None = None) -> int:
         except ProtocolError:
             pass
         return EXIT_ERROR
+    except Exception as err:  # a device bug: report it as code + text, then exit for a restart
+        log.exception("device failed")
+        try:
+            control.send(msg.ErrorReport(msg.E_DEVICE, f"{type(err).__name__}: {err}"[:1000]),
+                         timeout=0.1)
+        except ProtocolError:
+            pass
+        return EXIT_ERROR
     finally:
         control.close()
 

@@ -48,7 +48,7 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 
-def split_alignment_error(name: str, addr: int, align: int) -> str | None:
+def _alignment_error(name: str, addr: int, align: int) -> str | None:
     return None if addr % align == 0 else f"{name} address {addr:#x} is not {align}-byte aligned"
 
 
@@ -130,7 +130,7 @@ class Queue:
         for name, addr, align in (("descriptor table", desc_addr, 16),
                                   ("available ring", driver_addr, 2),
                                   ("used ring", device_addr, 4)):
-            err = split_alignment_error(name, addr, align)
+            err = _alignment_error(name, addr, align)
             if err:
                 raise QueueError(err)
         self.memory = memory

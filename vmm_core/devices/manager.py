@@ -146,6 +146,13 @@ class DeviceManager:
         self.sandbox = sandbox
         self.options = options or {}
         self.slots: list[Slot] = []
+        self.supervisor = None
+
+    def _get_supervisor(self):
+        if self.supervisor is None:
+            from .sandboxed import Supervisor
+            self.supervisor = Supervisor(self.machine, self.options)
+        return self.supervisor
 
     def add(self, spec: DeviceSpec) -> Slot:
         if spec.kind not in QUEUE_COUNTS:
@@ -169,7 +176,7 @@ class DeviceManager:
         self.slots.append(slot)
         if self.sandbox:
             from .sandboxed import SandboxedBackend
-            slot.backend = SandboxedBackend(slot, self.machine, self.options)
+            slot.backend = SandboxedBackend(slot, self.machine, self._get_supervisor())
         else:
             slot.backend = InProcessBackend(slot, self.machine)
         self.machine.mmio_bus.insert(slot.backend.bus_device, base, layout.VIRTIO_MMIO_SLOT_SIZE)
@@ -178,6 +185,8 @@ class DeviceManager:
     def start(self) -> None:
         for slot in self.slots:
             slot.backend.start()
+        if self.supervisor is not None:
+            self.supervisor.start()
 
     def find(self, name: str) -> Slot | None:
         return next((s for s in self.slots if s.spec.name == name), None)
@@ -190,6 +199,8 @@ class DeviceManager:
 
     def close(self) -> None:
         vm = self.machine.vm
+        if self.supervisor is not None:
+            self.supervisor.stop()
         for slot in reversed(self.slots):
             try:
                 slot.backend.close()
@@ -207,3 +218,5 @@ class DeviceManager:
                 pass
             os.close(slot.irqfd)
         self.slots = []
+        if self.supervisor is not None:
+            self.supervisor.close()

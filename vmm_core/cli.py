@@ -63,6 +63,14 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
     p.add_argument("--console", metavar="PATH", help="a virtio-console whose port 0 writes to PATH")
     p.add_argument("--no-sandbox", action="store_true",
                    help="run the virtio devices inside the core process (the baseline for benchmarks)")
+    p.add_argument("--on-device-crash", choices=("restart", "fail", "stop-vm"), default="restart",
+                   help="what a device failure does (default restart; per device with "
+                        "--disk PATH,on-crash=POLICY)")
+    p.add_argument("--device-timeout-ms", type=_positive_int, default=500, metavar="MS",
+                   help="how long a vCPU waits for a device register read before the device is "
+                        "declared failed (default 500)")
+    p.add_argument("--allow-faults", action="store_true",
+                   help="testing only: let `bulkhead fault` inject faults into this VM's devices")
     p.add_argument("--hold", action="store_true",
                    help="keep the VM alive after the test guest's checks until SIGTERM/Ctrl-C")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
@@ -120,7 +128,10 @@ def _config_from_args(args: argparse.Namespace, scratch: str):
         cmdline += " gk.hold=1"
     return VmConfig(kernel=kernel, cmdline=cmdline.strip(), mem_mib=args.mem, vcpus=vcpus,
                     serial=args.serial, initrd=args.initrd, name=args.name, devices=devices,
-                    sandbox=not args.no_sandbox)
+                    sandbox=not args.no_sandbox,
+                    device_options={"on_device_crash": args.on_device_crash,
+                                    "device_timeout": args.device_timeout_ms / 1000,
+                                    "allow_faults": args.allow_faults})
 
 
 def cmd_run(args: argparse.Namespace) -> int:

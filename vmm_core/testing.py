@@ -59,6 +59,40 @@ def run_bulkhead(*args: str, timeout: float = 120, env: dict[str, str] | None = 
     return GuestRun(proc.returncode, proc.stdout, proc.stderr, results, done)
 
 
-def run_test_guest(tests: str, *args: str, vcpus: int = 1, timeout: float = 120) -> GuestRun:
+def run_test_guest(tests: str, *args: str, vcpus: int = 1, timeout: float = 120,
+                   cmdline: str = "") -> GuestRun:
     return run_bulkhead("run", "--kernel", TEST_GUEST, "--vcpus", str(vcpus),
-                        "--cmdline", f"gk.tests={tests}", *args, timeout=timeout)
+                        "--cmdline", f"gk.tests={tests} {cmdline}".strip(), *args, timeout=timeout)
+
+
+SECTOR = 512
+
+
+def blk_pattern_sector(sector: int, seed: int) -> bytes:
+    """The test guest's disk pattern (docs/guest_abi.md): 32-bit word w of sector s is
+    (s * 0x9E3779B1 + w * 0x85EBCA77 + seed) mod 2**32, little-endian."""
+    base = (sector * 0x9E3779B1 + seed) & 0xFFFFFFFF
+    return b"".join(((base + w * 0x85EBCA77) & 0xFFFFFFFF).to_bytes(4, "little")
+                    for w in range(SECTOR // 4))
+
+
+def blk_pattern(sectors: int, seed: int) -> bytes:
+    return b"".join(blk_pattern_sector(s, seed) for s in range(sectors))
+
+
+def device_pids(core_pid: int) -> dict[str, int]:
+    """{device name: pid} of the device processes whose parent is `core_pid`."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if argv and argv[0].startswith(b"bulkhead-dev:") and ppid == core_pid:
+            out[argv[0].split(b":", 1)[1].decode()] = int(entry)
+    return out

@@ -40,18 +40,23 @@ class DeviceSpec:
     params: dict[str, Any] = field(default_factory=dict)
 
     def device_spec(self) -> dict[str, Any]:
-        """The `device_procs.virtio.create_device` spec."""
-        return {"type": self.kind, **self.params}
+        """The `device_procs.virtio.create_device` spec (core-side options removed)."""
+        return {"type": self.kind, **{k: v for k, v in self.params.items() if k != "on_crash"}}
 
 
 def parse_disk(text: str, index: int) -> DeviceSpec:
     path, _, opts = text.partition(",")
     readonly = False
+    on_crash = None
     for opt in filter(None, opts.split(",")):
         if opt in ("readonly", "ro"):
             readonly = True
+        elif opt.startswith("on-crash="):
+            on_crash = opt.split("=", 1)[1]
+            if on_crash not in ("restart", "fail", "stop-vm"):
+                raise ConfigError(f"--disk {text}: on-crash must be restart, fail or stop-vm")
         else:
-            raise ConfigError(f"--disk {text}: unknown option {opt!r} (known: readonly)")
+            raise ConfigError(f"--disk {text}: unknown option {opt!r} (known: readonly, on-crash=POLICY)")
     if not path:
         raise ConfigError("--disk needs a path: --disk PATH[,readonly]")
     if not os.path.isfile(path):
@@ -60,8 +65,10 @@ def parse_disk(text: str, index: int) -> DeviceSpec:
         raise ConfigError(f"--disk {path}: permission denied")
     if os.path.getsize(path) < 512:
         raise ConfigError(f"--disk {path}: the image is smaller than one 512-byte sector")
-    return DeviceSpec("blk", f"blk{index}", {"path": os.path.abspath(path), "readonly": readonly,
-                                              "serial": f"bulkhead-blk{index}"})
+    params = {"path": os.path.abspath(path), "readonly": readonly, "serial": f"bulkhead-blk{index}"}
+    if on_crash:
+        params["on_crash"] = on_crash
+    return DeviceSpec("blk", f"blk{index}", params)
 
 
 def parse_console(path: str) -> DeviceSpec:

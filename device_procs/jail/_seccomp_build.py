@@ -35,7 +35,7 @@ CONSTANT_NAMES: tuple[str, ...] = (
     "CLOCK_REALTIME", "CLOCK_MONOTONIC", "CLOCK_PROCESS_CPUTIME_ID", "CLOCK_THREAD_CPUTIME_ID",
     "CLOCK_MONOTONIC_RAW", "CLOCK_BOOTTIME",
     # signals (rt_sigprocmask how, tgkill targets)
-    "SIG_BLOCK", "SIG_UNBLOCK", "SIG_SETMASK", "SIGSYS", "SIGTERM", "SIGINT", "SIGKILL",
+    "SIG_BLOCK", "SIG_UNBLOCK", "SIG_SETMASK", "SIGSYS", "SIGTERM", "SIGINT", "SIGKILL", "SIGABRT",
     # socket options and msg flags zmq uses on an already connected socket
     "MSG_DONTWAIT", "MSG_NOSIGNAL", "MSG_CMSG_CLOEXEC", "SOL_SOCKET", "SO_ERROR",
     "SO_SNDBUF", "SO_RCVBUF", "SO_PEERCRED",

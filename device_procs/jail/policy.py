@@ -140,10 +140,13 @@ def parse_errno_action(action: str) -> int | None:
 
 
 def load_policy(path: str | Path) -> Policy:
-    """Load `path` with its includes, validate everything, and return the layered `Policy`."""
+    """Load `path` (a file, or a device type such as "blk") with its includes, validated and layered."""
     p = Path(path)
-    if not p.is_absolute() and not p.exists() and (CONFIG_DIR / p).exists():
-        p = CONFIG_DIR / p
+    if not p.is_absolute() and not p.exists():
+        if p.suffix != ".toml" and (CONFIG_DIR / f"{p}.toml").exists():
+            p = CONFIG_DIR / f"{p}.toml"  # a device type: "blk"
+        elif (CONFIG_DIR / p).exists():
+            p = CONFIG_DIR / p
     rules: dict[str, SyscallRule] = {}
     files: list[Path] = []
     default, description = _load_into(p.resolve(), rules, files, stack=())

@@ -1,0 +1,209 @@
+"""The jail launcher: `python -m device_procs.jail.launch --spec JSON -- ARGV...`.
+
+Run by `sandbox.spawn` (a plain fork+exec of a fresh interpreter: the threaded core never forks
+Python code).  The launcher is single-threaded, so forking *it* is safe.  Its steps:
+
+  L (launcher, host root, host namespaces)
+    1. PR_SET_PDEATHSIG(SIGKILL): dies with the core; joins the VM's cgroups (so D is born in them);
+    2. opens every bind source O_PATH (as host root, so a 0700 parent directory is no obstacle);
+    3. unshare(CLONE_NEWPID) -- it only applies to children -- and forks D, which is pid 1 there;
+    5. writes D's uid_map/gid_map (`0 <uid> 1`: root in the namespace = the VM's unprivileged host
+       uid; written from the parent, which holds CAP_SETUID/CAP_SETGID in the initial namespace);
+    6. reports `pid <host pid of D>` on the status fd, then waits for D, forwards SIGTERM/SIGINT
+       as SIGKILL, and reports `exit <code>` or `signal <n>` before exiting the same way.
+  D (the device, pid 1 of a new PID namespace)
+    4. unshare(NEWUSER|NEWNS|NEWNET|NEWIPC|NEWUTS) -- one call, so the user namespace owns the
+       others -- and waits for its maps; makes every mount private, sets the hostname, setsid();
+    7. keeps only CAP_SYS_ADMIN/SETUID/SETGID/SETPCAP (ambient, so they survive exec; bounding set
+       cut to those four) for `enter_jail`'s mounts and uid switch; PR_SET_NO_NEW_PRIVS;
+       RLIMIT_CORE 0; PR_SET_PDEATHSIG(SIGKILL) and a check that L still lives;
+    8. closes every fd not on the keep-list and execs ARGV with `BULKHEAD_JAIL` (the JailConfig).
+
+D execs with its host uid still 0 but unmapped (it is `nobody` inside, with no capability outside):
+the interpreter may live where the VM's uid cannot reach (here /root is 0700).  `enter_jail` moves
+it to root-in-namespace = the VM's uid before it touches guest data.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import select
+import signal
+import sys
+from typing import Any, NoReturn
+
+from device_procs.jail._seccomp_cffi import ffi, lib
+
+NS_FLAGS = lib.CLONE_NEWUSER | lib.CLONE_NEWNS | lib.CLONE_NEWNET | lib.CLONE_NEWIPC | lib.CLONE_NEWUTS
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 1, 38, 24
+PR_CAP_AMBIENT_RAISE = 2
+# What `enter_jail` still needs after exec: mounts + pivot_root, the uid/gid switch, dropping the rest.
+KEEP_CAPS = (21, 7, 6, 8)  # CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID, CAP_SETPCAP
+_CAPSET_V3 = 0x20080522
+
+
+def _check(rc: int, what: str) -> None:
+    if rc < 0:
+        raise OSError(-rc, f"{what}: {os.strerror(-rc)}")
+
+
+def _status(fd: int, line: str) -> None:
+    try:
+        os.write(fd, (line.rstrip("\n") + "\n").encode())
+    except OSError:
+        pass
+
+
+def _fail(fd: int, what: str, err: BaseException) -> NoReturn:
+    _status(fd, f"error {what}: {err}".replace("\n", " "))
+    os._exit(1)
+
+
+def _set_caps(effective: int, permitted: int, inheritable: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    hdr = (ctypes.c_uint32 * 2)(_CAPSET_V3, 0)
+    data = (ctypes.c_uint32 * 6)(effective & 0xFFFFFFFF, permitted & 0xFFFFFFFF,
+                                 inheritable & 0xFFFFFFFF, effective >> 32, permitted >> 32,
+                                 inheritable >> 32)
+    if libc.capset(hdr, data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+def _last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except OSError:
+        return 40
+
+
+def _child(spec: dict[str, Any], argv: list[str], env: dict[str, str], to_parent: int,
+           from_parent: int, status_fd: int) -> NoReturn:
+    """D: runs between fork and exec; any failure is reported as an `error` line."""
+    try:
+        if spec["namespaces"]:
+            _check(lib.bh_unshare(NS_FLAGS), "unshare")
+            os.write(to_parent, b"u")
+            if os.read(from_parent, 1) != b"m":
+                raise OSError("the launcher did not write the uid/gid maps")
+            _check(lib.bh_mount(ffi.NULL, b"/", ffi.NULL, lib.MS_REC | lib.MS_PRIVATE, ffi.NULL),
+                   "making mounts private")
+            _check(lib.bh_sethostname(spec["hostname"].encode()), "sethostname")
+            mask = sum(1 << c for c in KEEP_CAPS)
+            _set_caps(mask, mask, mask)
+            for cap in KEEP_CAPS:
+                _check(lib.bh_prctl(lib.PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0), "ambient")
+            for cap in range(_last_cap() + 1):
+                if cap not in KEEP_CAPS:
+                    _check(lib.bh_prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "dropping the bounding set")
+        os.setsid()
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        _check(lib.bh_prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+        _check(lib.bh_prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+        r, _, _ = select.select([from_parent], [], [], 0)
+        if r and os.read(from_parent, 1) == b"":
+            raise OSError("the launcher died before PDEATHSIG was armed")
+        keep = sorted({0, 1, 2, status_fd, *spec["keep_fds"], *(b["fd"] for b in spec["binds"])})
+        lo = 0
+        for fd in keep:
+            if fd > lo:
+                os.closerange(lo, fd)
+            lo = fd + 1
+        os.closerange(lo, 1 << 20)
+        for fd in keep:
+            if fd > 2:
+                os.set_inheritable(fd, True)
+        os.execve(argv[0], argv, env)
+    except BaseException as err:  # noqa: BLE001 - everything must end in a report and _exit
+        _fail(status_fd, "jail setup failed", err)
+
+
+def _write_maps(pid: int, uid: int, gid: int) -> None:
+    with open(f"/proc/{pid}/uid_map", "w") as f:
+        f.write(f"0 {uid} 1\n")
+    with open(f"/proc/{pid}/gid_map", "w") as f:
+        f.write(f"0 {gid} 1\n")
+
+
+def run(spec: dict[str, Any], argv: list[str]) -> NoReturn:
+    status_fd = int(spec["status_fd"])
+    try:
+        _check(lib.bh_prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+        if os.getppid() != int(spec["parent_pid"]):
+            os._exit(1)
+        for procs in spec["cgroup_procs"]:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        binds = []
+        for b in spec["binds"]:
+            fd = os.open(b["source"], os.O_PATH | os.O_CLOEXEC)
+            binds.append({"fd": fd, "target": b["target"], "writable": b["writable"],
+                          "dir": os.path.isdir(b["source"])})
+        spec = dict(spec, binds=binds)
+        if spec["namespaces"]:
+            _check(lib.bh_unshare(lib.CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+        to_parent_r, to_parent_w = os.pipe()
+        from_parent_r, from_parent_w = os.pipe()
+    except BaseException as err:  # noqa: BLE001
+        _fail(status_fd, "launcher setup failed", err)
+
+    config = dict(spec["config"], binds=binds, status_fd=status_fd, alive_fd=from_parent_r)
+    env = dict(os.environ, BULKHEAD_JAIL=json.dumps(config))
+    spec = dict(spec, keep_fds=[*spec["keep_fds"], from_parent_r])
+    pid = os.fork()
+    if pid == 0:
+        os.close(to_parent_r)
+        os.close(from_parent_w)
+        _child(spec, argv, env, to_parent_w, from_parent_r, status_fd)
+    os.close(to_parent_w)
+    os.close(from_parent_r)
+    for b in binds:
+        os.close(b["fd"])
+
+    def forward(signum: int, frame: object) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    try:
+        if spec["namespaces"]:
+            if os.read(to_parent_r, 1) != b"u":
+                raise OSError("the device process died before its namespaces were ready")
+            _write_maps(pid, int(spec["uid"]), int(spec["gid"]))
+            os.write(from_parent_w, b"m")
+        _status(status_fd, f"pid {pid}")
+    except BaseException as err:  # noqa: BLE001
+        forward(0, None)
+        _fail(status_fd, "launcher could not map the device's uid/gid", err)
+    # from_parent_w stays open while we live: D polls it to learn that we died.
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(status):
+        _status(status_fd, f"signal {os.WTERMSIG(status)}")
+        os._exit(128 + os.WTERMSIG(status))
+    code = os.WEXITSTATUS(status)
+    _status(status_fd, f"exit {code}")
+    os._exit(code)
+
+
+def main(argv: list[str]) -> NoReturn:
+    if len(argv) < 4 or argv[0] != "--spec" or argv[2] != "--":
+        print("usage: python -m device_procs.jail.launch --spec JSON -- ARGV...", file=sys.stderr)
+        os._exit(2)
+    run(json.loads(argv[1]), argv[3:])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

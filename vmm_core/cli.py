@@ -69,6 +69,11 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
     p.add_argument("--device-timeout-ms", type=_positive_int, default=500, metavar="MS",
                    help="how long a vCPU waits for a device register read before the device is "
                         "declared failed (default 500)")
+    p.add_argument("--max-restarts", type=_positive_int, default=100, metavar="N",
+                   help="with restart: after N failures within --restart-window the device fails "
+                        "instead (default 100)")
+    p.add_argument("--restart-window", type=float, default=30.0, metavar="SECONDS",
+                   help="window for --max-restarts (default 30)")
     p.add_argument("--allow-faults", action="store_true",
                    help="testing only: let `bulkhead fault` inject faults into this VM's devices")
     p.add_argument("--hold", action="store_true",
@@ -131,7 +136,9 @@ def _config_from_args(args: argparse.Namespace, scratch: str):
                     sandbox=not args.no_sandbox,
                     device_options={"on_device_crash": args.on_device_crash,
                                     "device_timeout": args.device_timeout_ms / 1000,
-                                    "allow_faults": args.allow_faults})
+                                    "allow_faults": args.allow_faults,
+                                    "max_restarts": args.max_restarts,
+                                    "restart_window": args.restart_window})
 
 
 def cmd_run(args: argparse.Namespace) -> int:

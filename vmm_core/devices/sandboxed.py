@@ -120,6 +120,19 @@ class SandboxedBackend:
 
     # -- BusDevice ----------------------------------------------------------------------------
     def read(self, offset: int, data: bytearray) -> None:
+        if not self.needs_reset:
+            self.proxy.read(offset, data)
+            if self.proxy.failed and self.policy == "restart":
+                # The child is gone and a restart is under way: the core knows the transport
+                # state, so the guest sees its own Status, and InterruptStatus says "used
+                # buffers" so the driver re-checks its rings once the new child has resumed them
+                # (a spurious interrupt is harmless, VIRTIO 1.2 §2.7.7).  Everything else reads
+                # all-ones, as for any absent device.
+                if offset == REG_STATUS and len(data) == 4:
+                    data[:] = self.proxy.shadow.status.to_bytes(4, "little")
+                elif offset == REG_INTERRUPT_STATUS and len(data) == 4:
+                    data[:] = (1).to_bytes(4, "little")
+            return
         if self.needs_reset:
             value = 0
             if offset == REG_STATUS:
@@ -130,8 +143,6 @@ class SandboxedBackend:
                 data[:] = b"\xff" * len(data)
                 return
             data[:] = value.to_bytes(4, "little")[:len(data)].ljust(len(data), b"\0")
-            return
-        self.proxy.read(offset, data)
 
     def write(self, offset: int, data: bytes) -> None:
         if self.needs_reset:
@@ -145,8 +156,11 @@ class SandboxedBackend:
     def _on_proxy_failure(self, reason: str) -> None:
         self.supervisor.request(self, reason)
 
-    def handle_failure(self, cause: str, reset: bool = False) -> None:
-        """Runs on the supervisor thread only."""
+    def handle_failure(self, cause: str, reset: bool = False, generation: int | None = None) -> None:
+        """Runs on the supervisor thread only.  A report about an earlier generation (the pidfd
+        of a process already replaced) is stale and ignored."""
+        if generation is not None and generation != self.generation:
+            return
         t0 = time.monotonic()
         if reset:
             self._replace(activate=False)
@@ -164,11 +178,11 @@ class SandboxedBackend:
         log.error("device %s stopped: %s", self.name, cause)
         now = time.monotonic()
         self.failures.append(now)
-        window = self.supervisor.options.get("restart_window", 10.0)
+        window = self.supervisor.options.get("restart_window", 30.0)
         while self.failures and now - self.failures[0] > window:
             self.failures.popleft()
         policy = self.policy
-        limit = self.supervisor.options.get("max_restarts", 10)
+        limit = self.supervisor.options.get("max_restarts", 100)
         if policy == "restart" and len(self.failures) > limit:
             log.error("device %s failed %d times in %.0f s: giving up restarts, the device "
                       "now reports DEVICE_NEEDS_RESET", self.name, len(self.failures), window)
@@ -255,7 +269,7 @@ class Supervisor(threading.Thread):
         self.control = ControlServer(self.runtime_dir)
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._lock = threading.Lock()
-        self._requests: collections.deque[tuple[SandboxedBackend, str, bool]] = collections.deque()
+        self._requests: collections.deque[tuple[SandboxedBackend, str, bool, int]] = collections.deque()
         self._watched: dict[int, SandboxedBackend] = {}
         self._stopping = False
 
@@ -272,7 +286,7 @@ class Supervisor(threading.Thread):
 
     def request(self, backend: SandboxedBackend, cause: str, reset: bool = False) -> None:
         with self._lock:
-            self._requests.append((backend, cause, reset))
+            self._requests.append((backend, cause, reset, backend.generation))
         os.eventfd_write(self._wake, 1)
 
     def refine_cause(self, backend: SandboxedBackend, cause: str, status: int) -> str:
@@ -300,16 +314,18 @@ class Supervisor(threading.Thread):
                 elif fd in watched:
                     b = watched[fd]
                     self.unwatch(b)
-                    self._requests.append((b, f"process {b.pid} {describe_exit(b.proc.popen.poll())}", False))
+                    with self._lock:
+                        self._requests.append((b, f"process {b.pid} {describe_exit(b.proc.popen.poll())}",
+                                               False, b.generation))
             while True:
                 with self._lock:
                     if not self._requests:
                         break
-                    backend, cause, reset = self._requests.popleft()
+                    backend, cause, reset, generation = self._requests.popleft()
                 if self._stopping:
                     break
                 try:
-                    backend.handle_failure(cause, reset=reset)
+                    backend.handle_failure(cause, reset=reset, generation=generation)
                 except Exception:  # noqa: BLE001 - the supervisor must outlive any one device
                     log.exception("supervising device %s", backend.name)
 

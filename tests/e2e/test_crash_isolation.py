@@ -89,3 +89,57 @@ def test_kill_blk_20_times_during_workload_loses_nothing(tmp_path):
     data = disk.read_bytes()
     assert data[:sectors * 512] == blk_pattern(sectors, seed + rounds - 1)
     assert data[sectors * 512:] == bytes((1 << 20) - sectors * 512)
+
+
+def _kill_blk_once_during_workload(*args: str, rounds: int = 300):
+    disk_args = list(args)
+    guest = GuestProcess(*disk_args, "--cmdline",
+                         f"gk.tests=blk-workload gk.blk_sectors=128 gk.blk_rounds={rounds} gk.io_timeout_ms=3000")
+    try:
+        pid = wait_for_device(guest.proc.pid, "blk0")
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        code = guest.wait(120)
+    finally:
+        guest.kill()
+    return code, guest
+
+
+def test_stop_vm_policy_stops_with_distinct_status_naming_device(tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    code, guest = _kill_blk_once_during_workload("--disk", str(disk), "--on-device-crash", "stop-vm")
+    assert code == 67, guest.explain()
+    last = [l for l in guest.stderr if l.startswith("bulkhead: ")][-1]
+    assert "device blk0 failed" in last and "SIGKILL" in last, guest.explain()
+
+
+def test_fail_policy_reports_needs_reset_to_the_guest(tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    code, guest = _kill_blk_once_during_workload("--disk", f"{disk},on-crash=fail")
+    results, _ = parse_results("".join(guest.stdout))
+    assert code == 1, guest.explain()
+    ok, detail = results["blk-workload"]
+    assert not ok and "needs-reset" in detail, guest.explain()
+
+
+def test_restart_budget_gives_up_into_fail(tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    guest = GuestProcess("--disk", str(disk), "--max-restarts", "2", "--cmdline",
+                         "gk.tests=blk-workload gk.blk_sectors=128 gk.blk_rounds=1000 gk.io_timeout_ms=3000")
+    try:
+        pid = wait_for_device(guest.proc.pid, "blk0")
+        for _ in range(3):
+            time.sleep(0.2)
+            os.kill(pid, signal.SIGKILL)
+            if _ < 2:
+                pid = wait_for_device(guest.proc.pid, "blk0", not_pid=pid)
+        code = guest.wait(120)
+    finally:
+        guest.kill()
+    stderr = "".join(guest.stderr)
+    assert code == 1, guest.explain()
+    assert "giving up restarts" in stderr, guest.explain()
+    assert "needs-reset" in parse_results("".join(guest.stdout))[0]["blk-workload"][1]

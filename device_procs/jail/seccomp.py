@@ -61,6 +61,9 @@ class Filter:
             raise JailError("seccomp: seccomp_init failed (out of memory or bad default action)")
         self.default_action = default_action
         _check(lib.seccomp_attr_set(self._ctx, lib.SCMP_FLTATR_CTL_TSYNC, 1), "setting TSYNC")
+        # Log every action other than allow to the kernel audit log (dmesg: type=1326 ... syscall=N),
+        # so a kill-mode death still leaves the syscall number on the host.
+        _check(lib.seccomp_attr_set(self._ctx, lib.SCMP_FLTATR_CTL_LOG, 1), "setting CTL_LOG")
         _check(lib.seccomp_attr_set(self._ctx, lib.SCMP_FLTATR_ACT_BADARCH,
                                     lib.SCMP_ACT_KILL_PROCESS), "setting the bad-arch action")
 

@@ -1,0 +1,219 @@
+"""A cgroup per VM: memory and pids limits (and optionally a CPU quota) for its device processes.
+
+cgroup v2 is used when a writable cgroup2 mount offers the memory, pids and cpu controllers;
+otherwise cgroup v1, one directory per controller (`memory`, `pids`, `cpu`).  On hosts like ours
+the v1 controllers are mounted and the v2 `unified` mount only has `hugetlb`, so v1 is chosen.
+
+    cg = VmCgroup.create("vm-1234", memory_max=512 << 20, pids_max=64)
+    spec = JailSpec(..., cgroup_procs=cg.procs_files())   # the launcher joins before forking
+    ...
+    cg.remove()                                             # kills leftovers, then rmdir
+
+New cgroups go below the caller's own cgroup of each hierarchy (from /proc/self/cgroup), in a
+`bulkhead/` directory, so a containerised core stays inside what it was given.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from device_procs.jail.errors import CgroupError
+
+CONTROLLERS = ("memory", "pids", "cpu")
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclass(frozen=True)
+class Mount:
+    path: Path
+    fstype: str  # "cgroup" (v1) or "cgroup2"
+    options: frozenset[str]
+    writable: bool
+
+
+def read_mounts(text: str | None = None) -> list[Mount]:
+    """The cgroup mounts in /proc/mounts (or in `text`, for tests)."""
+    if text is None:
+        with open("/proc/mounts") as f:
+            text = f.read()
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[2] in ("cgroup", "cgroup2"):
+            opts = frozenset(parts[3].split(","))
+            out.append(Mount(Path(parts[1]), parts[2], opts, "rw" in opts))
+    return out
+
+
+def own_cgroups(text: str | None = None) -> dict[str, str]:
+    """Controller (or "" for v2) -> this process's cgroup path, from /proc/self/cgroup."""
+    if text is None:
+        with open("/proc/self/cgroup") as f:
+            text = f.read()
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        _, ctrls, path = line.split(":", 2)
+        for c in ctrls.split(",") if ctrls else [""]:
+            out[c] = path
+    return out
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        path.write_text(value)
+    except OSError as err:
+        raise CgroupError(f"cgroup: cannot write {value!r} to {path}: {err.strerror}") from None
+
+
+@dataclass
+class VmCgroup:
+    """One VM's cgroup directories (one for v2, one per controller for v1)."""
+
+    name: str
+    version: int
+    dirs: dict[str, Path] = field(default_factory=dict)  # controller -> directory ("" for v2)
+
+    @classmethod
+    def create(cls, name: str, *, memory_max: int | None = None, pids_max: int | None = None,
+               cpu_quota: float | None = None, version: int | None = None) -> VmCgroup:
+        """Create (or reuse, if empty) the VM's cgroup and set its limits.
+
+        `cpu_quota` is in CPUs (1.5 = one and a half CPUs).  `version` forces 1 or 2.
+        """
+        if not _NAME.fullmatch(name):
+            raise CgroupError(f"cgroup: bad name {name!r} (letters, digits, . _ - only)")
+        mounts, own = read_mounts(), own_cgroups()
+        if version in (None, 2):
+            v2 = _pick_v2(mounts, own)
+            if v2 is not None:
+                cg = cls(name, 2, {"": v2 / "bulkhead" / name})
+                cg._make(enable_in=v2)
+                cg.set_limits(memory_max, pids_max, cpu_quota)
+                return cg
+            if version == 2:
+                raise CgroupError("cgroup: no writable cgroup2 mount with memory, pids and cpu")
+        dirs: dict[str, Path] = {}
+        for ctrl in CONTROLLERS:
+            m = next((m for m in mounts if m.fstype == "cgroup" and ctrl in m.options), None)
+            if m is None or not m.writable:
+                raise CgroupError(f"cgroup: no writable v1 hierarchy has the {ctrl!r} controller")
+            dirs[ctrl] = m.path / own.get(ctrl, "/").lstrip("/") / "bulkhead" / name
+        cg = cls(name, 1, dirs)
+        cg._make()
+        cg.set_limits(memory_max, pids_max, cpu_quota)
+        return cg
+
+    def _make(self, enable_in: Path | None = None) -> None:
+        for d in self.dirs.values():
+            try:
+                if enable_in is not None:  # v2: controllers must be enabled down the path
+                    parent = d.parent
+                    parent.mkdir(exist_ok=True)
+                    for p in (enable_in, parent):
+                        _write(p / "cgroup.subtree_control", "+memory +pids +cpu")
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise CgroupError(f"cgroup: cannot create {d}: {err.strerror}") from None
+            if self._procs(d):
+                raise CgroupError(f"cgroup: {d} already holds processes (another VM named "
+                                  f"{self.name!r}?)")
+
+    def set_limits(self, memory_max: int | None = None, pids_max: int | None = None,
+                   cpu_quota: float | None = None) -> None:
+        """Set whichever limits are given; None leaves a limit as it is."""
+        period = 100_000
+        if self.version == 2:
+            d = self.dirs[""]
+            if memory_max is not None:
+                _write(d / "memory.max", str(memory_max))
+            if pids_max is not None:
+                _write(d / "pids.max", str(pids_max))
+            if cpu_quota is not None:
+                _write(d / "cpu.max", f"{int(cpu_quota * period)} {period}")
+            return
+        if memory_max is not None:
+            _write(self.dirs["memory"] / "memory.limit_in_bytes", str(memory_max))
+        if pids_max is not None:
+            _write(self.dirs["pids"] / "pids.max", str(pids_max))
+        if cpu_quota is not None:
+            _write(self.dirs["cpu"] / "cpu.cfs_period_us", str(period))
+            _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(int(cpu_quota * period)))
+
+    def limits(self) -> dict[str, str]:
+        """The limits as the kernel reports them (for `bulkhead ps` and tests)."""
+        if self.version == 2:
+            d = self.dirs[""]
+            files = {"memory": d / "memory.max", "pids": d / "pids.max", "cpu": d / "cpu.max"}
+        else:
+            files = {"memory": self.dirs["memory"] / "memory.limit_in_bytes",
+                     "pids": self.dirs["pids"] / "pids.max",
+                     "cpu": self.dirs["cpu"] / "cpu.cfs_quota_us"}
+        return {k: p.read_text().strip() for k, p in files.items()}
+
+    def procs_files(self) -> list[str]:
+        """The cgroup.procs files a process writes its pid to (JailSpec.cgroup_procs)."""
+        return [str(d / "cgroup.procs") for d in self.dirs.values()]
+
+    def add(self, pid: int) -> None:
+        for f in self.procs_files():
+            _write(Path(f), str(pid))
+
+    @staticmethod
+    def _procs(d: Path) -> set[int]:
+        try:
+            return {int(x) for x in (d / "cgroup.procs").read_text().split()}
+        except OSError:
+            return set()
+
+    def pids(self) -> set[int]:
+        out: set[int] = set()
+        for d in self.dirs.values():
+            out |= self._procs(d)
+        return out
+
+    def remove(self, timeout: float = 5.0) -> None:
+        """SIGKILL whatever is left in the cgroup, wait for it to empty, remove the directories."""
+        deadline = time.monotonic() + timeout
+        while pids := self.pids():
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if time.monotonic() > deadline:
+                raise CgroupError(f"cgroup: processes {sorted(pids)} did not leave {self.name}")
+            time.sleep(0.02)
+        for d in self.dirs.values():
+            for path in (d, d.parent):  # the VM's directory, then bulkhead/ if now empty
+                try:
+                    path.rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError as err:
+                    if path == d:
+                        raise CgroupError(f"cgroup: cannot remove {d}: {err.strerror}") from None
+
+    def __enter__(self) -> VmCgroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def _pick_v2(mounts: list[Mount], own: dict[str, str]) -> Path | None:
+    for m in mounts:
+        if m.fstype != "cgroup2" or not m.writable:
+            continue
+        base = m.path / own.get("", "/").lstrip("/")
+        try:
+            available = set((base / "cgroup.controllers").read_text().split())
+        except OSError:
+            continue
+        if set(CONTROLLERS) <= available and os.access(base, os.W_OK):
+            return base
+    return None

@@ -5,7 +5,6 @@ Python code).  The launcher is single-threaded, so forking *it* is safe.  Its st
 
   L (launcher, host root, host namespaces)
     1. PR_SET_PDEATHSIG(SIGKILL): dies with the core; joins the VM's cgroups (so D is born in them);
-    2. opens every bind source O_PATH (as host root, so a 0700 parent directory is no obstacle);
     3. unshare(CLONE_NEWPID) -- it only applies to children -- and forks D, which is pid 1 there;
     5. writes D's uid_map/gid_map (`0 <uid> 1`: root in the namespace = the VM's unprivileged host
        uid; written from the parent, which holds CAP_SETUID/CAP_SETGID in the initial namespace);
@@ -13,7 +12,8 @@ Python code).  The launcher is single-threaded, so forking *it* is safe.  Its st
        as SIGKILL, and reports `exit <code>` or `signal <n>` before exiting the same way.
   D (the device, pid 1 of a new PID namespace)
     4. unshare(NEWUSER|NEWNS|NEWNET|NEWIPC|NEWUTS) -- one call, so the user namespace owns the
-       others -- and waits for its maps; makes every mount private, sets the hostname, setsid();
+       others --, opens every bind source O_PATH (still host uid 0: 0700 directories are no
+       obstacle) and waits for its maps; makes every mount private, sets the hostname, setsid();
     7. keeps only CAP_SYS_ADMIN/SETUID/SETGID/SETPCAP (ambient, so they survive exec; bounding set
        cut to those four) for `enter_jail`'s mounts and uid switch; PR_SET_NO_NEW_PRIVS;
        RLIMIT_CORE 0; PR_SET_PDEATHSIG(SIGKILL) and a check that L still lives;
@@ -80,12 +80,19 @@ def _last_cap() -> int:
         return 40
 
 
-def _child(spec: dict[str, Any], argv: list[str], env: dict[str, str], to_parent: int,
-           from_parent: int, status_fd: int) -> NoReturn:
+def _child(spec: dict[str, Any], argv: list[str], to_parent: int, from_parent: int,
+           status_fd: int) -> NoReturn:
     """D: runs between fork and exec; any failure is reported as an `error` line."""
     try:
+        binds = []
         if spec["namespaces"]:
             _check(lib.bh_unshare(NS_FLAGS), "unshare")
+            # Bind sources are opened now: in our new mount namespace (a bind needs a mount of
+            # this namespace) and still as host uid 0 (a 0700 parent directory is no obstacle).
+            for b in spec["binds"]:
+                fd = os.open(b["source"], os.O_PATH)
+                binds.append({"fd": fd, "target": b["target"], "writable": b["writable"],
+                              "dir": os.path.isdir(b["source"])})
             os.write(to_parent, b"u")
             if os.read(from_parent, 1) != b"m":
                 raise OSError("the launcher did not write the uid/gid maps")
@@ -108,7 +115,9 @@ def _child(spec: dict[str, Any], argv: list[str], env: dict[str, str], to_parent
         r, _, _ = select.select([from_parent], [], [], 0)
         if r and os.read(from_parent, 1) == b"":
             raise OSError("the launcher died before PDEATHSIG was armed")
-        keep = sorted({0, 1, 2, status_fd, *spec["keep_fds"], *(b["fd"] for b in spec["binds"])})
+        config = dict(spec["config"], binds=binds, status_fd=status_fd, alive_fd=from_parent)
+        env = dict(os.environ, BULKHEAD_JAIL=json.dumps(config))
+        keep = sorted({0, 1, 2, status_fd, from_parent, *spec["keep_fds"], *(b["fd"] for b in binds)})
         lo = 0
         for fd in keep:
             if fd > lo:
@@ -139,12 +148,6 @@ def run(spec: dict[str, Any], argv: list[str]) -> NoReturn:
         for procs in spec["cgroup_procs"]:
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
-        binds = []
-        for b in spec["binds"]:
-            fd = os.open(b["source"], os.O_PATH | os.O_CLOEXEC)
-            binds.append({"fd": fd, "target": b["target"], "writable": b["writable"],
-                          "dir": os.path.isdir(b["source"])})
-        spec = dict(spec, binds=binds)
         if spec["namespaces"]:
             _check(lib.bh_unshare(lib.CLONE_NEWPID), "unshare(CLONE_NEWPID)")
         to_parent_r, to_parent_w = os.pipe()
@@ -152,18 +155,14 @@ def run(spec: dict[str, Any], argv: list[str]) -> NoReturn:
     except BaseException as err:  # noqa: BLE001
         _fail(status_fd, "launcher setup failed", err)
 
-    config = dict(spec["config"], binds=binds, status_fd=status_fd, alive_fd=from_parent_r)
-    env = dict(os.environ, BULKHEAD_JAIL=json.dumps(config))
     spec = dict(spec, keep_fds=[*spec["keep_fds"], from_parent_r])
     pid = os.fork()
     if pid == 0:
         os.close(to_parent_r)
         os.close(from_parent_w)
-        _child(spec, argv, env, to_parent_w, from_parent_r, status_fd)
+        _child(spec, argv, to_parent_w, from_parent_r, status_fd)
     os.close(to_parent_w)
     os.close(from_parent_r)
-    for b in binds:
-        os.close(b["fd"])
 
     def forward(signum: int, frame: object) -> None:
         try:

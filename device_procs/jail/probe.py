@@ -6,6 +6,7 @@ the jail from $BULKHEAD_JAIL, prints `ready` and then serves one JSON command pe
 `--cmd-fd`, answering one JSON line on `--reply-fd`:
 
   {"op": "ping"}                      -> {"ok": true, "pid": ..}
+  {"op": "prctl"}                     -> {"dumpable": .., "pdeathsig": ..} (seccomp mode off only)
   {"op": "work"}                      -> the device workload once (the syscalls `learn` records):
                                          blk preadv/pwritev/fsync/fallocate, rng getrandom,
                                          console write, a kick eventfd, a msgpack zmq round trip
@@ -127,6 +128,10 @@ class Probe:
     def dispatch(self, cmd: dict[str, Any]) -> dict[str, Any]:
         if cmd["op"] == "ping":
             return {"ok": True, "pid": os.getpid()}
+        if cmd["op"] == "prctl":  # PR_GET_DUMPABLE, PR_GET_PDEATHSIG (needs seccomp mode 'off')
+            sig = ctypes.c_int(0)
+            _libc.prctl(2, ctypes.byref(sig), 0, 0, 0)
+            return {"ok": True, "dumpable": _libc.prctl(3, 0, 0, 0, 0), "pdeathsig": sig.value}
         if cmd["op"] == "work":
             return self.work()
         if cmd["op"] == "violate":

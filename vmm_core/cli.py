@@ -92,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.RawDescriptionHelpFormatter,
                           epilog="example:\n  bulkhead demo --vcpus 2\n")
     _add_vm_args(demo, kernel_required=False)
+    chaos = sub.add_parser("chaos", help="kill a device process repeatedly during the test guest's "
+                           "block workload and check that no write was lost",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="example:\n  bulkhead chaos --count 50 --interval-ms 200\n")
+    chaos.add_argument("--count", type=_positive_int, default=50, help="kills to inject (default 50)")
+    chaos.add_argument("--interval-ms", type=_positive_int, default=200, help="time between kills (default 200)")
+    chaos.add_argument("--device", default="blk0", help="device to kill (default blk0; also rng0)")
+    chaos.add_argument("--seed", type=int, default=1, help="workload seed (and jitter seed)")
+    chaos.add_argument("--jitter", action="store_true", help="randomise intervals 0.5x-1.5x with --seed")
+    chaos.add_argument("-v", "--verbose", action="count", default=0)
     return parser
 
 
@@ -174,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb in ("run", "demo"):
             return cmd_run(args)
+        if args.verb == "chaos":
+            from .chaos import run_chaos
+            return run_chaos(args.count, args.interval_ms, args.device, args.seed, jitter=args.jitter)
     except BulkheadError as e:
         print(f"bulkhead: {e}", file=sys.stderr)
         return EXIT_USAGE

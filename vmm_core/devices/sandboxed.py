@@ -82,6 +82,7 @@ class SandboxedBackend:
         self.needs_reset = False
         self._failing = False
         self._lock = threading.Lock()
+        self._restart_cond = threading.Condition()
         self.proc: DeviceProcess = self._spawn()
         self.proxy = self.proc.make_proxy(timeout=self.timeout, on_failure=self._on_proxy_failure)
         self.bus_device = self
@@ -121,7 +122,10 @@ class SandboxedBackend:
     # -- BusDevice ----------------------------------------------------------------------------
     def read(self, offset: int, data: bytearray) -> None:
         if not self.needs_reset:
+            generation = self.generation
             self.proxy.read(offset, data)
+            if self.proxy.failed and self.policy == "restart" and self._await_restart(generation):
+                self.proxy.read(offset, data)  # the fresh process answers, as if nothing happened
             if self.proxy.failed and self.policy == "restart":
                 # The child is gone and a restart is under way: the core knows the transport
                 # state, so the guest sees its own Status, and InterruptStatus says "used
@@ -143,6 +147,20 @@ class SandboxedBackend:
                 data[:] = b"\xff" * len(data)
                 return
             data[:] = value.to_bytes(4, "little")[:len(data)].ljust(len(data), b"\0")
+
+    def _await_restart(self, generation: int) -> bool:
+        """Hold a vCPU's read while the supervisor restarts the device, bounded by the device
+        timeout; True if a newer process is serving by then."""
+        deadline = time.monotonic() + self.timeout
+        with self._restart_cond:
+            # "running" is set only after the proxy is attached to a fresh process; a read that
+            # failed on the old one may arrive here before or after the restart began.
+            while not (self.state == "running" and not self.proxy.failed):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.state in ("stopped", "needs-reset", "closing"):
+                    return False
+                self._restart_cond.wait(remaining)
+        return True
 
     def write(self, offset: int, data: bytes) -> None:
         if self.needs_reset:
@@ -170,6 +188,8 @@ class SandboxedBackend:
             return
         if self.state in ("stopped", "closing"):
             return
+        with self._restart_cond:
+            self.state = "restarting"
         self.proxy.mark_failed(cause)
         self.proc.kill()
         status = self.proc.popen.wait()
@@ -188,11 +208,15 @@ class SandboxedBackend:
                       "now reports DEVICE_NEEDS_RESET", self.name, len(self.failures), window)
             policy = "fail"
         if policy == "stop-vm":
-            self.state = "stopped"
+            with self._restart_cond:
+                self.state = "stopped"
+                self._restart_cond.notify_all()
             self.machine.request_stop(StopRequest(StopReason.DEVICE_FAILED, f"device {self.name} failed: {cause}"))
             return
         if policy == "fail":
-            self.state = "needs-reset"
+            with self._restart_cond:
+                self.state = "needs-reset"
+                self._restart_cond.notify_all()
             self.needs_reset = True
             os.eventfd_write(self.slot.irqfd, 1)  # the configuration-change interrupt
             return
@@ -207,7 +231,9 @@ class SandboxedBackend:
             return
         self.restarts += 1
         self.recovery_ms.append((time.monotonic() - t0) * 1000)
-        self.state = "running"
+        with self._restart_cond:
+            self.state = "running"
+            self._restart_cond.notify_all()
         log.warning("device %s restarted as pid %d in %.1f ms (restart %d)", self.name, self.pid,
                      self.recovery_ms[-1], self.restarts)
 

@@ -14,7 +14,9 @@ EXIT_USAGE = 2
 RUN_EXAMPLES = """\
 examples:
   bulkhead run --kernel guest_kit/build/testguest.elf --cmdline 'gk.tests=pio,mmio'
-  bulkhead run --kernel vmlinuz --initrd initrd.img --mem 512 --vcpus 2
+  bulkhead run --kernel vmlinuz --initrd initrd.img --mem 512 --vcpus 2 \
+      --cmdline 'console=ttyS0 earlyprintk=serial,ttyS0,115200 i8042.noaux reboot=k panic=-1'
+  bulkhead guest fetch          # Debian's cloud kernel + a busybox initramfs, cached
   bulkhead demo
 
 exit status: the guest's own code (test guest EXIT register / debug port 0x501), 0 on ACPI
@@ -92,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.RawDescriptionHelpFormatter,
                           epilog="example:\n  bulkhead demo --vcpus 2\n")
     _add_vm_args(demo, kernel_required=False)
+    guest = sub.add_parser("guest", help="guest assets: `bulkhead guest fetch` downloads Debian's cloud "
+                           "kernel and busybox and builds an initramfs (cached)")
+    guest.add_argument("action", choices=("fetch",))
+    guest.add_argument("--refresh", action="store_true", help="download and rebuild even if cached")
+    guest.add_argument("-v", "--verbose", action="count", default=0)
     chaos = sub.add_parser("chaos", help="kill a device process repeatedly during the test guest's "
                            "block workload and check that no write was lost",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -184,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb in ("run", "demo"):
             return cmd_run(args)
+        if args.verb == "guest":
+            from .guest_assets import main as guest_main
+            return guest_main(["--refresh"] if args.refresh else [])
         if args.verb == "chaos":
             from .chaos import run_chaos
             return run_chaos(args.count, args.interval_ms, args.device, args.seed, jitter=args.jitter)

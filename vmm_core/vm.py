@@ -102,6 +102,8 @@ class Machine:
         self.boot_kind, entry, boot_regs = self._load_kernel()
         self.vcpus = [Vcpu(self.vm, i) for i in range(config.vcpus)]
         cpuid = self.kvm.supported_cpuid()
+        if os.path.isdir("/sys/module/kvm_pvm"):
+            mask_for_emulated_cpl0(cpuid)
         for v in self.vcpus:
             self._setup_vcpu(v, cpuid, entry, boot_regs)
         self.threads: list[VcpuThread] = []
@@ -302,6 +304,25 @@ class Machine:
                 self.serial_out.flush()
             except (OSError, ValueError):
                 pass
+
+
+# CPUID.1:ECX bits that kvm_pvm's CPL0 instruction emulator cannot execute: CMPXCHG16B (13),
+# XSAVE (26), OSXSAVE (27), AVX (28).  A guest that sees them (Linux's allocator, its FPU setup)
+# stops with KVM_EXIT_INTERNAL_ERROR; hidden, it falls back to CMPXCHG8B loops and FXSAVE.
+PVM_HIDDEN_LEAF1_ECX = (1 << 13) | (1 << 26) | (1 << 27) | (1 << 28)
+
+
+def mask_for_emulated_cpl0(cpuid) -> None:
+    """Hide from the guest the CPU features this host's emulated CPL0 lacks (kvm_pvm only; on
+    hardware KVM the guest gets the full supported set)."""
+    for i in range(cpuid.nent):
+        e = cpuid.entries[i]
+        if e.function == 1:
+            e.ecx &= ~PVM_HIDDEN_LEAF1_ECX & 0xFFFFFFFF
+        elif e.function == 7 and e.index == 0:
+            e.ebx &= ~((1 << 5) | (1 << 3) | (1 << 8)) & 0xFFFFFFFF  # AVX2, BMI1, BMI2
+        elif e.function == 0xD:
+            e.eax = e.ebx = e.ecx = e.edx = 0
 
 
 def _linux_module():

@@ -7,15 +7,17 @@ import logging
 import os
 import sys
 
+from .boot import DEFAULT_LINUX_CMDLINE
 from .errors import BulkheadError
 
 EXIT_USAGE = 2
 
-RUN_EXAMPLES = """\
+RUN_EXAMPLES = f"""\
 examples:
   bulkhead run --kernel guest_kit/build/testguest.elf --cmdline 'gk.tests=pio,mmio'
-  bulkhead run --kernel vmlinuz --initrd initrd.img --mem 512 --vcpus 2 \
-      --cmdline 'console=ttyS0 earlyprintk=serial,ttyS0,115200 i8042.noaux reboot=k panic=-1'
+  bulkhead run --kernel vmlinuz --initrd initrd.img --mem 512 --vcpus 2
+      (a Linux kernel without --cmdline gets:
+       {DEFAULT_LINUX_CMDLINE})
   bulkhead guest fetch          # Debian's cloud kernel + a busybox initramfs, cached
   bulkhead demo
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
 from . import layout
+from .boot import DEFAULT_LINUX_CMDLINE
 from .boot import cpu as cpu_setup
 from .boot.elf import is_elf, load_elf, entry_physical
 from .bus import Bus
@@ -124,6 +125,8 @@ class Machine:
         cpu_setup.write_boot_structures(self.memory)
         linux = _linux_module()
         if linux is not None and linux.is_linux_kernel(data):
+            if not self.config.cmdline:
+                self.config.cmdline = DEFAULT_LINUX_CMDLINE
             plan = linux.prepare_linux_boot(self, data)
             return "linux", plan.entry, plan.regs
         if is_elf(data):

@@ -5,19 +5,19 @@ Python code).  The launcher is single-threaded, so forking *it* is safe.  Its st
 
   L (launcher, host root, host namespaces)
     1. PR_SET_PDEATHSIG(SIGKILL): dies with the core; joins the VM's cgroups (so D is born in them);
-    3. unshare(CLONE_NEWPID) -- it only applies to children -- and forks D, which is pid 1 there;
-    5. writes D's uid_map/gid_map (`0 <uid> 1`: root in the namespace = the VM's unprivileged host
+    2. unshare(CLONE_NEWPID) -- it only applies to children -- and forks D, which is pid 1 there;
+    4. writes D's uid_map/gid_map (`0 <uid> 1`: root in the namespace = the VM's unprivileged host
        uid; written from the parent, which holds CAP_SETUID/CAP_SETGID in the initial namespace);
-    6. reports `pid <host pid of D>` on the status fd, then waits for D, forwards SIGTERM/SIGINT
+    5. reports `pid <host pid of D>` on the status fd, then waits for D, forwards SIGTERM/SIGINT
        as SIGKILL, and reports `exit <code>` or `signal <n>` before exiting the same way.
   D (the device, pid 1 of a new PID namespace)
-    4. unshare(NEWUSER|NEWNS|NEWNET|NEWIPC|NEWUTS) -- one call, so the user namespace owns the
+    3. unshare(NEWUSER|NEWNS|NEWNET|NEWIPC|NEWUTS) -- one call, so the user namespace owns the
        others --, opens every bind source O_PATH (still host uid 0: 0700 directories are no
        obstacle) and waits for its maps; makes every mount private, sets the hostname, setsid();
-    7. keeps only CAP_SYS_ADMIN/SETUID/SETGID/SETPCAP (ambient, so they survive exec; bounding set
+    6. keeps only CAP_SYS_ADMIN/SETUID/SETGID/SETPCAP (ambient, so they survive exec; bounding set
        cut to those four) for `enter_jail`'s mounts and uid switch; PR_SET_NO_NEW_PRIVS;
        RLIMIT_CORE 0; PR_SET_PDEATHSIG(SIGKILL) and a check that L still lives;
-    8. closes every fd not on the keep-list and execs ARGV with `BULKHEAD_JAIL` (the JailConfig).
+    7. closes every fd not on the keep-list and execs ARGV with `BULKHEAD_JAIL` (the JailConfig).
 
 D execs with its host uid still 0 but unmapped (it is `nobody` inside, with no capability outside):
 the interpreter may live where the VM's uid cannot reach (here /root is 0700).  `enter_jail` moves

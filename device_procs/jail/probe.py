@@ -24,7 +24,6 @@ import fcntl
 import json
 import mmap
 import os
-import select
 import socket
 import sys
 from typing import Any, Callable

@@ -44,7 +44,8 @@ from device_procs.jail._seccomp_cffi import ffi, lib
 from device_procs.jail.errors import JailError
 from device_procs.jail.launch import _last_cap, _set_caps
 from device_procs.jail.policy import load_policy, policy_for_device
-from device_procs.jail.seccomp import MODES, Filter, Violation, build_filter, parse_report_line
+from device_procs.jail.seccomp import (MODES, Filter, Violation, build_filter, install_learn,
+                                      parse_report_line)
 
 ENV_VAR = "BULKHEAD_JAIL"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -125,7 +126,7 @@ class JailConfig:
 def launcher_argv(spec: JailSpec, argv: Sequence[str], status_fd: int,
                   pass_fds: Sequence[int] = ()) -> list[str]:
     """The command that runs `argv` jailed; run it with `pass_fds=[status_fd, *pass_fds]`."""
-    if spec.seccomp_mode not in MODES:
+    if spec.seccomp_mode not in (*MODES, "learn"):
         raise JailError(f"unknown seccomp mode {spec.seccomp_mode!r} (expected {', '.join(MODES)})")
     policy = spec.policy_path()
     load_policy(policy)  # fail in the core, with file and line, rather than in the child
@@ -285,7 +286,7 @@ def enter_jail(config: JailConfig | None = None, *, seccomp: bool = True) -> Non
     cfg = config or JailConfig.from_env()
     last_cap = _last_cap()  # /proc disappears with the host's root
     policy = load_policy(cfg.policy)
-    flt = build_filter(policy, cfg.mode, cfg.status_fd) if cfg.mode != "off" else None
+    flt = build_filter(policy, cfg.mode, cfg.status_fd) if cfg.mode not in ("off", "learn") else None
     try:
         if cfg.namespaces:
             _become_namespace_root()  # first: files in the tmpfs need a mapped owner
@@ -317,6 +318,9 @@ def seal_jail() -> None:
     _pending = None
     try:
         _apply_rlimits(cfg.rlimits)
+        if cfg.mode == "learn":  # every later syscall goes to the supervisor (learn.Learner)
+            install_learn(cfg.status_fd)
+            return
         if flt is None:
             return
         if cfg.mode == "trap":

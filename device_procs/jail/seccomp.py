@@ -170,10 +170,7 @@ def install_learn(report_fd: int) -> None:
     os.close(predicted)  # the listener will get the lowest free fd number, this one
     os.write(report_fd, f"learnfd {predicted}\n".encode())
     flt = Filter("notify")
-    try:
-        flt.load()
-    finally:
-        pass  # release would close the listener fd the supervisor is about to take
+    flt.load()  # the context is kept: the listener fd it holds must stay open for the supervisor
 
 
 @dataclass(frozen=True)

@@ -160,3 +160,20 @@ def test_toml_syntax_and_unknown_keys(tmp_path: Path) -> None:
     expect_error(write(tmp_path, "k.toml", text), "'whi'", 5, "unknown key")
     expect_error(write(tmp_path, "t.toml", 'sycalls = 1\n'), "'sycalls'", 1, "unknown key")
     expect_error(write(tmp_path, "n.toml", '[syscalls.read]\nwhy = "x"\n'), "default_action", 1)
+
+
+def test_learn_fragment_pins_arguments_by_name(tmp_path: Path) -> None:
+    from device_procs.jail.learn import to_toml
+
+    c = constants()
+    observed = {
+        "ioctl": {(5, c["FIONBIO"], 0, 0, 0, 0), (5, 0xAE00, 0, 0, 0, 0)},
+        "mmap": {(0, 4096, c["PROT_READ"], 0, 0, 0)},
+        "read": {(3, 0, 8, 0, 0, 0)},
+    }
+    text = to_toml(observed, skip={"read"})
+    assert "[syscalls.read]" not in text
+    assert '{ arg1 = "FIONBIO" }' in text and "{ arg1 = 44544 }" in text
+    assert 'when = [ { arg2 = { without = "PROT_EXEC" } } ]' in text
+    p = write(tmp_path, "learned.toml", '[policy]\ndefault_action = "kill_process"\n' + text)
+    expect_error(p, "'ioctl'", None, "why")  # a person must say why before it loads

@@ -57,6 +57,18 @@ def wait_for_device(core_pid: int, name: str, not_pid: int | None = None, timeou
     raise AssertionError(f"device {name} did not (re)appear within {timeout} s")
 
 
+def kill_device(core_pid: int, name: str, not_pid: int | None = None) -> int:
+    """SIGKILL the device's current process (retrying if it is just being replaced)."""
+    for _ in range(20):
+        pid = wait_for_device(core_pid, name, not_pid=not_pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            return pid
+        except ProcessLookupError:
+            not_pid = pid
+    raise AssertionError(f"could not kill device {name}")
+
+
 def test_kill_blk_20_times_during_workload_loses_nothing(tmp_path):
     sectors, rounds, seed = 128, 400, 3
     disk = tmp_path / "disk.img"
@@ -96,9 +108,9 @@ def _kill_blk_once_during_workload(*args: str, rounds: int = 300):
     guest = GuestProcess(*disk_args, "--cmdline",
                          f"gk.tests=blk-workload gk.blk_sectors=128 gk.blk_rounds={rounds} gk.io_timeout_ms=3000")
     try:
-        pid = wait_for_device(guest.proc.pid, "blk0")
-        time.sleep(0.3)
-        os.kill(pid, signal.SIGKILL)
+        wait_for_device(guest.proc.pid, "blk0")
+        time.sleep(0.3)  # the guest has probed the device and is in its workload
+        kill_device(guest.proc.pid, "blk0")
         code = guest.wait(120)
     finally:
         guest.kill()
@@ -131,11 +143,10 @@ def test_restart_budget_gives_up_into_fail(tmp_path):
                          "gk.tests=blk-workload gk.blk_sectors=128 gk.blk_rounds=1000 gk.io_timeout_ms=3000")
     try:
         pid = wait_for_device(guest.proc.pid, "blk0")
+        pid = None
         for _ in range(3):
-            time.sleep(0.2)
-            os.kill(pid, signal.SIGKILL)
-            if _ < 2:
-                pid = wait_for_device(guest.proc.pid, "blk0", not_pid=pid)
+            time.sleep(0.3)
+            pid = kill_device(guest.proc.pid, "blk0", not_pid=pid)
         code = guest.wait(120)
     finally:
         guest.kill()

@@ -14,13 +14,11 @@ import random
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-from .testing import ROOT, SECTOR, TEST_GUEST, blk_pattern_sector, bulkhead_argv, device_pids, parse_results
+from .testing import SECTOR, TEST_GUEST, BackgroundVm, blk_pattern_sector, device_pids
 
 _RESTARTED = re.compile(r"device (\S+) restarted as pid \d+ in ([0-9.]+) ms")
 
@@ -38,25 +36,18 @@ def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", see
         disk = os.path.join(tmp, "disk.img")
         with open(disk, "wb") as f:
             f.truncate(max(1 << 20, sectors * SECTOR))
-        argv = bulkhead_argv("run", "--kernel", TEST_GUEST, "--disk", disk, "--rng", "--cmdline",
-                             f"gk.tests=blk-workload gk.blk_sectors={sectors} gk.blk_rounds={rounds} "
-                             f"gk.blk_seed={seed}")
-        vm = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        out_lines: list[str] = []
-        err_lines: list[str] = []
-        pumps = [threading.Thread(target=lambda s=s, d=d: d.extend(s), daemon=True)
-                 for s, d in ((vm.stdout, out_lines), (vm.stderr, err_lines))]
-        for p in pumps:
-            p.start()
+        vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", disk, "--rng", "--cmdline",
+                          f"gk.tests=blk-workload gk.blk_sectors={sectors} gk.blk_rounds={rounds} "
+                          f"gk.blk_seed={seed}")
         injected = 0
         try:
             deadline = time.monotonic() + 30
             while device not in device_pids(vm.pid):
-                if vm.poll() is not None or time.monotonic() > deadline:
+                if vm.proc.poll() is not None or time.monotonic() > deadline:
                     print(f"chaos: device {device} never started", file=sys.stderr)
                     return 2
                 time.sleep(0.01)
-            while injected < count and vm.poll() is None:
+            while injected < count and vm.proc.poll() is None:
                 delay = interval_ms / 1000 * (rng.uniform(0.5, 1.5) if jitter else 1.0)
                 time.sleep(delay)
                 pid = device_pids(vm.pid).get(device)
@@ -69,19 +60,15 @@ def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", see
                     continue
             status = vm.wait(600)
         finally:
-            if vm.poll() is None:
-                vm.kill()
-                vm.wait()
-        for p in pumps:
-            p.join(5)
-        results, _ = parse_results("".join(out_lines))
+            vm.kill()
+        results, _ = vm.results()
         ok, detail = results.get("blk-workload", (False, "no result"))
         with open(disk, "rb") as f:
             image = f.read()
         last_seed = seed + rounds - 1
         bad = [s for s in range(sectors)
                if image[s * SECTOR:(s + 1) * SECTOR] != blk_pattern_sector(s, last_seed)]
-        recoveries = [float(m.group(2)) for line in err_lines
+        recoveries = [float(m.group(2)) for line in vm.stderr
                       if (m := _RESTARTED.search(line)) and m.group(1) == device]
     print(f"chaos: {injected} kills of {device}, {interval_ms} ms apart (seed {seed})", file=out)
     print(f"  restarts:            {len(recoveries)}", file=out)

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,3 +97,44 @@ def device_pids(core_pid: int) -> dict[str, int]:
         if argv and argv[0].startswith(b"bulkhead-dev:") and ppid == core_pid:
             out[argv[0].split(b":", 1)[1].decode()] = int(entry)
     return out
+
+
+class BackgroundVm:
+    """`bulkhead` running in the background with its stdout/stderr collected on threads, so a test
+    or `bulkhead chaos` can act on the VM (kill its devices) while it runs."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(bulkhead_argv(*args), cwd=ROOT, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._pumps = [threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True),
+                       threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True)]
+        for t in self._pumps:
+            t.start()
+
+    @staticmethod
+    def _pump(stream, sink: list[str]) -> None:
+        for line in stream:
+            sink.append(line)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout)
+        for t in self._pumps:
+            t.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def results(self) -> tuple[dict[str, tuple[bool, str]], tuple[int, int] | None]:
+        return parse_results("".join(self.stdout))
+
+    def explain(self) -> str:
+        return "--- stdout\n" + "".join(self.stdout) + "\n--- stderr\n" + "".join(self.stderr)[-6000:]

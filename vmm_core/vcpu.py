@@ -48,6 +48,17 @@ class StopRequest:
         return int(self.reason)
 
 
+def _access(read: Callable[[int, bytearray], bool], write: Callable[[int, bytes], bool],
+            addr: int, data: memoryview, is_write: bool) -> None:
+    """One bus access against `data`, the exit's window in the kvm_run page."""
+    if is_write:
+        write(addr, bytes(data))
+    else:
+        buf = bytearray(len(data))
+        read(addr, buf)
+        data[:] = buf
+
+
 class VcpuThread(threading.Thread):
     def __init__(self, vcpu: Vcpu, pio_bus: Bus, mmio_bus: Bus, memory: GuestMemory,
                  request_stop: Callable[[StopRequest], None]) -> None:
@@ -80,22 +91,11 @@ class VcpuThread(threading.Thread):
             self.exits += 1
             cls = type(exit_)
             if cls is MmioExit:
-                data = vcpu.mmio_data(exit_.size)
-                if exit_.is_write:
-                    mmio_write(exit_.phys_addr, bytes(data))
-                else:
-                    buf = bytearray(exit_.size)
-                    mmio_read(exit_.phys_addr, buf)
-                    data[:] = buf
+                _access(mmio_read, mmio_write, exit_.phys_addr, vcpu.mmio_data(exit_.size), exit_.is_write)
             elif cls is IoExit:
                 for i in range(exit_.count):
                     data = vcpu.io_data(exit_.data_offset + i * exit_.size, exit_.size)
-                    if exit_.is_write:
-                        pio_write(exit_.port, bytes(data))
-                    else:
-                        buf = bytearray(exit_.size)
-                        pio_read(exit_.port, buf)
-                        data[:] = buf
+                    _access(pio_read, pio_write, exit_.port, data, exit_.is_write)
             elif cls is InterruptedExit:
                 continue
             elif cls is HltExit:

@@ -14,6 +14,7 @@ from typing import BinaryIO, Callable
 from . import layout
 from .boot import DEFAULT_LINUX_CMDLINE
 from .boot import cpu as cpu_setup
+from .boot import linux
 from .boot.elf import is_elf, load_elf, entry_physical
 from .bus import Bus
 from .errors import BootError, ConfigError
@@ -123,8 +124,7 @@ class Machine:
         with open(self.config.kernel, "rb") as f:
             data = f.read()
         cpu_setup.write_boot_structures(self.memory)
-        linux = _linux_module()
-        if linux is not None and linux.is_linux_kernel(data):
+        if linux.is_linux_kernel(data):
             if not self.config.cmdline:
                 self.config.cmdline = DEFAULT_LINUX_CMDLINE
             plan = linux.prepare_linux_boot(self, data)
@@ -326,14 +326,3 @@ def mask_for_emulated_cpl0(cpuid) -> None:
             e.ebx &= ~((1 << 5) | (1 << 3) | (1 << 8)) & 0xFFFFFFFF  # AVX2, BMI1, BMI2
         elif e.function == 0xD:
             e.eax = e.ebx = e.ecx = e.edx = 0
-
-
-def _linux_module():
-    """The Linux loader, if present (it lives in vmm_core.boot.linux)."""
-    try:
-        from .boot import linux
-    except ImportError:
-        return None
-    if not hasattr(linux, "is_linux_kernel"):
-        return None
-    return linux

@@ -2,49 +2,17 @@
 
 import os
 import signal
-import subprocess
-import threading
 import time
 
 import pytest
 
-from vmm_core.testing import (ROOT, TEST_GUEST, blk_pattern, bulkhead_argv, device_pids,
-                              parse_results)
+from vmm_core.testing import BackgroundVm, TEST_GUEST, blk_pattern, device_pids, parse_results
 
 pytestmark = pytest.mark.kvm
 
 
-class GuestProcess:
-    """`bulkhead run` in the background, with its output collected on a thread."""
-
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen(bulkhead_argv("run", "--kernel", TEST_GUEST, *args), cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self._threads = [threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True),
-                         threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True)]
-        for t in self._threads:
-            t.start()
-
-    @staticmethod
-    def _pump(stream, sink):
-        for line in stream:
-            sink.append(line)
-
-    def wait(self, timeout: float) -> int:
-        code = self.proc.wait(timeout)
-        for t in self._threads:
-            t.join(5)
-        return code
-
-    def explain(self) -> str:
-        return "--- stdout\n" + "".join(self.stdout) + "\n--- stderr\n" + "".join(self.stderr)[-6000:]
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+def GuestProcess(*args: str) -> BackgroundVm:
+    return BackgroundVm("run", "--kernel", TEST_GUEST, *args)
 
 
 def wait_for_device(core_pid: int, name: str, not_pid: int | None = None, timeout: float = 10.0) -> int:

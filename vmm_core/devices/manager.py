@@ -29,7 +29,6 @@ QUEUE_NOTIFY_OFFSET = 0x50
 
 # Queues per device type: the core registers their kick ioeventfds before the device exists.
 QUEUE_COUNTS = {"blk": 1, "rng": 1, "console": 2}
-VIRTIO_DEVICE_IDS = {"blk": 2, "rng": 4, "console": 3}
 
 
 @dataclass
@@ -95,7 +94,7 @@ class Slot:
     irq: int
     irqfd: int
     kick_fds: list[int]
-    backend: Any = None
+    backend: DeviceBackend | None = None
 
     @property
     def guest_kit_word(self) -> str:

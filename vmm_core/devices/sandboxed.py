@@ -27,7 +27,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ipc_protocol import messages as msg
-from ipc_protocol.errors import ProtocolError, TransportTimeout
 from ipc_protocol.transport.zmq_channel import ControlServer, make_runtime_dir
 
 from ..errors import ConfigError
@@ -80,8 +79,6 @@ class SandboxedBackend:
         self.causes: list[str] = []
         self.recovery_ms: list[float] = []
         self.needs_reset = False
-        self._failing = False
-        self._lock = threading.Lock()
         self._restart_cond = threading.Condition()
         self.proc: DeviceProcess = self._spawn()
         self.proxy = self.proc.make_proxy(timeout=self.timeout, on_failure=self._on_proxy_failure)
@@ -122,9 +119,8 @@ class SandboxedBackend:
     # -- BusDevice ----------------------------------------------------------------------------
     def read(self, offset: int, data: bytearray) -> None:
         if not self.needs_reset:
-            generation = self.generation
             self.proxy.read(offset, data)
-            if self.proxy.failed and self.policy == "restart" and self._await_restart(generation):
+            if self.proxy.failed and self.policy == "restart" and self._await_restart():
                 self.proxy.read(offset, data)  # the fresh process answers, as if nothing happened
             if self.proxy.failed and self.policy == "restart":
                 # The child is gone and a restart is under way: the core knows the transport
@@ -148,7 +144,7 @@ class SandboxedBackend:
                 return
             data[:] = value.to_bytes(4, "little")[:len(data)].ljust(len(data), b"\0")
 
-    def _await_restart(self, generation: int) -> bool:
+    def _await_restart(self) -> bool:
         """Hold a vCPU's read while the supervisor restarts the device, bounded by the device
         timeout; True if a newer process is serving by then."""
         deadline = time.monotonic() + self.timeout

@@ -7,7 +7,7 @@ import mmap
 import os
 
 from ..errors import KvmError
-from ._ioctl import ioctl_int, ioctl_ptr
+from ._ioctl import ioctl_ptr
 from ._kvm_cffi import ffi, lib
 from .exits import Exit, InterruptedExit, decode_exit
 from .vm import Vm

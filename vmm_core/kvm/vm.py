@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-from ..errors import KvmError
 from ._ioctl import ioctl_int, ioctl_ptr
 from ._kvm_cffi import ffi, lib
 from .system import Kvm

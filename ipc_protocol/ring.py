@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -212,9 +213,18 @@ class _RingEnd:
         self.capacity = capacity
         self._mask = capacity - 1
         self._view = _as_bytes_view(buf, capacity)
+        # Indices are read and published as single aligned 8-byte loads/stores through a 'Q'
+        # view.  struct.pack_into is not usable here: CPython zero-fills the field before
+        # writing it, so the peer could read a transient 0 (seen as a "corrupt" index).
+        # A 'Q' view is native-endian: the layout is little-endian, as are the hosts we run on.
+        assert sys.byteorder == "little", "the ring layout is little-endian"
+        self._indices = self._view[:SLOTS_OFFSET].cast("Q")
 
     def _read_index(self, offset: int) -> int:
-        return INDEX_STRUCT.unpack_from(self._view, offset)[0]
+        return self._indices[offset // INDEX_STRUCT.size]
+
+    def _store_index(self, offset: int, value: int) -> None:
+        self._indices[offset // INDEX_STRUCT.size] = value
 
     def _check_peer_distance(self, head: int, tail: int, who: str) -> int:
         """head - tail, which must lie in [0, capacity]; else the peer corrupted its index."""
@@ -248,7 +258,7 @@ class RingProducer(_RingEnd):
         SLOT_STRUCT.pack_into(self._view, self._slot_offset(self._head), slot.op, slot.size, 0,
                               slot.offset, slot.seq, slot.data.ljust(SLOT_DATA_MAX, b"\0"))
         self._head = (self._head + 1) & U64_MAX
-        INDEX_STRUCT.pack_into(self._view, PRODUCER_INDEX_OFFSET, self._head)  # publish last
+        self._store_index(PRODUCER_INDEX_OFFSET, self._head)  # publish last
         return True
 
     def push_raw(self, raw: bytes) -> bool:
@@ -260,7 +270,7 @@ class RingProducer(_RingEnd):
         start = self._slot_offset(self._head)
         self._view[start:start + SLOT_SIZE] = raw
         self._head = (self._head + 1) & U64_MAX
-        INDEX_STRUCT.pack_into(self._view, PRODUCER_INDEX_OFFSET, self._head)
+        self._store_index(PRODUCER_INDEX_OFFSET, self._head)
         return True
 
 
@@ -283,7 +293,7 @@ class RingConsumer(_RingEnd):
         start = self._slot_offset(self._tail)
         raw = bytes(self._view[start:start + SLOT_SIZE])  # one copy out of shared memory
         self._tail = (self._tail + 1) & U64_MAX
-        INDEX_STRUCT.pack_into(self._view, CONSUMER_INDEX_OFFSET, self._tail)
+        self._store_index(CONSUMER_INDEX_OFFSET, self._tail)
         return decode_slot(raw, self._allowed)
 
 

@@ -147,3 +147,36 @@ def setup_queue_past_ram(d: VirtioDriver, index: int = 0) -> DriverQueue:
     """A used ring that starts in RAM and ends past it."""
     end = d.memory.regions[0].end
     return d.setup_queue(index, 16, used=end - 64)
+
+
+# Every hostile chain, named: each must end in DEVICE_NEEDS_RESET with nothing completed.
+CHAIN_CASES = [
+    ("loop2", publish_loop),
+    ("loop-full", lambda q: publish_loop(q, q.size)),
+    ("indirect-loop", publish_self_loop_indirect),
+    ("mmio-hole", lambda q: publish_buffer_at(q, MMIO_HOLE_ADDR)),
+    ("beyond-ram", lambda q: publish_buffer_at(q, 1 << 48)),
+    ("wrapping-addr", lambda q: publish_buffer_at(q, 0xFFFF_FFFF_FFFF_F000, 0xFFFF_FFFF)),
+    ("straddle-ram-end", publish_straddling_ram_end),
+    ("indirect-in-indirect", publish_indirect_in_indirect),
+    ("indirect-len-24", lambda q: publish_indirect_table(q, 24)),
+    ("indirect-len-0", lambda q: publish_indirect_table(q, 0)),
+    ("indirect-in-hole", lambda q: publish_indirect_table(q, 16, table_addr=MMIO_HOLE_ADDR)),
+    ("indirect-too-big", publish_oversized_indirect),
+    ("oversized-chain", publish_oversized_chain),
+    ("head-out", publish_head_out_of_table),
+    ("next-out", publish_next_out_of_table),
+    ("readable-after-writable", publish_readable_after_writable),
+    ("indirect-with-next", publish_indirect_with_next),
+    ("avail-idx-jump", jump_avail_idx),
+]
+
+# Queue misconfigurations, checked by the device when the driver sets DRIVER_OK.
+QUEUE_SETUP_CASES = [
+    ("not-pow2", setup_queue_not_power_of_two),
+    ("mmio-hole", setup_queue_in_mmio_hole),
+    ("misaligned", setup_queue_misaligned),
+    ("past-ram", setup_queue_past_ram),
+    ("above-max", lambda d: d.setup_queue(0, 512)),
+    ("zero", lambda d: d.setup_queue(0, 0)),
+]

@@ -14,30 +14,8 @@ from device_procs.virtio.blk import VIRTIO_BLK_S_IOERR
 
 pytestmark = pytest.mark.timeout(20)
 
-CHAIN_CASES = [
-    hostile.publish_loop,
-    lambda q: hostile.publish_loop(q, q.size),
-    hostile.publish_self_loop_indirect,
-    lambda q: hostile.publish_buffer_at(q, hostile.MMIO_HOLE_ADDR),
-    lambda q: hostile.publish_buffer_at(q, 1 << 48),
-    lambda q: hostile.publish_buffer_at(q, 0xFFFF_FFFF_FFFF_F000, 0xFFFF_FFFF),
-    hostile.publish_straddling_ram_end,
-    hostile.publish_indirect_in_indirect,
-    lambda q: hostile.publish_indirect_table(q, 24),
-    lambda q: hostile.publish_indirect_table(q, 0),
-    lambda q: hostile.publish_indirect_table(q, 16, table_addr=hostile.MMIO_HOLE_ADDR),
-    hostile.publish_oversized_indirect,
-    hostile.publish_oversized_chain,
-    hostile.publish_head_out_of_table,
-    hostile.publish_next_out_of_table,
-    hostile.publish_readable_after_writable,
-    hostile.publish_indirect_with_next,
-    lambda q: hostile.jump_avail_idx(q),
-]
-CASE_IDS = ["loop2", "loop-full", "indirect-loop", "mmio-hole", "beyond-ram", "wrapping-addr",
-            "straddle-ram-end", "indirect-in-indirect", "indirect-len-24", "indirect-len-0",
-            "indirect-in-hole", "indirect-too-big", "oversized-chain", "head-out", "next-out",
-            "readable-after-writable", "indirect-with-next", "avail-idx-jump"]
+CHAIN_CASES = [build for _, build in hostile.CHAIN_CASES]
+CASE_IDS = [name for name, _ in hostile.CHAIN_CASES]
 
 
 @pytest.mark.parametrize("build", CHAIN_CASES, ids=CASE_IDS)
@@ -88,10 +66,8 @@ def test_zero_length_chain_rng(rng):
     assert not rng.driver.needs_reset
 
 
-@pytest.mark.parametrize("setup", [hostile.setup_queue_not_power_of_two, hostile.setup_queue_in_mmio_hole,
-                                   hostile.setup_queue_misaligned, hostile.setup_queue_past_ram,
-                                   lambda d: d.setup_queue(0, 512), lambda d: d.setup_queue(0, 0)],
-                         ids=["not-pow2", "mmio-hole", "misaligned", "past-ram", "above-max", "zero"])
+@pytest.mark.parametrize("setup", [s for _, s in hostile.QUEUE_SETUP_CASES],
+                         ids=[n for n, _ in hostile.QUEUE_SETUP_CASES])
 def test_bad_queue_config_needs_reset_at_driver_ok(blk, setup):
     d = blk.driver
     d.negotiate()

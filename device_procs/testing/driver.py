@@ -34,11 +34,12 @@ class Arena:
     """A bump allocator over [base, base+size) of guest RAM that wraps around when full.
 
     Tests keep few requests in flight, so wrapping over old buffers is safe enough and keeps long
-    runs (benchmarks) from running out of space.
+    runs (benchmarks) from running out of space.  Wrapping goes back to `floor`, never over what
+    lies below it (the rings: `VirtioDriver.setup_queue` raises the floor past them).
     """
 
     def __init__(self, base: int, size: int) -> None:
-        self.base, self.size, self.pos = base, size, 0
+        self.base, self.size, self.pos, self.floor = base, size, 0, 0
 
     def alloc(self, length: int, align: int = 16) -> int:
         length = max(length, 1)
@@ -46,7 +47,9 @@ class Arena:
             raise DriverError(f"cannot allocate {length} bytes from a {self.size}-byte arena")
         self.pos = (self.pos + align - 1) // align * align
         if self.pos + length > self.size:
-            self.pos = 0
+            self.pos = (self.floor + align - 1) // align * align
+            if self.pos + length > self.size:
+                raise DriverError(f"cannot allocate {length} bytes above the rings")
         gpa = self.base + self.pos
         self.pos += length
         return gpa
@@ -124,6 +127,12 @@ class DriverQueue:
             gpa = arena.alloc(length)
             self.memory.write(gpa, bytes(length))
             buffers.append(Buffer(gpa, length, True))
+        return self.add_buffers(buffers, indirect=indirect, publish=publish)
+
+    def add_buffers(self, buffers: list[Buffer], *, indirect: bool = False, publish: bool = True) -> int:
+        """Chain buffers already placed in guest RAM (benchmarks reuse them, like a real driver's
+        preallocated request pool); the head."""
+        arena = self.driver.arena
         if not buffers:
             raise DriverError("a chain needs at least one buffer")
         if indirect:
@@ -246,6 +255,7 @@ class VirtioDriver:
     # -- initialisation (§3.1.1) ----------------------------------------------------------------
     def reset(self) -> None:
         self.write_reg(regs.STATUS, 0)
+        self.arena.floor = self.arena.pos = 0
         self.queues.clear()
         self.negotiated = 0
 
@@ -277,6 +287,7 @@ class VirtioDriver:
         desc = self.arena.alloc(DESC_SIZE * n, 4096) if desc is None else desc
         avail = self.arena.alloc(6 + 2 * n, 2) if avail is None else avail
         used = self.arena.alloc(6 + USED_ELEM_SIZE * n, 4096) if used is None else used
+        self.arena.floor = self.arena.pos  # buffers may wrap, the rings stay
         for gpa, length in ((desc, DESC_SIZE * n), (avail, 6 + 2 * n), (used, 6 + USED_ELEM_SIZE * n)):
             if self.memory.check(gpa, length):
                 self.memory.write(gpa, bytes(length))

@@ -53,6 +53,7 @@ class ProcessHarness:
                 os.close(disk_fd)
         self.proxy: ProxyDevice = self.proc.make_proxy(timeout=timeout, on_failure=self.failures.append)
         self.driver = VirtioDriver(self.proxy.read, self.proxy.write, self.memory,
+                                   ram_size=(ram_mib - 1) << 20,
                                    kick=lambda index: os.eventfd_write(self.kicks[index], 1))
 
     def wait_interrupt(self, timeout: float = 2.0) -> bool:

@@ -9,7 +9,8 @@ Its life, in order:
 3. connect the ZeroMQ control channel, send `Hello`, wait for `Configure` — its arrival also
    proves the connection is up, so no reconnect is ever needed from inside the jail;
 4. map guest memory, build the device (opening its files), close every fd it no longer needs;
-5. **enter the jail** (the marked call site below) — before touching any guest-controlled data;
+5. **enter the jail** (the marked call site below) — before touching any guest-controlled data
+   (only when started through the jail launcher, i.e. `$BULKHEAD_JAIL` is set);
 6. send `Ack` and serve: request-ring doorbell, kick eventfds and control socket in one poll.
 
 The serve loop is single-threaded and plain receive -> match -> reply (crosvm's child loop).
@@ -27,6 +28,10 @@ from typing import Any, Callable
 
 import zmq
 
+# Imported now, not on first use: once jailed, open(2) (and so any import) kills the process.
+from device_procs.jail import probe as jail_probe
+from device_procs.jail.errors import JailError
+from device_procs.jail.sandbox import ENV_VAR as JAIL_ENV, enter_jail
 from ipc_protocol import messages as msg
 from ipc_protocol.errors import ProtocolError, RemoteProtocolError
 from ipc_protocol.ring import SLOT_SIZE, Op, Slot
@@ -39,6 +44,13 @@ log = logging.getLogger("device_procs.host")
 
 BOOTSTRAP_TIMEOUT = 10.0   # seconds to receive fds / Configure before giving up
 EXIT_OK, EXIT_ERROR, EXIT_BOOTSTRAP = 0, 1, 2
+E_JAIL = "jail-error"  # ErrorReport code: the jail could not be entered (the core reports the text)
+
+# Fault("syscall", {"name": ...}): the forbidden calls a test can make the device attempt, mapped
+# onto the jail probe's table (one implementation of each attempt for probe and device).
+SYSCALL_FAULTS = {"open_passwd": "open_passwd", "socket": "socket", "execve": "execve",
+                  "ptrace": "ptrace", "mount": "mount", "kill_core": "kill_parent",
+                  "mmap_exec": "mmap_exec", "ioctl_kvm": "ioctl_kvm"}
 
 # A factory builds the BusDevice the ring feeds: (spec, memory, notify) -> object with
 # read/write and, optionally, queue_notify(i), stats(), reset(), restore(state), kick_all().
@@ -92,11 +104,37 @@ def arm_parent_death(parent_pid: int) -> None:
 
     The signal fires when the *thread* that forked us exits, so the core must spawn devices from
     a long-lived thread.  If the core died before this call, getppid() already differs: exit.
+    Jailed, our parent is the launcher (which died with the core or checks it) and getppid() is 0
+    (pid 1 of our own PID namespace): the launcher already armed PDEATHSIG before our exec.
     """
     import prctl
     prctl.set_pdeathsig(signal.SIGKILL)
-    if os.getppid() != parent_pid:
+    if not jailed() and os.getppid() != parent_pid:
         os._exit(EXIT_BOOTSTRAP)
+
+
+def jailed() -> bool:
+    """Started through the jail launcher (which passes the jail's configuration in the env)."""
+    return bool(os.environ.get(JAIL_ENV))
+
+
+def host_pid() -> int:
+    """Our pid as the core sees it.  Jailed we are pid 1 of our PID namespace, but /proc is still
+    the host's until the jail's pivot_root, and its `self` link names us in the host's namespace."""
+    if jailed():
+        try:
+            return int(os.readlink("/proc/self"))
+        except (OSError, ValueError):
+            pass
+    return os.getpid()
+
+
+class _FaultTarget:
+    """What the jail probe's attempts expect of their subject (`p.args.parent_pid`, `p.call`)."""
+
+    def __init__(self, parent_pid: int, fd: int) -> None:
+        self.args = argparse.Namespace(parent_pid=parent_pid)
+        self.call = fd
 
 
 class DeviceHost:
@@ -292,12 +330,29 @@ class DeviceHost:
             self._garbage_next = True
         elif m.kind == "garbage_control":
             self.control.socket.send(b"\x81\xa4type\xa7Garbage")
+        elif m.kind == "syscall":
+            self._forbidden_call(str(m.args.get("name", "")))
+
+    def _forbidden_call(self, name: str) -> None:
+        """Attempt a call the jail forbids.  In seccomp kill/trap mode we die here (the core sees
+        SIGSYS, or the syscall's name in trap mode); if we survive (log/off mode, or an unjailed
+        device), an ErrorReport says what happened."""
+        if name not in SYSCALL_FAULTS:
+            self.control.send(msg.ErrorReport(msg.E_PROTOCOL, f"unknown syscall fault {name!r}"))
+            return
+        target = _FaultTarget(self.args.parent_pid, self.irqfd)
+        try:
+            result = jail_probe.VIOLATIONS[SYSCALL_FAULTS[name]](target)  # type: ignore[arg-type]
+            outcome = f"returned {result!r}"
+        except OSError as err:
+            outcome = f"failed: {err}"
+        self.control.send(msg.ErrorReport(msg.E_DEVICE, f"syscall {name}: survived, {outcome}"[:1000]))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format=f"%(asctime)s dev:{args.name}[%(process)d] %(levelname)s %(message)s")
+                        format=f"%(asctime)s dev:{args.name}[{host_pid()}] %(levelname)s %(message)s")
     set_process_title(args.name)
     arm_parent_death(args.parent_pid)
     import socket
@@ -310,10 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bootstrap.close()
 
-    control = ControlClient(args.control, args.identity.encode())
+    context = zmq.Context()
+    # Never reconnect: a reconnect needs socket(2)/connect(2), which the jail forbids.  The
+    # Configure below proves the one connection we need is up before the jail is entered.
+    context.setsockopt(zmq.RECONNECT_IVL, -1)
+    control = ControlClient(args.control, args.identity.encode(), context=context)
     try:
         control.send(msg.Hello(msg.PROTOCOL_MAJOR, msg.PROTOCOL_MINOR, args.name,
-                               args.device_type, os.getpid()))
+                               args.device_type, host_pid()))
         config = control.recv(BOOTSTRAP_TIMEOUT)
         if not isinstance(config, msg.Configure):
             raise RemoteProtocolError(f"expected Configure, got {config.TAG}")
@@ -325,10 +384,20 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_ERROR
 
         # ---- JAIL ENTRY POINT -------------------------------------------------------------------
-        # Everything is imported, every fd we keep is open, the control connection is proven up.
-        # Nothing guest-controlled has been read yet.  `device_procs.jail.enter_jail(...)`
-        # (namespaces, pivot_root, caps, no_new_privs, seccomp) is to be called exactly here.
-        # Note for the policy: libzmq runs I/O threads, so seccomp needs SECCOMP_FILTER_FLAG_TSYNC.
+        # Everything is imported, every fd we keep is open (the disk was reopened through
+        # /proc/self/fd above, while /proc still existed), the control connection is proven up.
+        # Nothing guest-controlled has been read yet.  enter_jail: tmpfs root + pivot_root,
+        # capabilities dropped, rlimits, no_new_privs, seccomp on every thread (TSYNC: libzmq's
+        # I/O threads too).  One phase: libzmq's threads predate the capability drop and keep the
+        # launcher's four capabilities, valid only in our own user namespace and unusable through
+        # the policy (see device_procs/jail/sandbox.py).
+        if jailed():
+            try:
+                enter_jail()
+            except JailError as err:
+                log.error("%s", err)
+                control.send(msg.ErrorReport(E_JAIL, str(err)[:1000]), timeout=0.5)
+                return EXIT_ERROR
         # -----------------------------------------------------------------------------------------
 
         control.send(msg.Ack(config.request_id))

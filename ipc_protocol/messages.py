@@ -271,7 +271,9 @@ class ErrorReport(Message):
     text: Annotated[str, Text(1000)]
 
 
-FAULT_KINDS = frozenset({"crash", "hang", "exit", "stall_ms", "garbage_response", "garbage_control"})
+# "syscall": the device attempts a call its jail forbids ({"name": ...}, see device_procs.host).
+FAULT_KINDS = frozenset({"crash", "hang", "exit", "stall_ms", "garbage_response", "garbage_control",
+                         "syscall"})
 
 
 @_message

@@ -81,8 +81,17 @@ def blk_pattern(sectors: int, seed: int) -> bytes:
     return b"".join(blk_pattern_sector(s, seed) for s in range(sectors))
 
 
+def _ppid(pid: int | str) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
 def device_pids(core_pid: int) -> dict[str, int]:
-    """{device name: pid} of the device processes whose parent is `core_pid`."""
+    """{device name: pid} of the device processes of the core `core_pid`.
+
+    A jailed device's parent is its jail launcher, whose parent is the core (an unjailed one's
+    is the core itself); both are recognised.
+    """
     out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -90,12 +99,15 @@ def device_pids(core_pid: int) -> dict[str, int]:
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
+            if not (argv and argv[0].startswith(b"bulkhead-dev:")):
+                continue
+            ppid = _ppid(entry)
+            if ppid != core_pid and (ppid <= 1 or _ppid(ppid) != core_pid):
+                continue
+        except (OSError, ValueError, IndexError):
             continue
-        if argv and argv[0].startswith(b"bulkhead-dev:") and ppid == core_pid:
-            out[argv[0].split(b":", 1)[1].decode()] = int(entry)
+        # The title may be padded with spaces (prctl's set_proctitle overwrites argv in place).
+        out[argv[0].split(b":", 1)[1].decode().strip()] = int(entry)
     return out
 
 

@@ -9,10 +9,14 @@ unobserved -- records `(syscall, args)` for every notification and lets the call
 (SECCOMP_USER_NOTIF_FLAG_CONTINUE).  The result is printed as TOML with `why = ""` left for a person
 to fill in (the loader refuses empty reasons, so nothing learned is trusted unread).
 
-    python -m device_procs.jail.learn --device blk                 # the probe's blk workload
-    python -m device_procs.jail.learn --device rng --only-new -- python -m device_procs.host ...
+    python -m device_procs.jail.learn --device blk          # the real blk device, real workload
+    python -m device_procs.jail.learn --device blk --probe  # the probe's stand-in workload
+    python -m device_procs.jail.learn --device rng --only-new -- python -m some.command ...
 
-`bulkhead jail learn --device blk` is meant to call `learn_main(["--device", "blk", ...])`.
+By default the device is the real one (`device_procs.host`, started by the core's own
+`spawn_device`) and the workload is the host-side `VirtioDriver` playing the guest through every
+request type (`workload.run_workload`).  `bulkhead jail learn --device blk` calls
+`learn_main(["--device", "blk", ...])`.
 """
 
 from __future__ import annotations
@@ -197,6 +201,46 @@ def learn(device: str, argv: Sequence[str] | None = None, *, rounds: int = 3,
     return learner.stop()
 
 
+def learn_device(device: str, *, rounds: int = 3, timeout: float = 30.0,
+                 policy: str | None = None) -> Observed:
+    """The real `device` process, jailed in learn mode, under `workload.run_workload`.
+
+    The learner must be attached while the handshake runs: the device's first syscall after
+    `enter_jail` (sending its Ack) waits for a supervisor to answer it.
+    """
+    from device_procs.jail.workload import device_harness, run_workload
+
+    learners: list[Learner] = []
+    errors: list[BaseException] = []
+
+    def attach(proc: object) -> None:
+        learner = Learner(proc.popen.jailed)  # type: ignore[attr-defined]
+        learners.append(learner)
+
+        def start() -> None:
+            try:
+                learner.start(timeout)
+            except BaseException as err:  # noqa: BLE001 - reported by the caller's thread
+                errors.append(err)
+        threading.Thread(target=start, name="jail-learn-attach", daemon=True).start()
+
+    jail = {"seccomp": "learn", **({"policy": policy} if policy else {})}
+    try:
+        with device_harness(device, jail=jail, on_spawn=attach) as harness:
+            checks = run_workload(harness, rounds)
+            if not all(checks.values()):
+                raise JailError(f"learn: the {device} workload failed under learn mode: {checks}")
+    except JailError:
+        raise
+    except Exception as err:  # a start error of the device: name the learner's problem if any
+        if errors:
+            raise JailError(f"learn: {errors[0]}") from None
+        raise JailError(f"learn: the {device} device did not run: {err}") from None
+    if errors:
+        raise JailError(f"learn: {errors[0]}")
+    return learners[-1].stop(timeout) if learners else {}
+
+
 def learn_main(argv: Sequence[str] | None = None) -> int:
     """`bulkhead jail learn --device blk [--only-new] [-- COMMAND...]`: print a TOML fragment."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -208,14 +252,20 @@ def learn_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", required=True, help="blk | rng | console (its policy file)")
     ap.add_argument("--only-new", action="store_true", help="omit what the policy already allows")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--probe", action="store_true",
+                    help="learn the stand-in probe's workload instead of the real device's")
     ns = ap.parse_args(args)
     try:
-        observed = learn(ns.device, command, rounds=ns.rounds)
+        if command or ns.probe:
+            observed = learn(ns.device, command, rounds=ns.rounds)
+        else:
+            observed = learn_device(ns.device, rounds=ns.rounds)
     except JailError as err:
         print(f"bulkhead jail learn: {err}", file=sys.stderr)
         return 2
     skip = set(load_policy(ns.device).rules) if ns.only_new else set()
-    print(f"# learned for device {ns.device!r}: fill in every `why` before using it")
+    source = "the probe" if (command or ns.probe) else "the real device under the driver workload"
+    print(f"# learned for device {ns.device!r} from {source}: fill in every `why` before using it")
     print(to_toml(observed, skip=skip))
     return 0
 

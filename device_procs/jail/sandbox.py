@@ -238,7 +238,8 @@ class JailedProcess:
 
 
 def spawn(spec: JailSpec, argv: Sequence[str], *, pass_fds: Sequence[int] = (),
-          env: dict[str, str] | None = None, timeout: float = 10.0) -> JailedProcess:
+          env: dict[str, str] | None = None, timeout: float = 10.0, cwd: str | None = None,
+          stdin: int | None = None) -> JailedProcess:
     """Start `argv` jailed per `spec`; returns once the device process exists (before its exec).
 
     Safe from a multi-threaded core (plain fork+exec of the launcher, no preexec_fn).  The launcher's
@@ -249,7 +250,8 @@ def spawn(spec: JailSpec, argv: Sequence[str], *, pass_fds: Sequence[int] = (),
         cmd = launcher_argv(spec, argv, status_w, pass_fds)
         env = dict(os.environ if env is None else env)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-        launcher = subprocess.Popen(cmd, pass_fds=(status_w, *spec.keep_fds, *pass_fds), env=env)
+        launcher = subprocess.Popen(cmd, pass_fds=(status_w, *spec.keep_fds, *pass_fds), env=env,
+                                    cwd=cwd, stdin=stdin)
     except BaseException:
         os.close(status_r)
         raise

@@ -21,6 +21,13 @@ fd-passing protocol (what `device_procs.host` expects):
 
 Passing fds by SCM_RIGHTS rather than inheritance keeps argv free of fd numbers, lets the child
 receive them after it has set PDEATHSIG, and is the same path a restarted child will use.
+
+Jail (the default, `jail=True`): the child is started through `device_procs.jail.launch` (user,
+mount, PID, net, IPC and UTS namespaces; root-in-namespace = the VM's unprivileged uid/gid) and
+calls `enter_jail` once configured (see `device_procs.host`).  The process tree is then
+core -> launcher -> device; `DeviceProcess.pid` is the device's host pid, `popen` stands for the
+launcher but reports the *device's* exit the Popen way (-signal or code), and `seccomp_report`
+names a trapped syscall.  `jail=False` keeps the plain child for debugging and comparisons.
 """
 
 from __future__ import annotations
@@ -33,8 +40,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
+from device_procs.jail.errors import JailError
+from device_procs.jail.options import JailOptions, JailOrOptions, jailed_popen
 from ipc_protocol import messages as msg
 from ipc_protocol.errors import ProtocolError, TransportTimeout
 from ipc_protocol.transport import fds as fdpass
@@ -65,22 +74,44 @@ class DeviceFds:
     extra: dict[str, int] = field(default_factory=dict)  # e.g. {"disk": fd}
 
 
-class DeviceProcess:
-    """A running device process: its Popen, pidfd, rings and control identity."""
+class PopenLike(Protocol):
+    """What callers use of a child: `subprocess.Popen`, or the jail's `LauncherPopen`."""
 
-    def __init__(self, name: str, device_type: str, identity: bytes, popen: subprocess.Popen,
-                 rings: ShmRings, ring_capacity: int) -> None:
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+class DeviceProcess:
+    """A running device process: its Popen(-like), pidfd, rings and control identity."""
+
+    def __init__(self, name: str, device_type: str, identity: bytes, popen: PopenLike,
+                 rings: ShmRings, ring_capacity: int, device_pid: int | None = None) -> None:
         self.name = name
         self.device_type = device_type
         self.identity = identity
         self.popen = popen
-        self.pid = popen.pid
+        self.pid = device_pid if device_pid is not None else popen.pid
         # A pidfd names this exact process (no pid reuse race); it turns readable when it exits.
+        # Jailed, it is the launcher's: it exits just after the device, once the device's exit
+        # status (and any seccomp report) is on the status pipe, so a watcher woken by it can
+        # read a complete `popen.poll()`.  Kills go to the device itself (`_kill_pidfd`).
         self.pidfd = os.pidfd_open(popen.pid)
+        self._kill_pidfd = os.pidfd_open(self.pid) if self.pid != popen.pid else -1
+        self.jailed = self.pid != popen.pid
         self.rings = rings
         self.ring_capacity = ring_capacity
         self.hello: msg.Hello | None = None
         self._request_id = 0
+
+    @property
+    def seccomp_report(self) -> str | None:
+        """`socket(2)` once a device killed in trap mode has been waited for; for a kill-mode
+        SIGSYS, a hint that trap mode names the call; else None."""
+        report = getattr(self.popen, "seccomp_report", None)
+        return report() if callable(report) else None
 
     def next_request_id(self) -> int:
         self._request_id = (self._request_id + 1) & 0xFFFF_FFFF
@@ -108,8 +139,7 @@ class DeviceProcess:
         # Short polls so a child that dies during start-up is reported at once, with its status.
         while True:
             if self.popen.poll() is not None:
-                raise DeviceStartError(f"device {self.name} exited with status "
-                                       f"{self.popen.returncode} before sending {what}")
+                self._raise_exited(control, what)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeviceStartError(f"device {self.name} sent no {what} in time")
@@ -123,6 +153,19 @@ class DeviceProcess:
                 raise DeviceStartError(f"device {self.name} refused to start: "
                                        f"{reply.code}: {reply.text}")
             return reply
+
+    def _raise_exited(self, control: ControlServer, what: str) -> None:
+        """The child is gone: its last word (an ErrorReport sent just before exiting, e.g. a jail
+        error) beats our guess; else the launcher's account of the exit (jail set-up errors)."""
+        try:
+            _, last = control.recv(0.05, peer=self.identity)
+        except (TransportTimeout, ProtocolError):
+            last = None
+        if isinstance(last, msg.ErrorReport):
+            raise DeviceStartError(f"device {self.name} refused to start: {last.code}: {last.text}")
+        describe = getattr(self.popen, "describe", None)
+        how = describe() if describe else f"exited with status {self.popen.returncode}"
+        raise DeviceStartError(f"device {self.name} {how} before sending {what}")
 
     def make_proxy(self, *, timeout: float = DEFAULT_TIMEOUT, spin_us: int = DEFAULT_SPIN_US,
                    on_failure: Callable[[str], None] | None = None) -> ProxyDevice:
@@ -144,26 +187,45 @@ class DeviceProcess:
             return self.popen.wait()
 
     def kill(self) -> None:
+        """SIGKILL the device (jailed: the device itself, pid 1 of its namespace, which ignores
+        SIGTERM; its launcher then reports the signal and exits)."""
         if self.popen.poll() is None:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            try:
+                signal.pidfd_send_signal(self._kill_pidfd if self.jailed else self.pidfd,
+                                         signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def close(self) -> None:
         """Release the core's handles (call after the process is gone)."""
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
+        for attr in ("pidfd", "_kill_pidfd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)
+        closer = getattr(self.popen, "close", None)
+        if closer is not None:
+            closer()
         self.rings.close()
 
 
 def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: DeviceFds,
                  ring_capacity: int = DEFAULT_CAPACITY, generation: int = 1,
                  factory: str | None = None, allow_faults: bool = False,
-                 log_level: str = "WARNING") -> DeviceProcess:
+                 log_level: str = "WARNING", jail: JailOrOptions = True) -> DeviceProcess:
     """Start the child and send it its fds; the handshake is `DeviceProcess.handshake`.
+
+    `jail`: True (default: the device type's policy, seccomp `kill`, the per-VM uid/gid), False
+    (a plain child, for debugging), or a `JailOptions` / dict of its fields, e.g.
+    `{"seccomp": "trap", "uid": 300000, "gid": 300000}`.
 
     Call from a long-lived thread: PR_SET_PDEATHSIG in the child fires when the *spawning thread*
     exits, not only the core process.
     """
+    try:
+        options = JailOptions.coerce(jail)
+    except JailError as err:
+        raise DeviceStartError(f"device {name}: {err}") from None
     identity = f"{name}.{generation}".encode()
     rings = ShmRings.create(ring_capacity, name=f"bulkhead-ring-{name}")
     parent_sock, child_sock = fdpass.socketpair()
@@ -177,9 +239,19 @@ def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: Dev
         argv.append("--allow-faults")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
+    device_pid: int | None = None
+    popen: PopenLike
     try:
-        popen = subprocess.Popen(argv, pass_fds=[child_sock.fileno()], close_fds=True,
-                                 stdin=subprocess.DEVNULL, env=env, cwd=_REPO_ROOT)
+        if options is None:
+            popen = subprocess.Popen(argv, pass_fds=[child_sock.fileno()], close_fds=True,
+                                     stdin=subprocess.DEVNULL, env=env, cwd=_REPO_ROOT)
+        else:
+            popen = jailed_popen(options, name, device_type, argv, child_sock.fileno(),
+                                 disk_fd=fds.extra.get("disk"), env=env, cwd=_REPO_ROOT)
+            device_pid = popen.device_pid
+    except JailError as err:  # e.g. no user namespaces, or a policy file with an error
+        rings.close()
+        raise DeviceStartError(f"device {name}: {err}") from None
     except BaseException:
         rings.close()
         raise
@@ -197,17 +269,24 @@ def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: Dev
         raise
     finally:
         parent_sock.close()
-    log.info("spawned device %s (%s) as pid %d", name, device_type, popen.pid)
-    return DeviceProcess(name, device_type, identity, popen, rings, ring_capacity)
+    proc = DeviceProcess(name, device_type, identity, popen, rings, ring_capacity, device_pid)
+    log.info("spawned device %s (%s) as pid %d%s", name, device_type, proc.pid,
+             " (jailed)" if proc.jailed else "")
+    return proc
 
 
 def start_device(control: ControlServer, name: str, spec: dict[str, Any], memory: GuestMemory,
                  fds: DeviceFds, *, device_type: str | None = None, spin_us: int = 0,
+                 on_spawn: Callable[[DeviceProcess], None] | None = None,
                  **spawn_kwargs: Any) -> DeviceProcess:
-    """Spawn + handshake; on failure the child is killed and its resources released."""
+    """Spawn + handshake; on failure the child is killed and its resources released.
+
+    `on_spawn(proc)` runs between the two (`jail learn` attaches its syscall supervisor there)."""
     proc = spawn_device(name, device_type or spec["type"], control_endpoint=control.endpoint,
                         fds=fds, **spawn_kwargs)
     try:
+        if on_spawn is not None:
+            on_spawn(proc)
         proc.handshake(control, spec, memory, spin_us=spin_us)
     except BaseException:
         proc.kill()

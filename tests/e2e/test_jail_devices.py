@@ -1,0 +1,232 @@
+"""The real device processes, jailed by default: what the host sees of them, and what they cannot do.
+
+Two levels: the real `bulkhead run` with blk, rng and console (every device process inspected
+through /proc while the guest holds), and single device processes started with the core's own
+`start_device` (no VM) that are told to attempt a forbidden call through the `syscall` fault.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from device_procs.jail.learn import learn_device, to_toml
+from device_procs.jail.options import VM_ID_BASE, JailOptions
+from device_procs.jail.workload import device_harness, run_workload
+from ipc_protocol import messages as m
+from ipc_protocol.errors import TransportTimeout
+from ipc_protocol.transport.shm_ring import make_eventfd
+from ipc_protocol.transport.zmq_channel import ControlServer, make_runtime_dir
+from vmm_core.devices.spawn import DeviceFds, DeviceProcess, DeviceStartError, start_device
+from vmm_core.memory import GuestMemory
+from vmm_core.testing import TEST_GUEST, BackgroundVm, device_pids
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+
+VIRTIO_TESTS = "virtio-blk,virtio-rng,virtio-console"
+# Fault name -> the syscall a trap-mode report must name.
+FORBIDDEN = {"open_passwd": "openat", "socket": "socket", "execve": "execve", "ptrace": "ptrace",
+             "mount": "mount", "kill_core": "kill", "mmap_exec": "mmap", "ioctl_kvm": "ioctl"}
+NAMESPACES = ("user", "mnt", "pid", "net", "ipc", "uts")
+
+
+def proc_status(pid: int | str) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(ln.split(":\t", 1) for ln in f.read().splitlines() if ":\t" in ln)
+
+
+def assert_jailed(pid: int, core_pid: int) -> None:
+    """Seccomp filter, no_new_privs, no capability in any thread, own namespaces, empty root."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        st = proc_status(f"{pid}/task/{tid}")
+        assert st["Seccomp"].strip() == "2", (tid, st["Seccomp"])
+        assert st["NoNewPrivs"].strip() == "1", tid
+    st = proc_status(pid)
+    for cap in ("CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"):
+        assert int(st[cap], 16) == 0, (cap, st[cap])  # the main thread serves guest data
+    uids = {int(u) for u in st["Uid"].split()}
+    assert len(uids) == 1 and uids.pop() >= VM_ID_BASE, st["Uid"]
+    for ns in NAMESPACES:
+        assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/{core_pid}/ns/{ns}"), ns
+    root = os.listdir(f"/proc/{pid}/root")
+    assert root == ["dev"], root  # a tmpfs with /dev/null: no /etc, /proc, /home, no images
+    assert os.listdir(f"/proc/{pid}/root/dev") == ["null"]
+
+
+@pytest.mark.kvm
+def test_bulkhead_run_jails_every_device_and_the_guest_passes(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * (1 << 20))
+    console = tmp_path / "console.txt"
+    vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", str(disk), "--rng", "--console",
+                      str(console), "--hold", "--cmdline", f"gk.tests={VIRTIO_TESTS}")
+    try:
+        deadline = time.monotonic() + 120
+        while not any(ln.startswith("GK done") for ln in vm.stdout):
+            assert vm.proc.poll() is None and time.monotonic() < deadline, vm.explain()
+            time.sleep(0.1)
+        results, done = vm.results()
+        assert done == (3, 3), vm.explain()
+        pids = device_pids(vm.pid)
+        assert set(pids) == {"blk0", "rng0", "console0"}, pids
+        for name, pid in pids.items():
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert f.read().startswith(f"bulkhead-dev:{name}".encode())
+            assert_jailed(pid, vm.pid)
+        uids = {proc_status(pid)["Uid"].split()[0] for pid in pids.values()}
+        assert len(uids) == 1, uids  # one uid per VM
+        assert console.read_text() == "hello from guest_kit console\n"
+        vm.proc.send_signal(signal.SIGTERM)
+        assert vm.wait(30) == 143, vm.explain()
+    finally:
+        vm.kill()
+
+
+class Devices:
+    """A control server and guest memory; starts real device processes as the core does."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.rundir = make_runtime_dir("jail")
+        self.control = ControlServer(self.rundir)
+        self.memory = GuestMemory.create(16 << 20)
+        self.eventfds: list[int] = []
+        self.procs: list[DeviceProcess] = []
+
+    def start(self, name: str = "blk0", mode: str = "kill", **jail: Any) -> DeviceProcess:
+        kind = name.rstrip("0123456789")
+        spec: dict[str, Any] = {"type": kind}
+        extra: dict[str, int] = {}
+        if kind == "blk":
+            image = self.tmp_path / f"{name}.img"
+            image.write_bytes(b"\0" * 65536)
+            spec["path"] = str(image)
+            extra["disk"] = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+        elif kind == "console":
+            spec["path"] = str(self.tmp_path / f"{name}.txt")
+        irqfd, kicks = make_eventfd(), [make_eventfd() for _ in range(2 if kind == "console" else 1)]
+        self.eventfds += [irqfd, *kicks]
+        try:
+            proc = start_device(self.control, name, spec, self.memory,
+                                DeviceFds(self.memory.fd, irqfd, kicks, extra), allow_faults=True,
+                                jail={"seccomp": mode, **jail})
+        finally:
+            for fd in extra.values():
+                os.close(fd)
+        self.procs.append(proc)
+        return proc
+
+    def ask(self, proc: DeviceProcess, message: m.Message, timeout: float = 2.0) -> m.Message | None:
+        self.control.send(proc.identity, message)
+        try:
+            return self.control.recv(timeout, peer=proc.identity)[1]
+        except TransportTimeout:
+            return None
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.shutdown(self.control, timeout=1.0)
+            proc.close()
+        self.control.close()
+        self.memory.close()
+        for fd in self.eventfds:
+            os.close(fd)
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+@pytest.fixture
+def devices(tmp_path: Path) -> Iterator[Devices]:
+    d = Devices(tmp_path)
+    yield d
+    d.close()
+
+
+@pytest.mark.parametrize("what", sorted(FORBIDDEN))
+def test_forbidden_call_kills_only_that_device(devices: Devices, what: str) -> None:
+    victim = devices.start("blk0")
+    bystander = devices.start("rng0")
+    assert_jailed(victim.pid, os.getpid())
+    devices.control.send(victim.identity, m.Fault("syscall", {"name": what}))
+    assert victim.popen.wait(10) == -signal.SIGSYS, victim.popen.describe()
+    assert "SIGSYS" in (victim.seccomp_report or "")
+    assert devices.ask(bystander, m.Heartbeat(5)) == m.HeartbeatAck(5)  # the other device lives
+
+
+@pytest.mark.parametrize("what", sorted(FORBIDDEN))
+def test_trap_mode_names_the_forbidden_syscall(devices: Devices, what: str) -> None:
+    proc = devices.start("blk0", mode="trap")
+    devices.control.send(proc.identity, m.Fault("syscall", {"name": what}))
+    assert proc.popen.wait(10) == -signal.SIGSYS, proc.popen.describe()
+    # What the supervisor logs: "device blk0 stopped: seccomp violation: socket(2)".
+    assert proc.seccomp_report == f"{FORBIDDEN[what]}(2)"
+
+
+@pytest.mark.parametrize("what, denied", [("open_passwd", "No such file"),  # no host filesystem
+                                          ("kill_core", "No such process"),  # core not in our pid ns
+                                          ("mount", "Operation not permitted"),  # no capability
+                                          ("execve", "No such file")])  # nothing to execute
+def test_log_mode_the_other_walls_still_stand(devices: Devices, what: str, denied: str) -> None:
+    proc = devices.start("rng0", mode="log")
+    reply = devices.ask(proc, m.Fault("syscall", {"name": what}))
+    assert isinstance(reply, m.ErrorReport) and "survived" in reply.text, reply
+    assert denied in reply.text or what == "mount" and "-1" in reply.text, reply.text
+    assert devices.ask(proc, m.Heartbeat(1)) == m.HeartbeatAck(1)
+
+
+def test_jail_error_is_a_one_line_start_error(devices: Devices) -> None:
+    # Raising RLIMIT_NOFILE above the hard limit needs a capability the device no longer has.
+    with pytest.raises(DeviceStartError) as info:
+        devices.start("rng0", nofile=1 << 30)
+    text = str(info.value)
+    assert "jail-error" in text and "setrlimit" in text and "\n" not in text, text
+
+
+def test_bad_jail_option_is_a_start_error(devices: Devices) -> None:
+    with pytest.raises(DeviceStartError, match="seccomp mode 'strict'"):
+        devices.start("rng0", mode="strict")
+    with pytest.raises(DeviceStartError, match="unknown jail option"):
+        devices.start("rng0", colour="red")
+
+
+def test_unjailed_path_stays_available(devices: Devices) -> None:
+    proc = start_device(devices.control, "rng0", {"type": "rng"}, devices.memory,
+                        DeviceFds(devices.memory.fd, make_eventfd(), [make_eventfd()]), jail=False)
+    devices.procs.append(proc)
+    assert not proc.jailed and proc.popen.pid == proc.pid
+    assert proc_status(proc.pid)["Seccomp"].strip() == "0"
+
+
+def test_blk_file_size_limit_is_the_image_size(devices: Devices) -> None:
+    proc = devices.start("blk0")
+    with open(f"/proc/{proc.pid}/limits") as f:
+        line = next(ln for ln in f if ln.startswith("Max file size"))
+    assert line.split()[3] == "65536", line
+    assert JailOptions().spec_for("rng0", "rng").rlimits.fsize is None
+
+
+@pytest.mark.parametrize("device", ["blk", "rng", "console"])
+def test_real_workload_passes_jailed_in_kill_mode(device: str) -> None:
+    with device_harness(device, jail=True) as h:
+        assert h.proc.jailed
+        checks = run_workload(h)
+        assert all(checks.values()), checks
+    assert h.proc.popen.returncode == 0, h.proc.popen.describe()
+
+
+@pytest.mark.parametrize("device", ["blk", "rng"])
+def test_learned_policy_lets_the_device_pass_the_workload(device: str, tmp_path: Path) -> None:
+    observed = learn_device(device, rounds=2)
+    assert {"sendto", "recvfrom"} <= set(observed), sorted(observed)
+    assert {"blk": "pwritev2", "rng": "getrandom"}[device] in observed
+    learned = tmp_path / f"{device}-learned.toml"
+    learned.write_text('[policy]\ndefault_action = "kill_process"\n'
+                       + to_toml(observed).replace('why = ""', 'why = "learned"'))
+    with device_harness(device, jail={"policy": str(learned)}) as h:
+        checks = run_workload(h)
+        assert all(checks.values()), (checks, h.proc.popen.poll(), h.proc.seccomp_report)

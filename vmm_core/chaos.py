@@ -2,8 +2,10 @@
 check every write on the host.
 
 The guest writes checksummed sectors round after round and reads each round back; the tool
-SIGKILLs the chosen device process every `interval` (the supervisor restarts it), and after the
-VM exits compares the image with the last round's pattern.  Exit status 0 only if the guest saw
+has the core SIGKILL the chosen device process every `interval` (`bulkhead fault VM DEV kill`
+through the VM's control endpoint: the core knows its device processes, wherever their PID
+namespace puts them; the supervisor restarts them), and after the VM exits compares the image
+with the last round's pattern.  Exit status 0 only if the guest saw
 no error and no sector was lost or corrupted.
 """
 
@@ -12,13 +14,15 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
 import statistics
 import sys
 import tempfile
 import time
 
-from .testing import SECTOR, TEST_GUEST, BackgroundVm, blk_pattern_sector, device_pids
+from . import control_protocol as cp
+from .cli_control import wait_for_vm
+from .control import ControlError, request
+from .testing import SECTOR, TEST_GUEST, BackgroundVm, blk_pattern_sector
 
 _RESTARTED = re.compile(r"device (\S+) restarted as pid \d+ in ([0-9.]+) ms")
 
@@ -36,28 +40,30 @@ def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", see
         disk = os.path.join(tmp, "disk.img")
         with open(disk, "wb") as f:
             f.truncate(max(1 << 20, sectors * SECTOR))
-        vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", disk, "--rng", "--cmdline",
+        name = f"chaos{os.getpid()}"
+        vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", disk, "--rng", "--name", name,
+                          "--allow-faults", "--cmdline",
                           f"gk.tests=blk-workload gk.blk_sectors={sectors} gk.blk_rounds={rounds} "
                           f"gk.blk_seed={seed}")
         injected = 0
         try:
-            deadline = time.monotonic() + 30
-            while device not in device_pids(vm.pid):
-                if vm.proc.poll() is not None or time.monotonic() > deadline:
-                    print(f"chaos: device {device} never started", file=sys.stderr)
-                    return 2
-                time.sleep(0.01)
+            try:
+                wait_for_vm(name)
+                devices = [d["name"] for d in request(name, cp.Ps())["devices"]]
+            except ControlError as err:
+                print(f"chaos: the VM did not start: {err}", file=sys.stderr)
+                return 2
+            if device not in devices:
+                print(f"chaos: no device {device} (devices: {', '.join(devices)})", file=sys.stderr)
+                return 2
             while injected < count and vm.proc.poll() is None:
                 delay = interval_ms / 1000 * (rng.uniform(0.5, 1.5) if jitter else 1.0)
                 time.sleep(delay)
-                pid = device_pids(vm.pid).get(device)
-                if pid is None:
-                    continue  # being restarted right now
                 try:
-                    os.kill(pid, signal.SIGKILL)
+                    request(name, cp.InjectFault(device, "kill"))
                     injected += 1
-                except ProcessLookupError:
-                    continue
+                except ControlError:
+                    continue  # being restarted right now, or the VM has just finished
             status = vm.wait(600)
         finally:
             vm.kill()

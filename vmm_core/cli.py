@@ -20,6 +20,11 @@ examples:
        {DEFAULT_LINUX_CMDLINE})
   bulkhead guest fetch          # Debian's cloud kernel + a busybox initramfs, cached
   bulkhead demo
+  bulkhead run --kernel guest_kit/build/testguest.elf --rng --hold --name web1 --allow-faults
+  bulkhead ps                              # running VMs, their device processes and restarts
+  bulkhead stats web1 [--json]             # per-device counters, recovery times, read latency
+  bulkhead fault web1 rng0 kill            # kill|hang|slow MS|bad-reply|crash-in-request|seccomp
+  bulkhead stop web1                       # the VM exits with status 0
 
 exit status: the guest's own code (test guest EXIT register / debug port 0x501), 0 on ACPI
 power-off, 65 guest reset, 66 fatal vCPU error, 67 a device failure stopped the VM,
@@ -58,7 +63,8 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
     p.add_argument("--mem", type=_positive_int, default=256, metavar="MIB", help="guest RAM in MiB (default 256)")
     p.add_argument("--vcpus", type=_positive_int, default=1, metavar="N", help="number of vCPUs (default 1)")
     p.add_argument("--serial", default="stdout", metavar="stdout|FILE", help="where COM1 output goes")
-    p.add_argument("--name", default="", help="a name for the VM (for ps/stats/fault)")
+    p.add_argument("--name", default="", metavar="NAME",
+                   help="a name for the VM, for `bulkhead ps|stats|stop|fault` (default vm<pid>)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="stop the VM after this long (exit 143)")
     p.add_argument("--disk", action="append", default=[], metavar="PATH[,readonly]",
@@ -78,6 +84,9 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
                         "instead (default 100)")
     p.add_argument("--restart-window", type=float, default=30.0, metavar="SECONDS",
                    help="window for --max-restarts (default 30)")
+    p.add_argument("--heartbeat-timeout-ms", type=_positive_int, default=500, metavar="MS",
+                   help="a device that leaves a heartbeat (sent every 250 ms) unanswered this long "
+                        "is failed with cause `heartbeat timeout` (default 500)")
     p.add_argument("--allow-faults", action="store_true",
                    help="testing only: let `bulkhead fault` inject faults into this VM's devices")
     p.add_argument("--hold", action="store_true",
@@ -111,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--seed", type=int, default=1, help="workload seed (and jitter seed)")
     chaos.add_argument("--jitter", action="store_true", help="randomise intervals 0.5x-1.5x with --seed")
     chaos.add_argument("-v", "--verbose", action="count", default=0)
+    from .cli_control import add_parsers
+    add_parsers(sub, _positive_int)
+    for verb in ("ps", "stats", "stop", "fault"):
+        sub.choices[verb].add_argument("-v", "--verbose", action="count", default=0)
     return parser
 
 
@@ -156,19 +169,29 @@ def _config_from_args(args: argparse.Namespace, scratch: str):
                     device_options={"on_device_crash": args.on_device_crash,
                                     "device_timeout": args.device_timeout_ms / 1000,
                                     "allow_faults": args.allow_faults,
+                                    "heartbeat_timeout": args.heartbeat_timeout_ms / 1000,
                                     "max_restarts": args.max_restarts,
                                     "restart_window": args.restart_window})
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     import tempfile
+    from . import registry
+    from .control import ControlEndpoint
     from .vm import Machine
+    if args.name and registry.lookup(args.name) is not None:  # before any device process starts
+        raise BulkheadError(f"--name {args.name}: a VM of that name is running; pick another name")
     with tempfile.TemporaryDirectory(prefix="bulkhead-") as scratch:
         config = _config_from_args(args, scratch)
         machine = Machine(config)
+        endpoint = None
         try:
+            endpoint = ControlEndpoint(machine)  # `bulkhead ps|stats|stop|fault NAME`
+            endpoint.start()
             stop = machine.run(timeout=args.timeout)
         finally:
+            if endpoint is not None:
+                endpoint.close()
             machine.close()
         if args.verb == "demo" and config.devices:
             _report_demo(config)
@@ -199,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "chaos":
             from .chaos import run_chaos
             return run_chaos(args.count, args.interval_ms, args.device, args.seed, jitter=args.jitter)
+        if args.verb in ("ps", "stats", "stop", "fault"):
+            from .cli_control import run_verb
+            return run_verb(args)
     except BulkheadError as e:
         print(f"bulkhead: {e}", file=sys.stderr)
         return EXIT_USAGE

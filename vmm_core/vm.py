@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
+
+from ipc_protocol.transport.zmq_channel import make_runtime_dir
 
 from . import layout
 from .boot import DEFAULT_LINUX_CMDLINE
@@ -21,6 +24,7 @@ from .errors import BootError, ConfigError
 from .kvm import Kvm, Vcpu, Vm
 from .kvm._kvm_cffi import ffi, lib
 from .memory import GuestMemory
+from .registry import valid_name
 from .vcpu import StopReason, StopRequest, VcpuThread
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,8 @@ class VmConfig:
             raise ConfigError(f"--kernel {self.kernel}: not readable (permission denied)")
         if self.initrd is not None and not os.path.isfile(self.initrd):
             raise ConfigError(f"--initrd {self.initrd}: no such file")
+        if self.name and not valid_name(self.name):
+            raise ConfigError(f"--name {self.name!r}: use 1-32 letters, digits, '-' or '_'")
         if len(self.cmdline.encode()) >= layout.CMDLINE_MAX:
             raise ConfigError(f"--cmdline is {len(self.cmdline)} bytes; at most {layout.CMDLINE_MAX - 1}")
 
@@ -76,6 +82,7 @@ class Machine:
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
         self.stop_request: StopRequest | None = None
+        self._cleanups: list[Callable[[], None]] = []
         self.serial_out = serial_out or self._open_serial(config.serial)
         self._serial_lock = threading.Lock()
 
@@ -88,27 +95,37 @@ class Machine:
         self.vm.create_irqchip()
         self.vm.create_pit2()
 
-        self.pio_bus: Bus = Bus("pio")
-        self.mmio_bus: Bus = Bus("mmio")
-        self._timers: list[threading.Timer] = []
-        self.irq_injections = 0
-        self._cleanups: list[Callable[[], None]] = []
-        from .platform import attach_legacy_devices  # wiring kept apart from KVM setup
-        attach_legacy_devices(self)
-        from .devices.manager import DeviceManager
-        self.devices = DeviceManager(self, sandbox=config.sandbox, options=config.device_options)
-        self.add_cleanup(self.devices.close)
-        for spec in config.devices:
-            self.devices.add(spec)
+        # One private (0700) directory per VM for its sockets: the devices' control socket and
+        # the VM's own control endpoint (`vmm_core.control`).
+        self.name = config.name or f"vm{os.getpid()}"
+        self.runtime_dir = make_runtime_dir(self.name)
+        self.add_cleanup(self._remove_runtime_dir)
+        try:
+            self.pio_bus: Bus = Bus("pio")
+            self.mmio_bus: Bus = Bus("mmio")
+            self._timers: list[threading.Timer] = []
+            self.irq_injections = 0
+            from .platform import attach_legacy_devices  # wiring kept apart from KVM setup
+            attach_legacy_devices(self)
+            from .devices.manager import DeviceManager
+            self.devices = DeviceManager(self, sandbox=config.sandbox, options=config.device_options)
+            self.add_cleanup(self.devices.close)
+            for spec in config.devices:
+                self.devices.add(spec)
 
-        self.boot_kind, entry, boot_regs = self._load_kernel()
-        self.vcpus = [Vcpu(self.vm, i) for i in range(config.vcpus)]
-        cpuid = self.kvm.supported_cpuid()
-        if os.path.isdir("/sys/module/kvm_pvm"):
-            mask_for_emulated_cpl0(cpuid)
-        for v in self.vcpus:
-            self._setup_vcpu(v, cpuid, entry, boot_regs)
-        self.threads: list[VcpuThread] = []
+            self.boot_kind, entry, boot_regs = self._load_kernel()
+            self.vcpus = [Vcpu(self.vm, i) for i in range(config.vcpus)]
+            cpuid = self.kvm.supported_cpuid()
+            if os.path.isdir("/sys/module/kvm_pvm"):
+                mask_for_emulated_cpl0(cpuid)
+            for v in self.vcpus:
+                self._setup_vcpu(v, cpuid, entry, boot_regs)
+            self.threads: list[VcpuThread] = []
+        except BaseException:
+            # Bad input found late (a kernel we cannot load, a device that will not start):
+            # leave no device process, socket or runtime directory behind.
+            self._run_cleanups()
+            raise
 
     # -- setup --------------------------------------------------------------------------------
     @staticmethod
@@ -208,6 +225,9 @@ class Machine:
     def add_cleanup(self, fn: Callable[[], None]) -> None:
         self._cleanups.append(fn)
 
+    def _remove_runtime_dir(self) -> None:
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
     # -- running ------------------------------------------------------------------------------
     def request_stop(self, request: StopRequest) -> None:
         with self._stop_lock:
@@ -289,14 +309,18 @@ class Machine:
             if t.is_alive():
                 log.error("vCPU thread %s did not stop", t.name)
 
-    def close(self) -> None:
-        for t in self._timers:
-            t.cancel()
-        for fn in reversed(self._cleanups):
+    def _run_cleanups(self) -> None:
+        cleanups, self._cleanups = self._cleanups, []
+        for fn in reversed(cleanups):
             try:
                 fn()
             except Exception:  # noqa: BLE001 - teardown continues past one failure
                 log.exception("cleanup failed")
+
+    def close(self) -> None:
+        for t in self._timers:
+            t.cancel()
+        self._run_cleanups()
         for v in getattr(self, "vcpus", []):
             v.close()
         self.vm.close()

@@ -84,6 +84,7 @@ class DeviceBackend(Protocol):
     def start(self) -> None: ...
     def close(self) -> None: ...
     def describe(self) -> dict[str, Any]: ...
+    def stats(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -135,8 +136,15 @@ class InProcessBackend:
                 self.mmio.queue_notify(queue_of[fd])
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.slot.spec.name, "mode": "in-process", "pid": os.getpid(),
-                "state": "running", "stats": self.mmio.stats()}
+        return {"name": self.slot.spec.name, "type": self.slot.spec.kind, "mode": "in-process",
+                "pid": os.getpid(), "state": "running", "restarts": 0, "policy": "-"}
+
+    def stats(self) -> dict[str, Any]:
+        from .stats import DeviceCounters
+        counters = DeviceCounters()
+        counters.update(1, 0, {k: int(v) for k, v in self.mmio.stats().items()
+                               if isinstance(v, (bool, int))})
+        return {**self.describe(), **counters.summary(), "failures": 0}
 
     def close(self) -> None:
         os.write(self._stop_w, b"x")
@@ -156,7 +164,7 @@ class DeviceManager:
 
     def _get_supervisor(self):
         if self.supervisor is None:
-            from .sandboxed import Supervisor
+            from .supervisor import Supervisor
             self.supervisor = Supervisor(self.machine, self.options)
         return self.supervisor
 

@@ -20,19 +20,18 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import select
-import signal
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from ipc_protocol import messages as msg
-from ipc_protocol.transport.zmq_channel import ControlServer, make_runtime_dir
 
 from ..errors import ConfigError
 from ..vcpu import StopReason, StopRequest
 from .proxy import DEFAULT_TIMEOUT
 from .spawn import DeviceFds, DeviceProcess, DeviceStartError, start_device
+from .stats import DeviceCounters, LatencyReservoir, percentile
+from .supervisor import Supervisor, describe_exit
 
 if TYPE_CHECKING:
     from ..vm import Machine
@@ -46,17 +45,6 @@ REG_INTERRUPT_STATUS = 0x60
 REG_STATUS = 0x70
 DEVICE_NEEDS_RESET = 0x40
 INT_CONFIG_CHANGE = 0x2
-
-
-def describe_exit(status: int | None) -> str:
-    if status is None:
-        return "still running"
-    if status < 0:
-        try:
-            return f"killed by signal {signal.Signals(-status).name}"
-        except ValueError:
-            return f"killed by signal {-status}"
-    return f"exited with status {status}"
 
 
 class SandboxedBackend:
@@ -76,9 +64,17 @@ class SandboxedBackend:
         self.state = "starting"
         self.restarts = 0
         self.failures: collections.deque[float] = collections.deque()
-        self.causes: list[str] = []
-        self.recovery_ms: list[float] = []
+        self.causes: collections.deque[str] = collections.deque(maxlen=20)
+        self.failure_count = 0
+        self.recovery_ms: collections.deque[float] = collections.deque(maxlen=1000)
         self.needs_reset = False
+        # Supervisor-thread state: the oldest unanswered heartbeat, and an armed fault.
+        self.hb_pending_since: float | None = None
+        self.hb_pending_seq = 0
+        self.heartbeat_rtt_ms: float | None = None
+        self.crash_on_kick = False
+        self.read_latency = LatencyReservoir()
+        self.counters = DeviceCounters()
         self._restart_cond = threading.Condition()
         self.proc: DeviceProcess = self._spawn()
         self.proxy = self.proc.make_proxy(timeout=self.timeout, on_failure=self._on_proxy_failure)
@@ -118,6 +114,14 @@ class SandboxedBackend:
 
     # -- BusDevice ----------------------------------------------------------------------------
     def read(self, offset: int, data: bytearray) -> None:
+        # Timed as the vCPU sees it: ring round trip, or the wait for a restart, or a timeout.
+        t0 = time.perf_counter_ns()
+        try:
+            self._read(offset, data)
+        finally:
+            self.read_latency.add(time.perf_counter_ns() - t0)
+
+    def _read(self, offset: int, data: bytearray) -> None:
         if not self.needs_reset:
             self.proxy.read(offset, data)
             if self.proxy.failed and self.policy == "restart" and self._await_restart():
@@ -187,10 +191,13 @@ class SandboxedBackend:
         with self._restart_cond:
             self.state = "restarting"
         self.proxy.mark_failed(cause)
+        exited_by_itself = self.proc.popen.poll() is not None
         self.proc.kill()
         status = self.proc.popen.wait()
-        cause = self.supervisor.refine_cause(self, cause, status)
+        if exited_by_itself:  # our own SIGKILL (e.g. after a heartbeat timeout) says nothing
+            cause = self.supervisor.refine_cause(self, cause, status)
         self.causes.append(cause)
+        self.failure_count += 1
         log.error("device %s stopped: %s", self.name, cause)
         now = time.monotonic()
         self.failures.append(now)
@@ -251,19 +258,40 @@ class SandboxedBackend:
         else:
             self.proxy.shadow.record(REG_STATUS, b"\0\0\0\0")
         self.proxy.attach(self.proc.rings.core_endpoint(), [self.proc.pidfd])
+        self.hb_pending_since = None
+        self.crash_on_kick = False
         self.supervisor.watch(self)
+
+    # -- supervisor-thread callbacks ----------------------------------------------------------------
+    def heartbeat_acked(self, seq: int) -> None:
+        # Answers come in order, so an answer to a later heartbeat covers the earlier ones.
+        if self.hb_pending_since is not None and seq >= self.hb_pending_seq:
+            if seq == self.hb_pending_seq:
+                self.heartbeat_rtt_ms = (time.monotonic() - self.hb_pending_since) * 1000
+            self.hb_pending_since = None
+
+    def stats_replied(self, request_id: int, counters: dict[str, int]) -> None:
+        self.counters.update(self.generation, request_id, counters)
 
     # -- reporting ----------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
+        """One `bulkhead ps` row."""
+        return {"name": self.name, "type": self.slot.spec.kind, "mode": "sandboxed",
+                "pid": self.pid, "state": "needs-reset" if self.needs_reset else self.state,
+                "restarts": self.restarts, "policy": self.policy, "generation": self.generation}
+
+    def stats(self) -> dict[str, Any]:
+        """One device in `bulkhead stats` (counters as of the supervisor's last poll)."""
         rec = sorted(self.recovery_ms)
-        return {
-            "name": self.name, "type": self.slot.spec.kind, "mode": "sandboxed", "pid": self.pid,
-            "state": self.state, "policy": self.policy, "restarts": self.restarts,
-            "generation": self.generation, "causes": self.causes[-10:],
-            "recovery_ms_p50": rec[len(rec) // 2] if rec else None,
-            "recovery_ms_p99": rec[min(len(rec) - 1, int(len(rec) * 0.99))] if rec else None,
-            "proxy": self.proxy.stats(),
-        }
+        proxy = self.proxy.stats()
+        return {**self.describe(), **self.counters.summary(),
+                "failures": self.failure_count, "last_causes": list(self.causes)[-5:],
+                "recovery_ms": {"count": len(rec), "p50": _round(percentile(rec, 0.5)),
+                                "p99": _round(percentile(rec, 0.99)),
+                                "last": _round(self.recovery_ms[-1]) if rec else None},
+                "mmio_read_us": self.read_latency.summary_us(),
+                "heartbeat_rtt_ms": _round(self.heartbeat_rtt_ms),
+                "proxy": proxy}
 
     def close(self) -> None:
         self.state = "closing"
@@ -272,98 +300,5 @@ class SandboxedBackend:
         self.proc.close()
 
 
-class Supervisor(threading.Thread):
-    """One thread per VM: watches device pidfds and runs every restart.
-
-    Restarts happen here, never on a vCPU thread: a vCPU only learns its read failed (all-ones)
-    and goes on.  This thread lives as long as the VM, so PR_SET_PDEATHSIG in the children (which
-    fires when the *spawning thread* exits) means "when the VM goes".
-    """
-
-    def __init__(self, machine: "Machine", options: dict[str, Any]) -> None:
-        super().__init__(name="supervisor", daemon=True)
-        self.machine = machine
-        self.options = options
-        self.allow_faults = bool(options.get("allow_faults"))
-        self.spawn_options: dict[str, Any] = dict(options.get("spawn_options", {}))
-        name = machine.config.name or f"vm{os.getpid()}"
-        self.runtime_dir = make_runtime_dir(name)
-        self.control = ControlServer(self.runtime_dir)
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._lock = threading.Lock()
-        self._requests: collections.deque[tuple[SandboxedBackend, str, bool, int]] = collections.deque()
-        self._watched: dict[int, SandboxedBackend] = {}
-        self._stopping = False
-
-    def watch(self, backend: SandboxedBackend) -> None:
-        with self._lock:
-            self._watched[backend.proc.pidfd] = backend
-        os.eventfd_write(self._wake, 1)
-
-    def unwatch(self, backend: SandboxedBackend) -> None:
-        with self._lock:
-            for fd, b in list(self._watched.items()):
-                if b is backend:
-                    del self._watched[fd]
-
-    def request(self, backend: SandboxedBackend, cause: str, reset: bool = False) -> None:
-        with self._lock:
-            self._requests.append((backend, cause, reset, backend.generation))
-        os.eventfd_write(self._wake, 1)
-
-    def refine_cause(self, backend: SandboxedBackend, cause: str, status: int) -> str:
-        """Prefer what the child said about itself (e.g. a seccomp report) over our guess."""
-        report = getattr(backend.proc, "seccomp_report", None)
-        if report:
-            return f"seccomp violation: {report}"
-        exit_text = describe_exit(status)
-        return cause if exit_text in cause else f"{cause} ({exit_text})"
-
-    def run(self) -> None:
-        while not self._stopping:
-            poller = select.poll()
-            poller.register(self._wake, select.POLLIN)
-            with self._lock:
-                watched = dict(self._watched)
-            for fd in watched:
-                poller.register(fd, select.POLLIN)
-            for fd, _ in poller.poll(1000):
-                if fd == self._wake:
-                    try:
-                        os.eventfd_read(self._wake)
-                    except BlockingIOError:
-                        pass
-                elif fd in watched:
-                    b = watched[fd]
-                    self.unwatch(b)
-                    with self._lock:
-                        self._requests.append((b, f"process {b.pid} {describe_exit(b.proc.popen.poll())}",
-                                               False, b.generation))
-            while True:
-                with self._lock:
-                    if not self._requests:
-                        break
-                    backend, cause, reset, generation = self._requests.popleft()
-                if self._stopping:
-                    break
-                try:
-                    backend.handle_failure(cause, reset=reset, generation=generation)
-                except Exception:  # noqa: BLE001 - the supervisor must outlive any one device
-                    log.exception("supervising device %s", backend.name)
-
-    def stop(self) -> None:
-        self._stopping = True
-        os.eventfd_write(self._wake, 1)
-        if self.is_alive():
-            self.join(5.0)
-
-    def close(self) -> None:
-        self.stop()
-        self.control.close()
-        os.close(self._wake)
-        try:
-            for p in self.runtime_dir.iterdir():
-                p.unlink()
-            self.runtime_dir.rmdir()
-        except OSError:
-            pass
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)

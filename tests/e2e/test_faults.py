@@ -1,0 +1,178 @@
+"""`bulkhead fault` through the real CLI, the core's control endpoint and the device processes,
+while the test guest runs its block write/verify workload."""
+
+import shutil
+import tempfile
+import time
+
+import pytest
+
+from vmm_core import control_protocol as cp
+from vmm_core.cli_control import wait_for_vm
+from vmm_core.control import request
+from vmm_core.testing import TEST_GUEST, BackgroundVm, parse_results, run_bulkhead
+
+pytestmark = pytest.mark.kvm
+
+DEVICE_TIMEOUT_MS = 500     # the defaults, spelled out: the bounds below are derived from them
+HEARTBEAT_TIMEOUT_MS = 500
+
+
+@pytest.fixture(autouse=True)
+def private_registry(monkeypatch):
+    path = tempfile.mkdtemp(prefix="bh")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class FaultyVm:
+    """The test guest's blk-workload (then rng and console checks) in a named, held VM."""
+
+    def __init__(self, tmp_path, name: str, *extra: str, rounds: int = 300) -> None:
+        disk = tmp_path / "disk.img"
+        disk.write_bytes(bytes(1 << 20))
+        self.name = name
+        self.vm = BackgroundVm(
+            "run", "--kernel", TEST_GUEST, "--disk", str(disk), "--rng",
+            "--console", str(tmp_path / "console.txt"), "--hold", "--name", name,
+            "--device-timeout-ms", str(DEVICE_TIMEOUT_MS),
+            "--heartbeat-timeout-ms", str(HEARTBEAT_TIMEOUT_MS), *extra, "--cmdline",
+            f"gk.tests=blk-workload,virtio-rng,virtio-console gk.blk_sectors=128 "
+            f"gk.blk_rounds={rounds}")
+        wait_for_vm(name)
+        self.wait_stdout("guest_kit: blk-workload round 1/")  # the guest is in its workload
+
+    def wait_stdout(self, text: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.vm.stdout):
+            assert self.vm.proc.poll() is None, self.vm.explain()
+            assert time.monotonic() < deadline, f"no {text!r} in {timeout} s\n" + self.vm.explain()
+            time.sleep(0.01)
+
+    def devices(self) -> dict[str, dict]:
+        return {d["name"]: d for d in request(self.name, cp.Ps())["devices"]}
+
+    def stats(self) -> dict[str, dict]:
+        return {d["name"]: d for d in request(self.name, cp.GetStats())["devices"]}
+
+    def fault(self, device: str, *action: str) -> None:
+        run = run_bulkhead("fault", self.name, device, *action, timeout=30)
+        assert run.returncode == 0, run.explain()
+
+    def wait_restarts(self, device: str, count: int, timeout: float = 10.0) -> float:
+        """Seconds until `device` has restarted `count` times and runs again."""
+        t0 = time.monotonic()
+        while True:
+            d = self.devices()[device]
+            if d["restarts"] >= count and d["state"] == "running":
+                return time.monotonic() - t0
+            assert time.monotonic() - t0 < timeout, (d, self.vm.explain())
+            time.sleep(0.005)
+
+    def finish(self) -> dict[str, tuple[bool, str]]:
+        """Wait for the guest's checks, stop the VM (exit 0) and return the guest's results."""
+        self.wait_stdout("GK done", timeout=60)
+        request(self.name, cp.Stop())
+        assert self.vm.wait(15) == 0, self.vm.explain()
+        return parse_results("".join(self.vm.stdout))[0]
+
+    def close(self) -> None:
+        self.vm.kill()
+
+
+@pytest.fixture
+def faulty_vm(tmp_path):
+    vms = []
+
+    def start(name: str, *extra: str, rounds: int = 300) -> FaultyVm:
+        vms.append(FaultyVm(tmp_path, name, *extra, rounds=rounds))
+        return vms[-1]
+
+    yield start
+    for vm in vms:
+        vm.close()
+
+
+def assert_workload_clean(results) -> None:
+    ok, detail = results["blk-workload"]
+    assert ok and "errors=0" in detail, detail
+
+
+def test_kill_rng_and_console_leaves_blk_alone(faulty_vm):
+    vm = faulty_vm("f-kill", "--allow-faults")
+    blk_pid = vm.devices()["blk0"]["pid"]
+    for device in ("rng0", "console0"):
+        old = vm.devices()[device]["pid"]
+        vm.fault(device, "kill")
+        took = vm.wait_restarts(device, 1)
+        assert vm.devices()[device]["pid"] != old
+        print(f"{device}: serving again {took * 1000:.0f} ms after `fault kill` returned")
+    assert not any(line.startswith("GK blk-workload") for line in vm.vm.stdout), \
+        "the workload ended before the kills: make it longer"
+    stats = vm.stats()
+    results = vm.finish()
+    assert_workload_clean(results)
+    assert results["virtio-rng"][0] and results["virtio-console"][0], results
+    assert stats["blk0"]["pid"] == blk_pid and stats["blk0"]["restarts"] == 0
+    assert stats["blk0"]["failures"] == 0
+    for device in ("rng0", "console0"):
+        assert stats[device]["restarts"] == 1 and stats[device]["recovery_ms"]["count"] == 1
+        assert "SIGKILL" in stats[device]["last_causes"][-1]
+
+
+@pytest.mark.parametrize("action, restarts", [(("hang",), 1), (("slow", "2000"), 1),
+                                              (("slow", "200"), 0)],
+                         ids=["hang", "slow-2000", "slow-200"])
+def test_hang_and_slow_blk_release_the_vcpu_and_recover(faulty_vm, action, restarts):
+    vm = faulty_vm(f"f-{action[0]}", "--allow-faults")
+    vm.fault("blk0", *action)
+    if restarts:
+        detected = vm.wait_restarts("blk0", 1)  # from the moment the CLI has sent the fault
+        # Caught by whichever comes first: a vCPU read timing out, or the heartbeat (checked
+        # every 250 ms); then a fresh interpreter starts.
+        print(f"blk0 {' '.join(action)}: serving again {detected * 1000:.0f} ms after the fault")
+        assert detected < (HEARTBEAT_TIMEOUT_MS + 250) / 1000 + 2.0
+    else:
+        time.sleep(0.6)
+    stats = vm.stats()["blk0"]
+    results = vm.finish()
+    assert_workload_clean(results)
+    assert stats["restarts"] == restarts, stats
+    if restarts:
+        assert any(c.startswith(("heartbeat timeout", "no answer")) for c in stats["last_causes"]), stats
+    # A vCPU is never held longer than the device timeout, plus at most one device timeout
+    # waiting for the restarted process to answer instead of returning all-ones.
+    worst_ms = stats["mmio_read_us"]["max"] / 1000
+    print(f"blk0 {' '.join(action)}: longest vCPU register read {worst_ms:.0f} ms")
+    assert worst_ms < 2 * DEVICE_TIMEOUT_MS + 300, stats["mmio_read_us"]
+
+
+def test_bad_reply_is_rejected_and_the_device_restarted(faulty_vm):
+    vm = faulty_vm("f-bad", "--allow-faults")
+    vm.fault("blk0", "bad-reply")
+    vm.wait_restarts("blk0", 1)
+    stats = vm.stats()["blk0"]
+    assert "invalid answer" in stats["last_causes"][-1], stats
+    assert_workload_clean(vm.finish())
+    assert "Traceback" not in "".join(vm.vm.stderr)
+
+
+def test_crash_in_request_restarts_and_the_request_runs_again(faulty_vm):
+    vm = faulty_vm("f-crash", "--allow-faults")
+    vm.fault("blk0", "crash-in-request")
+    vm.wait_restarts("blk0", 1)
+    # os.abort() in the device; seen here as SIGABRT, occasionally SIGSEGV (libzmq threads).
+    assert "killed by signal" in vm.stats()["blk0"]["last_causes"][-1]
+    assert_workload_clean(vm.finish())
+
+
+def test_faults_are_refused_without_allow_faults(faulty_vm):
+    vm = faulty_vm("f-off", rounds=200)
+    before = vm.devices()
+    for action in (("kill",), ("hang",), ("slow", "100")):
+        run = run_bulkhead("fault", "f-off", "blk0", *action, timeout=30)
+        assert run.returncode == 2 and "--allow-faults" in run.stderr, run.explain()
+        assert len(run.stderr.strip().splitlines()) == 1
+    assert vm.devices() == before
+    assert_workload_clean(vm.finish())

@@ -31,7 +31,7 @@ import zmq
 # Imported now, not on first use: once jailed, open(2) (and so any import) kills the process.
 from device_procs.jail import probe as jail_probe
 from device_procs.jail.errors import JailError
-from device_procs.jail.sandbox import ENV_VAR as JAIL_ENV, enter_jail
+from device_procs.jail.sandbox import ENV_VAR as JAIL_ENV, enter_jail, start_library_threads
 from ipc_protocol import messages as msg
 from ipc_protocol.errors import ProtocolError, RemoteProtocolError
 from ipc_protocol.ring import SLOT_SIZE, Op, Slot
@@ -105,7 +105,7 @@ def arm_parent_death(parent_pid: int) -> None:
     The signal fires when the *thread* that forked us exits, so the core must spawn devices from
     a long-lived thread.  If the core died before this call, getppid() already differs: exit.
     Jailed, our parent is the launcher (which died with the core or checks it) and getppid() is 0
-    (pid 1 of our own PID namespace): the launcher already armed PDEATHSIG before our exec.
+    (the launcher is outside our PID namespace): it already armed PDEATHSIG before our exec.
     """
     import prctl
     prctl.set_pdeathsig(signal.SIGKILL)
@@ -119,7 +119,7 @@ def jailed() -> bool:
 
 
 def host_pid() -> int:
-    """Our pid as the core sees it.  Jailed we are pid 1 of our PID namespace, but /proc is still
+    """Our pid as the core sees it.  Jailed we are pid 2 of our PID namespace, but /proc is still
     the host's until the jail's pivot_root, and its `self` link names us in the host's namespace."""
     if jailed():
         try:
@@ -369,7 +369,17 @@ def main(argv: list[str] | None = None) -> int:
     # Never reconnect: a reconnect needs socket(2)/connect(2), which the jail forbids.  The
     # Configure below proves the one connection we need is up before the jail is entered.
     context.setsockopt(zmq.RECONNECT_IVL, -1)
-    control = ControlClient(args.control, args.identity.encode(), context=context)
+
+    def connect() -> ControlClient:  # the first socket starts libzmq's threads
+        return ControlClient(args.control, args.identity.encode(), context=context)
+
+    try:
+        # Jailed, libzmq's threads start capability-less but for CAP_SETUID/SETGID (see
+        # `start_library_threads`): enter_jail below drops the main thread's own.
+        control = start_library_threads(connect) if jailed() else connect()
+    except JailError as err:
+        log.error("%s", err)
+        return EXIT_ERROR
     try:
         control.send(msg.Hello(msg.PROTOCOL_MAJOR, msg.PROTOCOL_MINOR, args.name,
                                args.device_type, host_pid()))
@@ -388,9 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         # /proc/self/fd above, while /proc still existed), the control connection is proven up.
         # Nothing guest-controlled has been read yet.  enter_jail: tmpfs root + pivot_root,
         # capabilities dropped, rlimits, no_new_privs, seccomp on every thread (TSYNC: libzmq's
-        # I/O threads too).  One phase: libzmq's threads predate the capability drop and keep the
-        # launcher's four capabilities, valid only in our own user namespace and unusable through
-        # the policy (see device_procs/jail/sandbox.py).
+        # I/O threads too).  Not sandbox's two-phase entry: Configure (what to open) arrives over
+        # ZeroMQ, so the connection predates the jail; libzmq's threads keep CAP_SETUID/SETGID,
+        # in our user namespace only, where only uid/gid 0 exist and set*id is forbidden.
         if jailed():
             try:
                 enter_jail()

@@ -5,12 +5,16 @@ Python code).  The launcher is single-threaded, so forking *it* is safe.  Its st
 
   L (launcher, host root, host namespaces)
     1. PR_SET_PDEATHSIG(SIGKILL): dies with the core; joins the VM's cgroups (so D is born in them);
-    2. unshare(CLONE_NEWPID) -- it only applies to children -- and forks D, which is pid 1 there;
+    2. unshare(CLONE_NEWPID) -- it only applies to children -- and forks I, pid 1 there, then D
+       (pid 2): the device must not be its namespace's init, whose signals to itself the kernel
+       drops (abort() would end in SIGSEGV, SIGTERM would be ignored);
     4. writes D's uid_map/gid_map (`0 <uid> 1`: root in the namespace = the VM's unprivileged host
        uid; written from the parent, which holds CAP_SETUID/CAP_SETGID in the initial namespace);
     5. reports `pid <host pid of D>` on the status fd, then waits for D, forwards SIGTERM/SIGINT
        as SIGKILL, and reports `exit <code>` or `signal <n>` before exiting the same way.
-  D (the device, pid 1 of a new PID namespace)
+  I (pid 1 of the new PID namespace): closes every fd, becomes the VM's uid with no capability,
+    sleeps.  Its death kills everything in the namespace; the launcher SIGKILLs it once D ended.
+  D (the device, pid 2 of the new PID namespace)
     3. unshare(NEWUSER|NEWNS|NEWNET|NEWIPC|NEWUTS) -- one call, so the user namespace owns the
        others --, opens every bind source O_PATH (still host uid 0: 0700 directories are no
        obstacle) and waits for its maps; makes every mount private, sets the hostname, setsid();
@@ -139,6 +143,27 @@ def _write_maps(pid: int, uid: int, gid: int) -> None:
         f.write(f"0 {gid} 1\n")
 
 
+def _start_pid_init(uid: int, gid: int) -> tuple[int, int]:
+    """Fork I, pid 1 of the namespace just unshared; (its pid, the fd that keeps it alive)."""
+    alive_r, alive_w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(alive_r)
+        return pid, alive_w
+    try:
+        os.closerange(0, alive_r)
+        os.closerange(alive_r + 1, 1 << 20)
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)  # root -> unprivileged: the kernel clears every capability
+        _check(lib.bh_prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+        # PDEATHSIG after the uid switch (which resets it); then: is the launcher still there?
+        _check(lib.bh_prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+        os.read(alive_r, 1)  # returns (EOF) only when the launcher is gone
+    finally:
+        os._exit(0)
+
+
 def run(spec: dict[str, Any], argv: list[str]) -> NoReturn:
     status_fd = int(spec["status_fd"])
     try:
@@ -148,8 +173,10 @@ def run(spec: dict[str, Any], argv: list[str]) -> NoReturn:
         for procs in spec["cgroup_procs"]:
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
+        init_pid = init_alive = -1
         if spec["namespaces"]:
             _check(lib.bh_unshare(lib.CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+            init_pid, init_alive = _start_pid_init(int(spec["uid"]), int(spec["gid"]))
         to_parent_r, to_parent_w = os.pipe()
         from_parent_r, from_parent_w = os.pipe()
     except BaseException as err:  # noqa: BLE001
@@ -160,6 +187,8 @@ def run(spec: dict[str, Any], argv: list[str]) -> NoReturn:
     if pid == 0:
         os.close(to_parent_r)
         os.close(from_parent_w)
+        if init_alive >= 0:
+            os.close(init_alive)
         _child(spec, argv, to_parent_w, from_parent_r, status_fd)
     os.close(to_parent_w)
     os.close(from_parent_r)
@@ -189,6 +218,9 @@ def run(spec: dict[str, Any], argv: list[str]) -> NoReturn:
             break
         except InterruptedError:
             continue
+    if init_pid > 0:  # the namespace's init has nothing left to do
+        os.kill(init_pid, signal.SIGKILL)
+        os.waitpid(init_pid, 0)
     if os.WIFSIGNALED(status):
         _status(status_fd, f"signal {os.WTERMSIG(status)}")
         os._exit(128 + os.WTERMSIG(status))

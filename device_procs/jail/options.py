@@ -109,8 +109,9 @@ JailOrOptions = Union[bool, None, JailOptions, Mapping[str, Any]]
 class LauncherPopen:
     """A jailed device seen as a `subprocess.Popen` (see the module docstring)."""
 
-    def __init__(self, proc: JailedProcess) -> None:
+    def __init__(self, proc: JailedProcess, mode: str = "kill") -> None:
         self.jailed = proc
+        self.mode = mode
         self.pid = proc.launcher.pid
         self.device_pid = proc.pid
         self.returncode: int | None = None
@@ -149,6 +150,11 @@ class LauncherPopen:
         if self.exit.violation is not None:
             return f"{self.exit.violation.name}(2)"
         if self.exit.signal == signal.SIGSYS:
+            if self.mode == "trap":
+                # The kernel resets a blocked SIGSYS to the default action: libzmq's threads block
+                # every signal, so their violations kill without the handler's report.
+                return ("killed by SIGSYS in a thread that blocks signals (libzmq's); the kernel "
+                        "audit log (dmesg, type=1326) has the syscall number")
             return "killed by SIGSYS (run with seccomp mode 'trap' to name the syscall)"
         return None
 
@@ -171,4 +177,4 @@ def jailed_popen(options: JailOptions, name: str, device_type: str, argv: Sequen
     """Start `argv` (the device host) through the jail launcher, keeping only `bootstrap_fd`."""
     spec = options.spec_for(name, device_type, keep_fds=[bootstrap_fd], disk_fd=disk_fd)
     proc = spawn(spec, argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL)
-    return LauncherPopen(proc)
+    return LauncherPopen(proc, options.seccomp)

@@ -5,7 +5,7 @@ Spawn side (the core)::
     spec = JailSpec(device="blk0", policy="blk", seccomp_mode="trap", uid=200000, gid=200000,
                     keep_fds=[bootstrap_fd])
     proc = spawn(spec, [sys.executable, "-m", "device_procs.host", ...], pass_fds=[bootstrap_fd])
-    proc.pid            # host pid of the device process (pid 1 of its own PID namespace)
+    proc.pid            # host pid of the device process (pid 2 of its own PID namespace)
     proc.status_fd      # readable when the device reports something; see JailedProcess.poll()
     proc.wait()         # -> JailExit; str(exit) == "seccomp violation: socket(2)" etc.
 
@@ -24,6 +24,13 @@ and the seccomp filter (TSYNC), but capabilities are per thread: theirs stay tho
 left (CAP_SYS_ADMIN/SETUID/SETGID/SETPCAP, valid only inside the device's own namespaces), and the
 policy forbids every syscall that could use them.  Calling `enter_jail(seccomp=False)` before
 creating the zmq.Context and `seal_jail()` once connected avoids even that.
+
+The device host cannot use that two-phase entry: it learns its device (and opens the image via
+/proc/self/fd and the console by path, as host uid 0) only from the `Configure` that arrives over
+ZeroMQ, so the connection must exist before the filesystem and identity change.  It starts
+libzmq's threads through `start_library_threads` instead: they are born with only CAP_SETUID and
+CAP_SETGID (which glibc needs to apply enter_jail's set*id calls to every thread; only uid/gid 0
+is mapped, and the policy forbids set*id anyway) and an empty bounding set.
 """
 
 from __future__ import annotations
@@ -35,10 +42,11 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from device_procs.jail._seccomp_cffi import ffi, lib
 from device_procs.jail.errors import JailError
@@ -53,6 +61,10 @@ PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 PR_CAPBSET_DROP, PR_SET_SECUREBITS = 24, 28
 # NOROOT(+LOCKED), NO_SETUID_FIXUP(+LOCKED), KEEP_CAPS_LOCKED, NO_CAP_AMBIENT_RAISE(+LOCKED)
 SECUREBITS_LOCKED = 0b1110_1111
+# What threads started before enter_jail keep: glibc applies enter_jail's setgroups/setresgid/
+# setresuid to every thread and aborts the process if one thread's call fails.
+THREAD_KEEP_CAPS = (6, 7)  # CAP_SETGID, CAP_SETUID
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -275,6 +287,39 @@ def spawn(spec: JailSpec, argv: Sequence[str], *, pass_fds: Sequence[int] = (),
 # ---- inside the device process ----------------------------------------------------------------
 
 _pending: tuple[Filter | None, JailConfig] | None = None
+
+
+def start_library_threads(start: Callable[[], _T], config: JailConfig | None = None) -> _T:
+    """Run `start` (e.g. creating the first ZeroMQ socket, which starts libzmq's I/O and reaper
+    threads) on a short-lived thread that first gives up every capability but THREAD_KEEP_CAPS
+    and its whole bounding set: capabilities are per thread and inherited at thread creation,
+    so the library's threads are born with only those two.  Call before `enter_jail`."""
+    cfg = config or JailConfig.from_env()
+    if not cfg.namespaces:  # no capabilities to give up
+        return start()
+    result: list[_T] = []
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            for cap in range(_last_cap() + 1):
+                _ok(lib.bh_prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "dropping a thread's bounding set")
+            _ok(lib.bh_prctl(lib.PR_CAP_AMBIENT, lib.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0),
+                "clearing a thread's ambient set")
+            keep = sum(1 << c for c in THREAD_KEEP_CAPS)
+            _set_caps(keep, keep, 0)
+            result.append(start())
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            failure.append(err)
+
+    thread = threading.Thread(target=body, name="jail-lib-threads")
+    thread.start()
+    thread.join()
+    if failure:
+        if isinstance(failure[0], OSError):
+            raise JailError(f"jail: {failure[0]}") from None
+        raise failure[0]
+    return result[0]
 
 
 def enter_jail(config: JailConfig | None = None, *, seccomp: bool = True) -> None:

@@ -115,7 +115,7 @@ def test_credentials_seccomp_and_capabilities(jailed: Any) -> None:
     assert st["Uid"].split() == [str(JAIL_UID)] * 4
     assert st["Gid"].split() == [str(JAIL_UID)] * 4
     assert st["Groups"].strip() == ""
-    assert st["NSpid"].split()[-1] == "1"  # pid 1 of its own PID namespace
+    assert st["NSpid"].split()[-1] == "2"  # pid 2 of its own PID namespace (1 is the launcher's init)
     tids = os.listdir(f"/proc/{child.proc.pid}/task")
     assert len(tids) > 1, "zmq's I/O threads should be running"
     for tid in tids:  # TSYNC: every thread is filtered and switched to the jail uid
@@ -212,7 +212,7 @@ def test_violation_in_kill_mode_kills_only_the_child(jailed: Any, what: str) -> 
     assert "SIGSYS" in str(end)
     # we are alive (kill_parent failed); a sibling jailed device is unaffected
     other = jailed("rng", "kill")
-    assert other.ask(op="ping") == {"ok": True, "pid": 1}
+    assert other.ask(op="ping") == {"ok": True, "pid": 2}  # pid 1 is the namespace's init
     assert other.close().code == 0
 
 

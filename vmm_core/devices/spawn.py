@@ -187,8 +187,8 @@ class DeviceProcess:
             return self.popen.wait()
 
     def kill(self) -> None:
-        """SIGKILL the device (jailed: the device itself, pid 1 of its namespace, which ignores
-        SIGTERM; its launcher then reports the signal and exits)."""
+        """SIGKILL the device (jailed: the device itself, not its launcher, which then reports
+        the signal and exits)."""
         if self.popen.poll() is None:
             try:
                 signal.pidfd_send_signal(self._kill_pidfd if self.jailed else self.pidfd,

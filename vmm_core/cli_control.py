@@ -48,6 +48,14 @@ def add_parsers(sub: Any, positive_int: Callable[[str], int]) -> None:
 
 def run_verb(args: argparse.Namespace) -> int:
     """Raises `ControlError` (a `BulkheadError`: exit 2 in `cli.main`) on bad input."""
+    try:
+        return _run_verb(args)
+    except BrokenPipeError:  # `bulkhead stats VM --json | head`: the reader has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _run_verb(args: argparse.Namespace) -> int:
     if args.verb == "ps":
         return cmd_ps(args.json)
     if args.verb == "stats":
@@ -73,7 +81,8 @@ def cmd_ps(as_json: bool, out=sys.stdout) -> int:
         print(file=out)
         return 0
     row = "{:<16} {:>8}  {:<10} {:<8} {:>8}  {:<12} {:>8}  {:<8}"
-    print(row.format("VM", "PID", "DEVICE", "TYPE", "PID", "STATE", "RESTARTS", "POLICY"), file=out)
+    print(row.format("VM", "PID", "DEVICE", "TYPE", "PID", "STATE", "RESTARTS", "POLICY").rstrip(),
+          file=out)
     for vm in vms:
         devices = vm.get("devices") or [{}]
         for i, d in enumerate(devices):
@@ -95,7 +104,7 @@ def cmd_stats(vm: str, as_json: bool, out=sys.stdout) -> int:
     print(f"VM {body.get('name')} (pid {body.get('pid')})", file=out)
     row = "{:<10} {:>9} {:>12} {:>6} {:>8} {:>8}  {:<17} {:<22}"
     print(row.format("DEVICE", "REQUESTS", "BYTES", "ERRORS", "FAILURES", "RESTARTS",
-                     "RECOVERY p50/p99", "MMIO READ p50/p99/max"), file=out)
+                     "RECOVERY p50/p99", "MMIO READ p50/p99/max").rstrip(), file=out)
     for d in body.get("devices", []):
         rec = d.get("recovery_ms") or {}
         lat = d.get("mmio_read_us") or {}

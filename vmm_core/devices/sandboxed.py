@@ -31,7 +31,7 @@ from ..vcpu import StopReason, StopRequest
 from .proxy import DEFAULT_TIMEOUT
 from .spawn import DeviceFds, DeviceProcess, DeviceStartError, start_device
 from .stats import DeviceCounters, LatencyReservoir, percentile
-from .supervisor import Supervisor, describe_exit
+from .supervisor import Supervisor
 
 if TYPE_CHECKING:
     from ..vm import Machine

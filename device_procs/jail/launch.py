@@ -143,7 +143,18 @@ def _write_maps(pid: int, uid: int, gid: int) -> None:
         f.write(f"0 {gid} 1\n")
 
 
-def _start_pid_init(uid: int, gid: int) -> tuple[int, int]:
+def _set_title(title: str) -> None:
+    """`bulkhead-jail:blk0` in ps instead of the launcher's JSON argv (cosmetic)."""
+    try:
+        import prctl
+
+        prctl.set_name(title.replace("bulkhead-", "bh")[:15])
+        prctl.set_proctitle(title)
+    except Exception:  # noqa: BLE001 - never a reason not to launch
+        pass
+
+
+def _start_pid_init(uid: int, gid: int, device: str) -> tuple[int, int]:
     """Fork I, pid 1 of the namespace just unshared; (its pid, the fd that keeps it alive)."""
     alive_r, alive_w = os.pipe()
     pid = os.fork()
@@ -151,6 +162,7 @@ def _start_pid_init(uid: int, gid: int) -> tuple[int, int]:
         os.close(alive_r)
         return pid, alive_w
     try:
+        _set_title(f"bulkhead-jail-init:{device}")
         os.closerange(0, alive_r)
         os.closerange(alive_r + 1, 1 << 20)
         os.setgroups([])
@@ -166,6 +178,7 @@ def _start_pid_init(uid: int, gid: int) -> tuple[int, int]:
 
 def run(spec: dict[str, Any], argv: list[str]) -> NoReturn:
     status_fd = int(spec["status_fd"])
+    _set_title(f"bulkhead-jail:{spec['config']['device']}")
     try:
         _check(lib.bh_prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
         if os.getppid() != int(spec["parent_pid"]):
@@ -176,7 +189,8 @@ def run(spec: dict[str, Any], argv: list[str]) -> NoReturn:
         init_pid = init_alive = -1
         if spec["namespaces"]:
             _check(lib.bh_unshare(lib.CLONE_NEWPID), "unshare(CLONE_NEWPID)")
-            init_pid, init_alive = _start_pid_init(int(spec["uid"]), int(spec["gid"]))
+            init_pid, init_alive = _start_pid_init(int(spec["uid"]), int(spec["gid"]),
+                                                   str(spec["config"]["device"]))
         to_parent_r, to_parent_w = os.pipe()
         from_parent_r, from_parent_w = os.pipe()
     except BaseException as err:  # noqa: BLE001

@@ -89,6 +89,19 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
                         "is failed with cause `heartbeat timeout` (default 500)")
     p.add_argument("--allow-faults", action="store_true",
                    help="testing only: let `bulkhead fault` inject faults into this VM's devices")
+    p.add_argument("--seccomp", choices=("kill", "trap", "log", "off"), default="kill",
+                   help="seccomp action on a syscall outside a device's policy (default kill; "
+                        "trap names the syscall in the log)")
+    p.add_argument("--jail-uid", type=int, metavar="UID",
+                   help="host uid the device processes run as (default 0x70000000 + core pid)")
+    p.add_argument("--jail-gid", type=int, metavar="GID", help="host gid (default as --jail-uid)")
+    p.add_argument("--no-jail", action="store_true",
+                   help="debugging only: device processes without namespaces, seccomp or dropped caps")
+    p.add_argument("--cgroup-memory-mib", type=_positive_int, metavar="MIB",
+                   help="memory limit of the VM's cgroup (core + devices)")
+    p.add_argument("--cgroup-pids-max", type=_positive_int, metavar="N",
+                   help="tasks limit of the VM's cgroup (default 512)")
+    p.add_argument("--no-cgroup", action="store_true", help="do not create a per-VM cgroup")
     p.add_argument("--hold", action="store_true",
                    help="keep the VM alive after the test guest's checks until SIGTERM/Ctrl-C")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
@@ -105,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.RawDescriptionHelpFormatter,
                           epilog="example:\n  bulkhead demo --vcpus 2\n")
     _add_vm_args(demo, kernel_required=False)
+    jail = sub.add_parser("jail", help="`bulkhead jail learn --device blk|rng|console [--only-new]`: "
+                          "run a device under a real workload and print the syscalls it used as a "
+                          "policy fragment", add_help=False)
+    jail.add_argument("action", choices=("learn",))
+    jail.add_argument("rest", nargs=argparse.REMAINDER)
+    jail.set_defaults(verbose=0)
     guest = sub.add_parser("guest", help="guest assets: `bulkhead guest fetch` downloads Debian's cloud "
                            "kernel and busybox and builds an initramfs (cached)")
     guest.add_argument("action", choices=("fetch",))
@@ -164,6 +183,7 @@ def _config_from_args(args: argparse.Namespace, scratch: str):
     if args.hold and "gk.hold=" not in cmdline:
         cmdline += " gk.hold=1"
     return VmConfig(kernel=kernel, cmdline=cmdline.strip(), mem_mib=args.mem, vcpus=vcpus,
+                    cgroup=_cgroup_limits(args),
                     serial=args.serial, initrd=args.initrd, name=args.name, devices=devices,
                     sandbox=not args.no_sandbox,
                     device_options={"on_device_crash": args.on_device_crash,
@@ -171,7 +191,30 @@ def _config_from_args(args: argparse.Namespace, scratch: str):
                                     "allow_faults": args.allow_faults,
                                     "heartbeat_timeout": args.heartbeat_timeout_ms / 1000,
                                     "max_restarts": args.max_restarts,
-                                    "restart_window": args.restart_window})
+                                    "restart_window": args.restart_window,
+                                    "spawn_options": {"jail": _jail_options(args)}})
+
+
+def _jail_options(args: argparse.Namespace) -> bool | dict:
+    if args.no_jail:
+        return False
+    jail: dict = {"seccomp": args.seccomp}
+    if args.jail_uid is not None:
+        jail["uid"] = args.jail_uid
+    if args.jail_gid is not None:
+        jail["gid"] = args.jail_gid
+    return jail
+
+
+def _cgroup_limits(args: argparse.Namespace):
+    from .cgroups import DEFAULT_PIDS_MAX, CgroupLimits
+    asked = args.cgroup_memory_mib is not None or args.cgroup_pids_max is not None
+    if args.no_cgroup:
+        if asked:
+            raise BulkheadError("--no-cgroup cannot be combined with --cgroup-memory-mib/--cgroup-pids-max")
+        return None
+    return CgroupLimits(memory_max=None if args.cgroup_memory_mib is None else args.cgroup_memory_mib << 20,
+                        pids_max=args.cgroup_pids_max or DEFAULT_PIDS_MAX, required=asked)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -216,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb in ("run", "demo"):
             return cmd_run(args)
+        if args.verb == "jail":
+            from device_procs.jail.learn import learn_main
+            return learn_main(args.rest)
         if args.verb == "guest":
             from .guest_assets import main as guest_main
             return guest_main(["--refresh"] if args.refresh else [])

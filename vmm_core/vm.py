@@ -23,6 +23,7 @@ from .bus import Bus
 from .errors import BootError, ConfigError
 from .kvm import Kvm, Vcpu, Vm
 from .kvm._kvm_cffi import ffi, lib
+from .cgroups import CgroupLimits, join_vm_cgroup
 from .memory import GuestMemory
 from .registry import valid_name
 from .vcpu import StopReason, StopRequest, VcpuThread
@@ -45,6 +46,7 @@ class VmConfig:
     devices: list = field(default_factory=list)  # list[DeviceSpec]
     sandbox: bool = True
     device_options: dict = field(default_factory=dict)
+    cgroup: "CgroupLimits | None" = field(default_factory=lambda: CgroupLimits())
 
     def validate(self, max_vcpus: int = 254) -> None:
         if not MIN_MEM_MIB <= self.mem_mib <= MAX_MEM_MIB:
@@ -101,6 +103,10 @@ class Machine:
         self.runtime_dir = make_runtime_dir(self.name)
         self.add_cleanup(self._remove_runtime_dir)
         try:
+            # Before any device process: they are born in the VM's cgroup.
+            self.cgroup = join_vm_cgroup(self.name, config.cgroup)
+            if self.cgroup is not None:
+                self.add_cleanup(self.cgroup.leave)
             self.pio_bus: Bus = Bus("pio")
             self.mmio_bus: Bus = Bus("mmio")
             self._timers: list[threading.Timer] = []

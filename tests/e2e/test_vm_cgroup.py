@@ -1,0 +1,58 @@
+"""The VM's cgroup holds the core and every device process, carries the limits, and goes away."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from vmm_core.testing import TEST_GUEST, BackgroundVm, device_pids, run_bulkhead
+
+pytestmark = [pytest.mark.kvm, pytest.mark.root]
+
+
+def cgroup_paths(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            for c in (ctrls.split(",") if ctrls else [""]):
+                out[c] = path
+    return out
+
+
+def wait_done(vm: BackgroundVm, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(l.startswith("GK done") for l in vm.stdout):
+        assert vm.proc.poll() is None and time.monotonic() < deadline, vm.explain()
+        time.sleep(0.05)
+
+
+def test_core_and_devices_share_the_vm_cgroup_with_its_limits(tmp_path):
+    name = f"cg{os.getpid()}"
+    vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--rng", "--console", str(tmp_path / "c.txt"),
+                      "--hold", "--name", name, "--cgroup-pids-max", "300",
+                      "--cgroup-memory-mib", "4096", "--cmdline", "gk.tests=virtio-rng")
+    try:
+        wait_done(vm)
+        core = cgroup_paths(vm.pid)
+        assert core["pids"].endswith(f"/bulkhead/{name}"), core
+        devices = device_pids(vm.pid)
+        assert set(devices) == {"rng0", "console0"}
+        for pid in devices.values():
+            assert cgroup_paths(pid)["pids"] == core["pids"]
+            assert cgroup_paths(pid)["memory"] == core["memory"]
+        pids_dir = f"/sys/fs/cgroup/pids{core['pids']}"
+        mem_dir = f"/sys/fs/cgroup/memory{core['memory']}"
+        assert open(f"{pids_dir}/pids.max").read().strip() == "300"
+        assert int(open(f"{mem_dir}/memory.limit_in_bytes").read()) == 4096 << 20
+        vm.proc.send_signal(signal.SIGTERM)
+        assert vm.wait(30) == 143, vm.explain()
+    finally:
+        vm.kill()
+    assert not os.path.exists(pids_dir) and not os.path.exists(mem_dir)
+
+
+def test_no_cgroup_with_limits_is_a_usage_error():
+    run = run_bulkhead("run", "--kernel", TEST_GUEST, "--no-cgroup", "--cgroup-pids-max", "10")
+    assert run.returncode == 2 and "--no-cgroup cannot be combined" in run.stderr

@@ -89,6 +89,9 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
                         "is failed with cause `heartbeat timeout` (default 500)")
     p.add_argument("--allow-faults", action="store_true",
                    help="testing only: let `bulkhead fault` inject faults into this VM's devices")
+    p.add_argument("--ring-spin-us", type=int, default=100, metavar="US",
+                   help="how long the core and each device busy-wait on the register ring before "
+                        "sleeping on its eventfd (default 100; 0 = always sleep)")
     p.add_argument("--seccomp", choices=("kill", "trap", "log", "off"), default="kill",
                    help="seccomp action on a syscall outside a device's policy (default kill; "
                         "trap names the syscall in the log)")
@@ -192,6 +195,7 @@ def _config_from_args(args: argparse.Namespace, scratch: str):
                                     "heartbeat_timeout": args.heartbeat_timeout_ms / 1000,
                                     "max_restarts": args.max_restarts,
                                     "restart_window": args.restart_window,
+                                    "ring_spin_us": max(0, args.ring_spin_us),
                                     "spawn_options": {"jail": _jail_options(args)}})
 
 

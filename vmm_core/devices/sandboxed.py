@@ -77,7 +77,8 @@ class SandboxedBackend:
         self.counters = DeviceCounters()
         self._restart_cond = threading.Condition()
         self.proc: DeviceProcess = self._spawn()
-        self.proxy = self.proc.make_proxy(timeout=self.timeout, on_failure=self._on_proxy_failure)
+        self.proxy = self.proc.make_proxy(timeout=self.timeout, on_failure=self._on_proxy_failure,
+                                          spin_us=self.supervisor.options.get("ring_spin_us", 0))
         self.bus_device = self
         self.state = "running"
 
@@ -98,6 +99,7 @@ class SandboxedBackend:
         try:
             return start_device(self.supervisor.control, self.name, spec, self.machine.memory, fds,
                                 generation=self.generation, allow_faults=self.supervisor.allow_faults,
+                                spin_us=self.supervisor.options.get("ring_spin_us", 0),
                                 **self.supervisor.spawn_options)
         except DeviceStartError as e:
             raise ConfigError(str(e)) from None

@@ -1,13 +1,15 @@
-"""Device recovery: from `bulkhead fault VM DEV kill` to the device serving again, next to the
-spawn time of a fresh device process measured in the same run.
+"""Device recovery: from `bulkhead fault VM DEV kill` to the device serving again, with devices
+started by the zygote and by a fresh interpreter, side by side in one run; plus the spawn time of
+a device process by each method.
 
-A held test-guest VM (the device probed by the guest, so a restart replays a live transport
-state) is asked through its control endpoint to SIGKILL the device N times; after each kill the
-benchmark polls `ps` until a new pid runs (the restart is complete only after the fresh process
-has acknowledged `Activate`, so "running" means serving).  Reported: that end-to-end time, the
-core's own measure (failure noticed -> Activate acknowledged), and, alternating with the kills,
-the time to spawn + handshake a fresh device process from this process (the floor a restart
-pays today: a new interpreter importing zmq/msgpack).
+Two held test-guest VMs run at once, one per spawn method (`BULKHEAD_SPAWN_METHOD=exec|zygote`,
+until the CLI has a flag), each with the device probed by the guest (so a restart replays a live
+transport state).  Each is asked through its control endpoint to SIGKILL the device N times,
+alternating between the VMs; after each kill the benchmark polls `ps` until a new pid runs (the
+restart is complete only after the fresh process has acknowledged `Activate`, so "running" means
+serving).  Reported per method: that end-to-end time, the core's own measure (failure noticed ->
+Activate acknowledged), and, alternating with the kills, the time to spawn + handshake a device
+process from this process.
 
     .venv/bin/python benchmarks/recovery.py [--kills 30] [--device rng0]
 """
@@ -28,7 +30,8 @@ from ipc_protocol.transport.zmq_channel import ControlServer, make_runtime_dir  
 from vmm_core import control_protocol as cp  # noqa: E402
 from vmm_core.cli_control import wait_for_vm  # noqa: E402
 from vmm_core.control import ControlError, request  # noqa: E402
-from vmm_core.devices.spawn import DeviceFds, start_device  # noqa: E402
+from vmm_core.devices.spawn import SPAWN_METHOD_ENV, DeviceFds, start_device  # noqa: E402
+from vmm_core.devices.zygote import Zygote  # noqa: E402
 from vmm_core.memory import GuestMemory  # noqa: E402
 from vmm_core.testing import TEST_GUEST, BackgroundVm  # noqa: E402
 
@@ -48,21 +51,25 @@ class SpawnProbe:
         self.control = ControlServer(self.rundir)
         self.memory = GuestMemory.create(16 << 20)
         self.irqfd, self.kick = make_eventfd(), make_eventfd()
+        self.zygote = Zygote()
         self.generation = 0
 
-    def spawn_ms(self) -> float:
+    def spawn_ms(self, method: str) -> float:
         self.generation += 1
         t0 = time.perf_counter()
         proc = start_device(self.control, "rng0", {"type": "rng"}, self.memory,
                             DeviceFds(self.memory.fd, self.irqfd, [self.kick]),
-                            generation=self.generation)
+                            generation=self.generation, spawn_method=method, zygote=self.zygote)
         took = (time.perf_counter() - t0) * 1000
+        if proc.spawn_method != method:
+            raise SystemExit(f"asked for {method}, got {proc.spawn_method} (see the log)")
         proc.shutdown(self.control, timeout=2.0)
         self.control.forget(proc.identity)
         proc.close()
         return took
 
     def close(self) -> None:
+        self.zygote.close()
         self.control.close()
         self.memory.close()
         for fd in (self.irqfd, self.kick):
@@ -86,52 +93,84 @@ def kill_and_wait(name: str, device: str, timeout: float = 10.0) -> float:
         time.sleep(0.001)
 
 
+def start_vm(name: str, method: str, tmp: str, device: str) -> BackgroundVm:
+    disk = os.path.join(tmp, f"{name}.img")
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    saved = os.environ.get(SPAWN_METHOD_ENV)
+    os.environ[SPAWN_METHOD_ENV] = method  # inherited by this VM's core only
+    try:
+        return BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", disk, "--rng",
+                            "--console", os.path.join(tmp, f"{name}.txt"), "--hold",
+                            "--allow-faults", "--name", name,
+                            # Each kill is a first failure: no crash-loop back-off in the figures.
+                            "--restart-window", "0.05",
+                            "--cmdline", f"gk.tests={GUEST_TEST[device]}")
+    finally:
+        if saved is None:
+            os.environ.pop(SPAWN_METHOD_ENV, None)
+        else:
+            os.environ[SPAWN_METHOD_ENV] = saved
+
+
+def line(label: str, values: list[float]) -> str:
+    return f"  {label:<44} p50 {statistics.median(values):6.1f} ms   p99 {pct(values, 0.99):6.1f} ms"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=30)
     ap.add_argument("--device", default="rng0", choices=sorted(GUEST_TEST))
     ap.add_argument("--interval-ms", type=int, default=100, help="pause between kills")
     args = ap.parse_args()
-    name = f"bench{os.getpid()}"
+    methods = ("exec", "zygote")
+    names = {m: f"bench{m[0]}{os.getpid()}" for m in methods}
+    recover: dict[str, list[float]] = {m: [] for m in methods}
+    spawn: dict[str, list[float]] = {m: [] for m in methods}
+    core: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bhbench-") as tmp:
-        disk = os.path.join(tmp, "disk.img")
-        with open(disk, "wb") as f:
-            f.truncate(1 << 20)
-        vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", disk, "--rng",
-                          "--console", os.path.join(tmp, "console.txt"), "--hold",
-                          "--allow-faults", "--name", name,
-                          # Each kill is a first failure: no crash-loop back-off in the figures.
-                          "--restart-window", "0.05",
-                          "--cmdline", f"gk.tests={GUEST_TEST[args.device]}")
+        vms = {m: start_vm(names[m], m, tmp, args.device) for m in methods}
         probe = SpawnProbe()
-        recover, spawn = [], []
         try:
-            wait_for_vm(name)
-            while not any(l.startswith("GK done") for l in vm.stdout):
-                time.sleep(0.02)
+            for m, vm in vms.items():
+                wait_for_vm(names[m])
+                while not any(l.startswith("GK done") for l in vm.stdout):
+                    if vm.proc.poll() is not None:
+                        raise SystemExit(f"the {m} VM exited:\n{vm.explain()}")
+                    time.sleep(0.02)
             for _ in range(args.kills):
-                time.sleep(args.interval_ms / 1000)
-                spawn.append(probe.spawn_ms())
-                time.sleep(args.interval_ms / 1000)
-                try:
-                    recover.append(kill_and_wait(name, args.device))
-                except ControlError as err:  # e.g. still restarting: not a sample
-                    print(f"skipped: {err}", file=sys.stderr)
-            core = {d["name"]: d for d in request(name, cp.GetStats())["devices"]}[args.device]
-            request(name, cp.Stop())
-            vm.wait(15)
+                for m in methods:
+                    time.sleep(args.interval_ms / 1000)
+                    spawn[m].append(probe.spawn_ms(m))
+                    time.sleep(args.interval_ms / 1000)
+                    try:
+                        recover[m].append(kill_and_wait(names[m], args.device))
+                    except ControlError as err:  # e.g. still restarting: not a sample
+                        print(f"skipped ({m}): {err}", file=sys.stderr)
+            for m in methods:
+                core[m] = {d["name"]: d for d in request(names[m], cp.GetStats())["devices"]}[
+                    args.device]["recovery_ms"]
+                request(names[m], cp.Stop())
+                vms[m].wait(15)
         finally:
-            vm.kill()
+            for vm in vms.values():
+                vm.kill()
             probe.close()
-    rec = core["recovery_ms"]
-    print(f"recovery of {args.device}: {len(recover)} kills through the control endpoint")
-    print(f"  kill -> serving again (client view): p50 {statistics.median(recover):6.1f} ms   "
-          f"p99 {pct(recover, 0.99):6.1f} ms")
-    print(f"  failure noticed -> Activate acked (core): p50 {rec['p50']:6.1f} ms   p99 {rec['p99']:6.1f} ms")
-    print(f"  fresh device process spawn+handshake:  p50 {statistics.median(spawn):6.1f} ms   "
-          f"p99 {pct(spawn, 0.99):6.1f} ms")
-    print(f"  ratio recovery/spawn (p50): {statistics.median(recover) / statistics.median(spawn):.2f}x"
-          f"   (goal: recovery p50 <= 50 ms)")
+    print(f"recovery of {args.device}: {args.kills} kills per spawn method through the control "
+          "endpoint, alternating")
+    for m in methods:
+        print(f" {m}:")
+        print(line("kill -> serving again (client view)", recover[m]))
+        print(f"  {'failure noticed -> Activate acked (core)':<44} p50 {core[m]['p50']:6.1f} ms   "
+              f"p99 {core[m]['p99']:6.1f} ms")
+        print(line("device process spawn+handshake", spawn[m]))
+    r50 = statistics.median(recover["exec"]) / statistics.median(recover["zygote"])
+    r99 = pct(recover["exec"], 0.99) / pct(recover["zygote"], 0.99)
+    s50 = statistics.median(spawn["exec"]) / statistics.median(spawn["zygote"])
+    print(f" exec/zygote: recovery p50 {r50:.1f}x, p99 {r99:.1f}x; spawn p50 {s50:.1f}x")
+    ok = statistics.median(recover["zygote"]) <= 50
+    print(f" goal recovery p50 <= 50 ms: {'met' if ok else 'NOT met'} "
+          f"(zygote p50 {statistics.median(recover['zygote']):.1f} ms)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The device process: `python -m device_procs.host --name blk0 --type blk ...`.
 
-Started by `vmm_core.devices.spawn` as a fresh interpreter (never a fork of the threaded core).
-Its life, in order:
+Started by `vmm_core.devices.spawn` as a fresh interpreter, or forked by the device zygote
+(`device_procs.zygote`, which has this module imported and calls `main(argv)` in the forked
+child); never a fork of the threaded core.  Its life, in order:
 
 1. parse argv; set the process title; arm PR_SET_PDEATHSIG so it dies with the core;
 2. receive its fds over the bootstrap socket (SCM_RIGHTS bundle: guest memory, ring memfd,
@@ -429,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     finally:
         control.close()
+        # Terminating the context is what delivers a last message (ErrorReport, Ack) within the
+        # socket's linger: a device forked by the zygote ends in os._exit, with no interpreter
+        # shutdown to do it implicitly.
+        context.term()
 
 
 if __name__ == "__main__":

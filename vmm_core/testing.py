@@ -89,8 +89,10 @@ def _ppid(pid: int | str) -> int:
 def device_pids(core_pid: int) -> dict[str, int]:
     """{device name: pid} of the device processes of the core `core_pid`.
 
-    A jailed device's parent is its jail launcher, whose parent is the core (an unjailed one's
-    is the core itself); both are recognised.
+    The core is found among the device's nearest ancestors: its parent (unjailed), the jail
+    launcher's parent (exec'd launcher), or the zygote that forked the launcher (zygote path:
+    core -> zygote -> launcher -> device).  A launcher whose zygote died is re-parented away from
+    the core; its device is not listed here (`bulkhead ps` still lists it).
     """
     out = {}
     for entry in os.listdir("/proc"):
@@ -101,8 +103,12 @@ def device_pids(core_pid: int) -> dict[str, int]:
                 argv = f.read().split(b"\0")
             if not (argv and argv[0].startswith(b"bulkhead-dev:")):
                 continue
-            ppid = _ppid(entry)
-            if ppid != core_pid and (ppid <= 1 or _ppid(ppid) != core_pid):
+            ancestor = int(entry)
+            for _ in range(3):
+                ancestor = _ppid(ancestor)
+                if ancestor in (core_pid, 0, 1):
+                    break
+            if ancestor != core_pid:
                 continue
         except (OSError, ValueError, IndexError):
             continue

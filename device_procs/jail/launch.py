@@ -36,13 +36,14 @@ import os
 import select
 import signal
 import sys
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 from device_procs.jail._seccomp_cffi import ffi, lib
 
 NS_FLAGS = lib.CLONE_NEWUSER | lib.CLONE_NEWNS | lib.CLONE_NEWNET | lib.CLONE_NEWIPC | lib.CLONE_NEWUTS
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 1, 38, 24
 PR_CAP_AMBIENT_RAISE = 2
+ENV_VAR = "BULKHEAD_JAIL"  # the JailConfig the device reads (sandbox.ENV_VAR is this name)
 # What `enter_jail` still needs after exec: mounts + pivot_root, the uid/gid switch, dropping the rest.
 KEEP_CAPS = (21, 7, 6, 8)  # CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID, CAP_SETPCAP
 _CAPSET_V3 = 0x20080522
@@ -84,9 +85,19 @@ def _last_cap() -> int:
         return 40
 
 
+# What a forked (zygote) device runs instead of exec: returns the device's exit status.
+DeviceMain = Callable[[], int]
+
+
 def _child(spec: dict[str, Any], argv: list[str], to_parent: int, from_parent: int,
-           status_fd: int) -> NoReturn:
-    """D: runs between fork and exec; any failure is reported as an `error` line."""
+           status_fd: int, then: DeviceMain | None = None) -> NoReturn:
+    """D: runs between fork and exec; any failure is reported as an `error` line.
+
+    With `then` (a zygote's child, whose interpreter already has the device host imported) the
+    same preparation ends in a call instead of execve: the environment and the fds are exactly
+    those the exec'd host would see, and the capabilities are the four the ambient set would have
+    carried across exec.
+    """
     try:
         binds = []
         if spec["namespaces"]:
@@ -120,7 +131,7 @@ def _child(spec: dict[str, Any], argv: list[str], to_parent: int, from_parent: i
         if r and os.read(from_parent, 1) == b"":
             raise OSError("the launcher died before PDEATHSIG was armed")
         config = dict(spec["config"], binds=binds, status_fd=status_fd, alive_fd=from_parent)
-        env = dict(os.environ, BULKHEAD_JAIL=json.dumps(config))
+        env = dict(os.environ, **{ENV_VAR: json.dumps(config)})
         keep = sorted({0, 1, 2, status_fd, from_parent, *spec["keep_fds"], *(b["fd"] for b in binds)})
         lo = 0
         for fd in keep:
@@ -131,9 +142,33 @@ def _child(spec: dict[str, Any], argv: list[str], to_parent: int, from_parent: i
         for fd in keep:
             if fd > 2:
                 os.set_inheritable(fd, True)
-        os.execve(argv[0], argv, env)
+        if then is None:
+            os.execve(argv[0], argv, env)
+        os.environ[ENV_VAR] = env[ENV_VAR]
     except BaseException as err:  # noqa: BLE001 - everything must end in a report and _exit
         _fail(status_fd, "jail setup failed", err)
+    _run_in_place(then)
+
+
+def _run_in_place(then: DeviceMain) -> NoReturn:
+    """The forked device's whole life; never returns into the zygote's frames below us."""
+    code = 1
+    try:
+        code = then()
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:  # noqa: BLE001 - the exec'd host would have printed it and exited 1
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+    # os._exit, not sys.exit: the zygote's atexit handlers and finalisers are not ours to run.
+    os._exit(code & 0xFF)
 
 
 def _write_maps(pid: int, uid: int, gid: int) -> None:
@@ -176,13 +211,24 @@ def _start_pid_init(uid: int, gid: int, device: str) -> tuple[int, int]:
         os._exit(0)
 
 
-def run(spec: dict[str, Any], argv: list[str]) -> NoReturn:
+def run(spec: dict[str, Any], argv: list[str], then: DeviceMain | None = None) -> NoReturn:
+    """L's whole life.  `then`: see `_child` (the zygote path, `device_procs.zygote`).
+
+    `spec["watch_fd"]` (the zygote path): a pidfd of the core.  L then lives as long as the core
+    rather than as long as its parent: a zygote that dies must not take running devices with it,
+    so L arms no PDEATHSIG and instead kills D when that pidfd turns readable.
+    """
     status_fd = int(spec["status_fd"])
+    watch_fd = int(spec.get("watch_fd", -1))
     _set_title(f"bulkhead-jail:{spec['config']['device']}")
     try:
-        _check(lib.bh_prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
-        if os.getppid() != int(spec["parent_pid"]):
-            os._exit(1)
+        if watch_fd >= 0:
+            if select.select([watch_fd], [], [], 0)[0]:
+                os._exit(1)  # the core is already gone
+        else:
+            _check(lib.bh_prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+            if os.getppid() != int(spec["parent_pid"]):
+                os._exit(1)
         for procs in spec["cgroup_procs"]:
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
@@ -203,7 +249,9 @@ def run(spec: dict[str, Any], argv: list[str]) -> NoReturn:
         os.close(from_parent_w)
         if init_alive >= 0:
             os.close(init_alive)
-        _child(spec, argv, to_parent_w, from_parent_r, status_fd)
+        if watch_fd >= 0:
+            os.close(watch_fd)
+        _child(spec, argv, to_parent_w, from_parent_r, status_fd, then)
     os.close(to_parent_w)
     os.close(from_parent_r)
 
@@ -226,6 +274,8 @@ def run(spec: dict[str, Any], argv: list[str]) -> NoReturn:
         forward(0, None)
         _fail(status_fd, "launcher could not map the device's uid/gid", err)
     # from_parent_w stays open while we live: D polls it to learn that we died.
+    if watch_fd >= 0:
+        _await_device_or_core(pid, watch_fd)
     while True:
         try:
             _, status = os.waitpid(pid, 0)
@@ -241,6 +291,24 @@ def run(spec: dict[str, Any], argv: list[str]) -> NoReturn:
     code = os.WEXITSTATUS(status)
     _status(status_fd, f"exit {code}")
     os._exit(code)
+
+
+def _await_device_or_core(pid: int, watch_fd: int) -> None:
+    """Block until D ends; if the core ends first, SIGKILL D (what PDEATHSIG would have done)."""
+    device_fd = os.pidfd_open(pid)
+    try:
+        while True:
+            ready = select.select([device_fd, watch_fd], [], [])[0]
+            if device_fd in ready:
+                return
+            if watch_fd in ready:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                return
+    finally:
+        os.close(device_fd)
 
 
 def main(argv: list[str]) -> NoReturn:

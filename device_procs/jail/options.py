@@ -23,7 +23,8 @@ from typing import Any, Mapping, Sequence, Union
 
 from device_procs.jail.errors import JailError
 from device_procs.jail.policy import CONFIG_DIR
-from device_procs.jail.sandbox import JailedProcess, JailExit, JailSpec, Rlimits, spawn
+from device_procs.jail.sandbox import (JailedProcess, JailExit, JailSpec, LauncherStart, Rlimits,
+                                      spawn)
 from device_procs.jail.seccomp import MODES
 
 # One uid/gid pair per VM: this base plus the core's pid.  Distinct for VMs alive at the same time
@@ -173,8 +174,9 @@ class LauncherPopen:
 
 def jailed_popen(options: JailOptions, name: str, device_type: str, argv: Sequence[str],
                  bootstrap_fd: int, *, disk_fd: int | None = None, env: dict[str, str] | None = None,
-                 cwd: str | None = None) -> LauncherPopen:
-    """Start `argv` (the device host) through the jail launcher, keeping only `bootstrap_fd`."""
+                 cwd: str | None = None, start: LauncherStart | None = None) -> LauncherPopen:
+    """Start `argv` (the device host) through the jail launcher, keeping only `bootstrap_fd`;
+    `start`: fork the launcher from the zygote instead (see `sandbox.spawn`)."""
     spec = options.spec_for(name, device_type, keep_fds=[bootstrap_fd], disk_fd=disk_fd)
-    proc = spawn(spec, argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL)
+    proc = spawn(spec, argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, start=start)
     return LauncherPopen(proc, options.seccomp)

@@ -46,16 +46,15 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 from device_procs.jail._seccomp_cffi import ffi, lib
 from device_procs.jail.errors import JailError
-from device_procs.jail.launch import _last_cap, _set_caps
+from device_procs.jail.launch import ENV_VAR, _last_cap, _set_caps
 from device_procs.jail.policy import load_policy, policy_for_device
 from device_procs.jail.seccomp import (MODES, Filter, Violation, build_filter, install_learn,
                                       parse_report_line)
 
-ENV_VAR = "BULKHEAD_JAIL"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 PR_CAPBSET_DROP, PR_SET_SECUREBITS = 24, 28
@@ -135,9 +134,9 @@ class JailConfig:
                    d.get("tmpfs_size", "1m"))
 
 
-def launcher_argv(spec: JailSpec, argv: Sequence[str], status_fd: int,
-                  pass_fds: Sequence[int] = ()) -> list[str]:
-    """The command that runs `argv` jailed; run it with `pass_fds=[status_fd, *pass_fds]`."""
+def launch_spec(spec: JailSpec, status_fd: int, pass_fds: Sequence[int] = ()) -> dict[str, Any]:
+    """What the launcher (`launch.run`) is told, whether exec'd (`launcher_argv`) or forked by
+    the zygote (`device_procs.zygote`, which substitutes its own fd numbers)."""
     if spec.seccomp_mode not in (*MODES, "learn"):
         raise JailError(f"unknown seccomp mode {spec.seccomp_mode!r} (expected {', '.join(MODES)})")
     policy = spec.policy_path()
@@ -145,10 +144,16 @@ def launcher_argv(spec: JailSpec, argv: Sequence[str], status_fd: int,
     config = {"device": spec.device, "policy": str(policy), "mode": spec.seccomp_mode,
               "namespaces": spec.namespaces, "rlimits": asdict(spec.rlimits),
               "tmpfs_size": spec.tmpfs_size}
-    launch = {"status_fd": status_fd, "parent_pid": os.getpid(), "namespaces": spec.namespaces,
-              "uid": spec.uid, "gid": spec.gid, "hostname": f"bulkhead-{spec.device}"[:64],
-              "binds": [asdict(b) for b in spec.binds], "cgroup_procs": list(spec.cgroup_procs),
-              "keep_fds": sorted({*spec.keep_fds, *pass_fds}), "config": config}
+    return {"status_fd": status_fd, "parent_pid": os.getpid(), "namespaces": spec.namespaces,
+            "uid": spec.uid, "gid": spec.gid, "hostname": f"bulkhead-{spec.device}"[:64],
+            "binds": [asdict(b) for b in spec.binds], "cgroup_procs": list(spec.cgroup_procs),
+            "keep_fds": sorted({*spec.keep_fds, *pass_fds}), "config": config}
+
+
+def launcher_argv(spec: JailSpec, argv: Sequence[str], status_fd: int,
+                  pass_fds: Sequence[int] = ()) -> list[str]:
+    """The command that runs `argv` jailed; run it with `pass_fds=[status_fd, *pass_fds]`."""
+    launch = launch_spec(spec, status_fd, pass_fds)
     exe = argv[0] if os.path.isabs(argv[0]) else (_which(argv[0]) or argv[0])
     return [sys.executable, "-m", "device_procs.jail.launch", "--spec", json.dumps(launch), "--",
             exe, *argv[1:]]
@@ -181,10 +186,24 @@ class JailExit:
         return f"exited with status {self.code}"
 
 
+class LauncherHandle(Protocol):
+    """The launcher as `JailedProcess` uses it: a `subprocess.Popen`, or the zygote path's
+    pidfd-backed stand-in (`vmm_core.devices.zygote.PidfdPopen`)."""
+
+    pid: int
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+# Starts the launcher for `spawn`: (launch_spec(...), status write end) -> the launcher.
+LauncherStart = Callable[[dict[str, Any], int], LauncherHandle]
+
+
 class JailedProcess:
     """A device process started by `spawn`: its host pid, its launcher and its status pipe."""
 
-    def __init__(self, launcher: subprocess.Popen[bytes], pid: int, status_fd: int,
+    def __init__(self, launcher: LauncherHandle, pid: int, status_fd: int,
                  pending: list[str]) -> None:
         self.launcher = launcher
         self.pid = pid
@@ -251,19 +270,24 @@ class JailedProcess:
 
 def spawn(spec: JailSpec, argv: Sequence[str], *, pass_fds: Sequence[int] = (),
           env: dict[str, str] | None = None, timeout: float = 10.0, cwd: str | None = None,
-          stdin: int | None = None) -> JailedProcess:
+          stdin: int | None = None, start: LauncherStart | None = None) -> JailedProcess:
     """Start `argv` jailed per `spec`; returns once the device process exists (before its exec).
 
     Safe from a multi-threaded core (plain fork+exec of the launcher, no preexec_fn).  The launcher's
     PR_SET_PDEATHSIG follows the *calling thread*: spawn from a thread that lives as long as the VM.
+    `start`: the zygote path -- the launcher is forked by the zygote, which runs the device host
+    in place of `argv` (the zygote is told the host's arguments itself).
     """
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     try:
-        cmd = launcher_argv(spec, argv, status_w, pass_fds)
-        env = dict(os.environ if env is None else env)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-        launcher = subprocess.Popen(cmd, pass_fds=(status_w, *spec.keep_fds, *pass_fds), env=env,
-                                    cwd=cwd, stdin=stdin)
+        if start is not None:
+            launcher: LauncherHandle = start(launch_spec(spec, status_w, pass_fds), status_w)
+        else:
+            cmd = launcher_argv(spec, argv, status_w, pass_fds)
+            env = dict(os.environ if env is None else env)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+            launcher = subprocess.Popen(cmd, pass_fds=(status_w, *spec.keep_fds, *pass_fds),
+                                        env=env, cwd=cwd, stdin=stdin)
     except BaseException:
         os.close(status_r)
         raise

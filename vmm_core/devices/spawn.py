@@ -28,6 +28,16 @@ calls `enter_jail` once configured (see `device_procs.host`).  The process tree 
 core -> launcher -> device; `DeviceProcess.pid` is the device's host pid, `popen` stands for the
 launcher but reports the *device's* exit the Popen way (-signal or code), and `seccomp_report`
 names a trapped syscall.  `jail=False` keeps the plain child for debugging and comparisons.
+
+Spawn method (`spawn_method`, default `$BULKHEAD_SPAWN_METHOD` or "zygote"):
+
+- "zygote": the launcher is *forked* by the VM's zygote (`vmm_core.devices.zygote`), a process
+  that has the device stack imported; the launcher runs the same jail steps and then the host's
+  `main` in place of exec.  Tree: core -> zygote -> launcher -> device.  Same fds over the same
+  bootstrap socket, same handshake; ~10x cheaper than an interpreter start.  If the zygote cannot
+  serve, the log says so and this spawn falls back to "exec".
+- "exec": a fresh interpreter per device (the launcher, then the host, are exec'd).
+Unjailed devices (`jail=False`) are always exec'd.
 """
 
 from __future__ import annotations
@@ -53,15 +63,22 @@ from ipc_protocol.transport.zmq_channel import ControlServer
 from ..errors import BulkheadError
 from ..memory import GuestMemory
 from .proxy import DEFAULT_SPIN_US, DEFAULT_TIMEOUT, ProxyDevice
+from .zygote import Zygote, ZygoteError, default_zygote
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0  # a fresh interpreter importing zmq/msgpack takes ~0.2-1 s
+SPAWN_METHODS = ("zygote", "exec")
+SPAWN_METHOD_ENV = "BULKHEAD_SPAWN_METHOD"  # until the CLI has a flag; benchmarks set it
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 class DeviceStartError(BulkheadError):
     """A device process did not start or refused its configuration."""
+
+
+def default_spawn_method() -> str:
+    return os.environ.get(SPAWN_METHOD_ENV) or "zygote"
 
 
 @dataclass
@@ -88,8 +105,10 @@ class DeviceProcess:
     """A running device process: its Popen(-like), pidfd, rings and control identity."""
 
     def __init__(self, name: str, device_type: str, identity: bytes, popen: PopenLike,
-                 rings: ShmRings, ring_capacity: int, device_pid: int | None = None) -> None:
+                 rings: ShmRings, ring_capacity: int, device_pid: int | None = None,
+                 spawn_method: str = "exec") -> None:
         self.name = name
+        self.spawn_method = spawn_method  # how it was actually started ("zygote" or "exec")
         self.device_type = device_type
         self.identity = identity
         self.popen = popen
@@ -212,16 +231,23 @@ class DeviceProcess:
 def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: DeviceFds,
                  ring_capacity: int = DEFAULT_CAPACITY, generation: int = 1,
                  factory: str | None = None, allow_faults: bool = False,
-                 log_level: str = "WARNING", jail: JailOrOptions = True) -> DeviceProcess:
+                 log_level: str = "WARNING", jail: JailOrOptions = True,
+                 spawn_method: str | None = None, zygote: Zygote | None = None) -> DeviceProcess:
     """Start the child and send it its fds; the handshake is `DeviceProcess.handshake`.
 
     `jail`: True (default: the device type's policy, seccomp `kill`, the per-VM uid/gid), False
     (a plain child, for debugging), or a `JailOptions` / dict of its fields, e.g.
     `{"seccomp": "trap", "uid": 300000, "gid": 300000}`.
+    `spawn_method`: "zygote" or "exec" (see the module docstring); `zygote`: the VM's zygote
+    (default: this process's, started on first use).
 
     Call from a long-lived thread: PR_SET_PDEATHSIG in the child fires when the *spawning thread*
     exits, not only the core process.
     """
+    method = spawn_method or default_spawn_method()
+    if method not in SPAWN_METHODS:
+        raise DeviceStartError(f"device {name}: spawn method {method!r}: choose one of "
+                               f"{', '.join(SPAWN_METHODS)}")
     try:
         options = JailOptions.coerce(jail)
     except JailError as err:
@@ -229,25 +255,45 @@ def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: Dev
     identity = f"{name}.{generation}".encode()
     rings = ShmRings.create(ring_capacity, name=f"bulkhead-ring-{name}")
     parent_sock, child_sock = fdpass.socketpair()
-    argv = [sys.executable, "-m", "device_procs.host", "--name", name, "--type", device_type,
-            "--identity", identity.decode(), "--control", control_endpoint,
-            "--bootstrap-fd", str(child_sock.fileno()), "--parent-pid", str(os.getpid()),
-            "--log-level", log_level]
+    host_args = ["--name", name, "--type", device_type, "--identity", identity.decode(),
+                 "--control", control_endpoint, "--parent-pid", str(os.getpid()),
+                 "--log-level", log_level]
     if factory:
-        argv += ["--factory", factory]
+        host_args += ["--factory", factory]
     if allow_faults:
-        argv.append("--allow-faults")
+        host_args.append("--allow-faults")
+    argv = [sys.executable, "-m", "device_procs.host", *host_args,
+            "--bootstrap-fd", str(child_sock.fileno())]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
     device_pid: int | None = None
     popen: PopenLike
     try:
         if options is None:
+            method = "exec"
             popen = subprocess.Popen(argv, pass_fds=[child_sock.fileno()], close_fds=True,
                                      stdin=subprocess.DEVNULL, env=env, cwd=_REPO_ROOT)
         else:
-            popen = jailed_popen(options, name, device_type, argv, child_sock.fileno(),
-                                 disk_fd=fds.extra.get("disk"), env=env, cwd=_REPO_ROOT)
+            jail_args = (options, name, device_type, argv, child_sock.fileno())
+            jail_kwargs: dict[str, Any] = {"disk_fd": fds.extra.get("disk"), "env": env,
+                                           "cwd": _REPO_ROOT}
+            launcher = None
+            if method == "zygote":
+                try:
+                    start = (zygote or default_zygote()).launcher_start(host_args,
+                                                                        child_sock.fileno())
+                    launcher = jailed_popen(*jail_args, **jail_kwargs, start=start)
+                except ZygoteError as err:
+                    log.warning("device %s: %s; starting it as a fresh interpreter", name, err)
+                    method = "exec"
+                    # A zygote that failed half-way may have forked a child that holds the old
+                    # bootstrap socket: the fds go over a new pair.
+                    parent_sock.close()
+                    child_sock.close()
+                    parent_sock, child_sock = fdpass.socketpair()
+                    argv[-1] = str(child_sock.fileno())
+                    jail_args = (options, name, device_type, argv, child_sock.fileno())
+            popen = launcher or jailed_popen(*jail_args, **jail_kwargs)
             device_pid = popen.device_pid
     except JailError as err:  # e.g. no user namespaces, or a policy file with an error
         rings.close()
@@ -269,10 +315,28 @@ def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: Dev
         raise
     finally:
         parent_sock.close()
-    proc = DeviceProcess(name, device_type, identity, popen, rings, ring_capacity, device_pid)
-    log.info("spawned device %s (%s) as pid %d%s", name, device_type, proc.pid,
-             " (jailed)" if proc.jailed else "")
+    proc = DeviceProcess(name, device_type, identity, popen, rings, ring_capacity, device_pid,
+                         spawn_method=method)
+    log.info("spawned device %s (%s) as pid %d%s via %s", name, device_type, proc.pid,
+             " (jailed)" if proc.jailed else "", method)
     return proc
+
+
+def vm_zygote(spawn_options: dict[str, Any]) -> Zygote | None:
+    """Start a VM's zygote if its devices will use one, and put it in `spawn_options` (which
+    `start_device` receives).  Call from the thread that builds the VM, once the core is in the
+    VM's cgroup (the zygote and every device it forks are born there)."""
+    method = spawn_options.get("spawn_method") or default_spawn_method()
+    if method != "zygote" or spawn_options.get("jail", True) in (False, None):
+        return None
+    try:
+        zygote = Zygote()
+    except ZygoteError as err:
+        log.warning("%s: devices start as fresh interpreters", err)
+        spawn_options["spawn_method"] = "exec"
+        return None
+    spawn_options["zygote"] = zygote
+    return zygote
 
 
 def start_device(control: ControlServer, name: str, spec: dict[str, Any], memory: GuestMemory,

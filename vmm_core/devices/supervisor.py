@@ -31,6 +31,7 @@ from ipc_protocol.errors import LocalProtocolError, ProtocolError, TransportTime
 from ipc_protocol.transport.zmq_channel import ControlServer, PeerProtocolError
 
 from ..errors import BulkheadError
+from .spawn import vm_zygote
 
 if TYPE_CHECKING:
     from ..vm import Machine
@@ -68,6 +69,9 @@ class Supervisor(threading.Thread):
         self.heartbeat_interval: float = options.get("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL)
         self.heartbeat_timeout: float = options.get("heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT)
         self.runtime_dir = machine.runtime_dir
+        # The VM's device zygote: started here, on the thread building the VM (inside its cgroup)
+        # and before this VM opens its ZeroMQ socket.  It is a fresh interpreter, never a fork.
+        self.zygote = vm_zygote(self.spawn_options)
         self.control = ControlServer(self.runtime_dir)
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._lock = threading.Lock()
@@ -298,3 +302,5 @@ class Supervisor(threading.Thread):
         self.stop()
         self.control.close()
         os.close(self._wake)
+        if self.zygote is not None:
+            self.zygote.close()

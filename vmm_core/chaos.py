@@ -2,7 +2,7 @@
 check every write on the host.
 
 The guest writes checksummed sectors round after round and reads each round back; the tool
-has the core SIGKILL the chosen device process every `interval` (`bulkhead fault VM DEV kill`
+has the core SIGKILL the chosen device process every `interval` (`bulkhead fault VM DEV kill`, or another fault / a seeded mix with `--fault`
 through the VM's control endpoint: the core knows its device processes, wherever their PID
 namespace puts them; the supervisor restarts them), and after the VM exits compares the image
 with the last round's pattern.  Exit status 0 only if the guest saw
@@ -32,9 +32,19 @@ def _percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
+# Faults `--fault mix` draws from (with --seed): each ends in a restart of the device.
+MIX = ("kill", "hang", "bad-reply", "crash-in-request")
+FAULTS = MIX + ("slow", "mix")
+SLOW_MS = 300  # longer than the device timeout would restart; shorter only delays
+
+
 def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", seed: int = 1,
-              sectors: int = 128, jitter: bool = False, out=sys.stdout) -> int:
+              sectors: int = 128, jitter: bool = False, fault: str = "kill", out=sys.stdout) -> int:
+    if fault not in FAULTS:
+        print(f"chaos: --fault {fault}: choose one of {', '.join(FAULTS)}", file=sys.stderr)
+        return 2
     rng = random.Random(seed)
+    kinds: dict[str, int] = {}
     rounds = max(200, count * interval_ms // 8)
     with tempfile.TemporaryDirectory(prefix="bulkhead-chaos-") as tmp:
         disk = os.path.join(tmp, "disk.img")
@@ -59,9 +69,11 @@ def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", see
             while injected < count and vm.proc.poll() is None:
                 delay = interval_ms / 1000 * (rng.uniform(0.5, 1.5) if jitter else 1.0)
                 time.sleep(delay)
+                kind = rng.choice(MIX) if fault == "mix" else fault
                 try:
-                    request(name, cp.InjectFault(device, "kill"))
+                    request(name, cp.InjectFault(device, kind, SLOW_MS if kind == "slow" else 0))
                     injected += 1
+                    kinds[kind] = kinds.get(kind, 0) + 1
                 except ControlError:
                     continue  # being restarted right now, or the VM has just finished
             status = vm.wait(600)
@@ -76,7 +88,9 @@ def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", see
                if image[s * SECTOR:(s + 1) * SECTOR] != blk_pattern_sector(s, last_seed)]
         recoveries = [float(m.group(2)) for line in vm.stderr
                       if (m := _RESTARTED.search(line)) and m.group(1) == device]
-    print(f"chaos: {injected} kills of {device}, {interval_ms} ms apart (seed {seed})", file=out)
+    mix = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
+    print(f"chaos: {injected} faults injected into {device} ({mix}), {interval_ms} ms apart "
+          f"(seed {seed})", file=out)
     print(f"  restarts:            {len(recoveries)}", file=out)
     print(f"  guest workload:      {'ok' if ok else 'FAILED'} ({detail})", file=out)
     print(f"  sectors lost/corrupt: {len(bad)} of {sectors} (checked on the host after exit)", file=out)

@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--device", default="blk0", help="device to kill (default blk0; also rng0)")
     chaos.add_argument("--seed", type=int, default=1, help="workload seed (and jitter seed)")
     chaos.add_argument("--jitter", action="store_true", help="randomise intervals 0.5x-1.5x with --seed")
+    chaos.add_argument("--fault", default="kill",
+                       choices=("kill", "hang", "bad-reply", "crash-in-request", "slow", "mix"),
+                       help="fault to inject (default kill; mix = a seeded random mix)")
     chaos.add_argument("-v", "--verbose", action="count", default=0)
     from .cli_control import add_parsers
     add_parsers(sub, _positive_int)
@@ -271,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             return guest_main(["--refresh"] if args.refresh else [])
         if args.verb == "chaos":
             from .chaos import run_chaos
-            return run_chaos(args.count, args.interval_ms, args.device, args.seed, jitter=args.jitter)
+            return run_chaos(args.count, args.interval_ms, args.device, args.seed, jitter=args.jitter,
+                             fault=args.fault)
         if args.verb in ("ps", "stats", "stop", "fault"):
             from .cli_control import run_verb
             return run_verb(args)

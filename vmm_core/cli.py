@@ -70,7 +70,8 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
     p.add_argument("--disk", action="append", default=[], metavar="PATH[,readonly]",
                    help="a raw disk image as virtio-blk (repeatable)")
     p.add_argument("--rng", action="store_true", help="a virtio-rng device fed by the host CSPRNG")
-    p.add_argument("--console", metavar="PATH", help="a virtio-console whose port 0 writes to PATH")
+    p.add_argument("--console", metavar="PATH|stdout",
+                   help="a virtio-console whose port 0 writes to PATH, or to the terminal")
     p.add_argument("--no-sandbox", action="store_true",
                    help="run the virtio devices inside the core process (the baseline for benchmarks)")
     p.add_argument("--on-device-crash", choices=("restart", "fail", "stop-vm"), default="restart",

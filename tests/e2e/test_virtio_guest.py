@@ -76,3 +76,10 @@ def test_each_device_runs_in_its_own_titled_process(tmp_path, disk):
         if core.poll() is None:
             core.kill()
             core.wait()
+
+
+@pytest.mark.parametrize("sandbox", [True, False], ids=["sandboxed", "in-process"])
+def test_console_to_the_terminal(sandbox):
+    run = run_test_guest("virtio-console", "--console", "stdout", *([] if sandbox else ["--no-sandbox"]))
+    assert run.ok("virtio-console") and run.returncode == 0, run.explain()
+    assert "hello from guest_kit console\n" in run.stdout

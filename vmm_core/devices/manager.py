@@ -71,6 +71,10 @@ def parse_disk(text: str, index: int) -> DeviceSpec:
 
 
 def parse_console(path: str) -> DeviceSpec:
+    """`--console PATH` (a file, created or truncated) or `--console stdout` (the terminal)."""
+    if path == "stdout":
+        # The device process inherits the core's stdout and opens it before entering its jail.
+        return DeviceSpec("console", "console0", {"path": "/dev/stdout"})
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise ConfigError(f"--console {path}: directory {parent} does not exist")

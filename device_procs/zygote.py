@@ -178,8 +178,20 @@ def main(argv: list[str] | None = None) -> int:
     prctl.set_pdeathsig(signal.SIGKILL)
     if os.getppid() != args.parent_pid:
         return 1  # the core died before PDEATHSIG was armed
+    _warm_up()
     sock = socket.socket(fileno=args.socket_fd)
     return Zygote(sock, args.parent_pid).serve()
+
+
+def _warm_up() -> None:
+    """Pay the first-use costs (the syscall constant table, policy parsing paths) once here
+    rather than in every child: `enter_jail` loads its policy between Configure and Ack, on the
+    restart's critical path.  Each child still reads its policy file itself (never stale)."""
+    for name in sorted(p.stem for p in policy.CONFIG_DIR.glob("*.toml")):
+        try:
+            policy.load_policy(name)
+        except Exception:  # noqa: BLE001 - the core validates the policy it asks for anyway
+            pass
 
 
 if __name__ == "__main__":

@@ -53,3 +53,15 @@ def test_no_jail_runs_devices_unconfined():
         assert os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink(f"/proc/{vm.pid}/ns/mnt")
     finally:
         vm.kill()
+
+
+@pytest.mark.parametrize("method", ["zygote", "exec"])
+def test_both_spawn_methods_give_jailed_working_devices(method):
+    vm = held_vm("--spawn-method", method)
+    try:
+        pid = device_pids(vm.pid)["rng0"]
+        assert status(pid)["Seccomp"].strip() == "2"
+        assert status(pid)["CapEff"].strip() == "0000000000000000"
+    finally:
+        vm.kill()
+    assert vm.results()[0]["virtio-rng"][0], vm.explain()

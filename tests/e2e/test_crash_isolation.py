@@ -122,3 +122,22 @@ def test_restart_budget_gives_up_into_fail(tmp_path):
     assert code == 1, guest.explain()
     assert "giving up restarts" in stderr, guest.explain()
     assert "needs-reset" in parse_results("".join(guest.stdout))[0]["blk-workload"][1]
+
+
+def test_crash_loop_backs_off_but_a_serving_device_restarts_at_once(tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    guest = GuestProcess("--disk", str(disk), "--cmdline",
+                         "gk.tests=blk-workload gk.blk_sectors=128 gk.blk_rounds=600")
+    try:
+        pid = wait_for_device(guest.proc.pid, "blk0")
+        time.sleep(0.3)
+        pid = kill_device(guest.proc.pid, "blk0", not_pid=None)  # after serving: no back-off
+        for _ in range(4):  # each new process dies at once: a crash loop
+            pid = kill_device(guest.proc.pid, "blk0", not_pid=pid)
+        assert guest.wait(120) == 0, guest.explain()
+    finally:
+        guest.kill()
+    stderr = "".join(guest.stderr)
+    assert "crash-looping" in stderr, guest.explain()
+    assert "errors=0" in parse_results("".join(guest.stdout))[0]["blk-workload"][1]

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLICIES = ("restart", "fail", "stop-vm")
+CRASH_LOOP_UPTIME = 0.1  # seconds: dying sooner after a (re)start than this counts as a crash loop
 # virtio-mmio registers the backend answers itself while a device waits for the guest's reset.
 REG_INTERRUPT_STATUS = 0x60
 REG_STATUS = 0x70
@@ -77,6 +78,9 @@ class SandboxedBackend:
         self.counters = DeviceCounters()
         self._restart_cond = threading.Condition()
         self.proc: DeviceProcess = self._spawn()
+        self.serving_since = time.monotonic()
+        self.quick_failures = 0
+        self.start_failed = False
         self.proxy = self.proc.make_proxy(timeout=self.timeout, on_failure=self._on_proxy_failure,
                                           spin_us=self.supervisor.options.get("ring_spin_us", 0))
         self.bus_device = self
@@ -225,12 +229,23 @@ class SandboxedBackend:
             self.needs_reset = True
             os.eventfd_write(self.slot.irqfd, 1)  # the configuration-change interrupt
             return
-        backoff = min(0.5, 0.01 * (2 ** max(0, len(self.failures) - 3)))
-        if len(self.failures) > 3:
+        # Back off only in a crash loop: a process that died within CRASH_LOOP_UPTIME of starting
+        # to serve (a request that kills every incarnation, a broken image).  A device that had
+        # been serving is restarted at once, however often it is killed.
+        if self.start_failed or now - self.serving_since < CRASH_LOOP_UPTIME:
+            self.quick_failures += 1
+        else:
+            self.quick_failures = 0
+        if self.quick_failures >= 2:
+            backoff = min(0.5, 0.01 * 2 ** (self.quick_failures - 2))
+            log.warning("device %s is crash-looping (%d quick failures): backing off %.0f ms",
+                        self.name, self.quick_failures, backoff * 1000)
             time.sleep(backoff)
+        self.start_failed = False
         try:
             self._replace(activate=True)
         except Exception as e:  # noqa: BLE001 - a failed restart is one more failure
+            self.start_failed = True  # a device that cannot even start is crash-looping
             log.error("device %s: restart failed: %s", self.name, e)
             self.supervisor.request(self, f"restart failed: {e}")
             return
@@ -260,6 +275,7 @@ class SandboxedBackend:
         else:
             self.proxy.shadow.record(REG_STATUS, b"\0\0\0\0")
         self.proxy.attach(self.proc.rings.core_endpoint(), [self.proc.pidfd])
+        self.serving_since = time.monotonic()
         self.hb_pending_since = None
         self.crash_on_kick = False
         self.supervisor.watch(self)

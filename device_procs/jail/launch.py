@@ -8,7 +8,8 @@ Python code).  The launcher is single-threaded, so forking *it* is safe.  Its st
     2. unshare(CLONE_NEWPID) -- it only applies to children -- and forks I, pid 1 there, then D
        (pid 2): the device must not be its namespace's init, whose signals to itself the kernel
        drops (abort() would end in SIGSEGV, SIGTERM would be ignored);
-    4. writes D's uid_map/gid_map (`0 <uid> 1`: root in the namespace = the VM's unprivileged host
+    4. writes D's uid_map/gid_map (`0 <uid+1> 1`, `1 <uid> 1`: root in the namespace while the jail
+       is built, then the VM's unprivileged host
        uid; written from the parent, which holds CAP_SETUID/CAP_SETGID in the initial namespace);
     5. reports `pid <host pid of D>` on the status fd, then waits for D, forwards SIGTERM/SIGINT
        as SIGKILL, and reports `exit <code>` or `signal <n>` before exiting the same way.
@@ -172,10 +173,13 @@ def _run_in_place(then: DeviceMain) -> NoReturn:
 
 
 def _write_maps(pid: int, uid: int, gid: int) -> None:
+    """Namespace id 0 (root while the jail is built) -> uid + 1 on the host; namespace id 1 (what
+    the device runs as once jailed) -> uid.  Two ids so that the final switch is root -> non-root,
+    which makes the kernel clear every capability in every thread (sandbox._drop_capabilities)."""
     with open(f"/proc/{pid}/uid_map", "w") as f:
-        f.write(f"0 {uid} 1\n")
+        f.write(f"0 {uid + 1} 1\n1 {uid} 1\n")
     with open(f"/proc/{pid}/gid_map", "w") as f:
-        f.write(f"0 {gid} 1\n")
+        f.write(f"0 {gid + 1} 1\n1 {gid} 1\n")
 
 
 def _set_title(title: str) -> None:

@@ -27,15 +27,18 @@ from device_procs.jail.sandbox import (JailedProcess, JailExit, JailSpec, Launch
                                       spawn)
 from device_procs.jail.seccomp import MODES
 
-# One uid/gid pair per VM: this base plus the core's pid.  Distinct for VMs alive at the same time
-# (pids are unique, pid_max <= 2**22), never a login account, and outside the ranges that
-# /etc/subuid (100000 + 65536 n) and systemd-nspawn (0x80000..0x6FFFFFFF) hand out.
+# Two host ids per VM: this base plus twice the core's pid is what the device finally runs as; the
+# next id is the jail's set-up identity (root-in-namespace while it mounts, see sandbox.py).
+# Distinct for VMs alive at the same time (pids are unique, pid_max <= 2**22), never a login
+# account, and outside the ranges that /etc/subuid (100000 + 65536 n) and systemd-nspawn
+# (0x80000..0x6FFFFFFF) hand out.
 VM_ID_BASE = 0x7000_0000
 
 
 def default_vm_ids(core_pid: int | None = None) -> tuple[int, int]:
-    """The (uid, gid) that root inside every device jail of this VM maps to on the host."""
-    ident = VM_ID_BASE + (os.getpid() if core_pid is None else core_pid)
+    """The (uid, gid) every device process of this VM runs as on the host; the ids one above
+    are the jail's set-up identity (launch._write_maps)."""
+    ident = VM_ID_BASE + 2 * (os.getpid() if core_pid is None else core_pid)
     return ident, ident
 
 
@@ -44,7 +47,7 @@ class JailOptions:
     """Per-VM jail settings; every field has a safe default."""
 
     seccomp: str = "kill"          # kill | trap | log | off  ("learn": learn.learn_device only)
-    uid: int | None = None         # host uid of root-in-jail; None: default_vm_ids()
+    uid: int | None = None         # host uid of the jailed device (uid+1 while it is set up)
     gid: int | None = None
     policy: str | None = None      # a policy file, or None: the device type's (blk/rng/console)
     cgroup_procs: tuple[str, ...] = ()  # `VmCgroup.procs_files()`: devices are born in them

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from device_procs.jail.sandbox import JailConfig, enter_jail, seal_jail
+from device_procs.jail.sandbox import JailConfig, enter_jail, seal_jail, start_library_threads
 
 _libc = ctypes.CDLL(None, use_errno=True)
 KVM_GET_API_VERSION = 0xAE00  # _IO(KVMIO, 0x00): any request the policy does not name
@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             probe.connect_zmq()
         seal_jail()
     else:
-        if not args.no_zmq:
-            probe.connect_zmq()
+        if not args.no_zmq:  # as the device host does: libzmq's threads born without capabilities
+            start_library_threads(probe.connect_zmq, cfg)
         enter_jail(cfg)
     return probe.serve(args.cmd_fd, args.reply_fd)
 

@@ -14,23 +14,20 @@ Device side, after importing everything and opening every fd, before any guest d
     from device_procs.jail.sandbox import enter_jail
     enter_jail()        # reads its JailConfig from $BULKHEAD_JAIL (set by the launcher)
 
-`enter_jail` order: build the seccomp filter (reads the policy file) -> tmpfs root with the binds,
-pivot_root, old root detached -> uid/gid = root-in-namespace (the VM's host uid), groups dropped
--> capabilities dropped (bounding, ambient, inheritable, permitted, effective) with securebits
-locked -> rlimits -> no_new_privs, dumpable 0, pdeathsig -> seccomp (TSYNC: all threads).
+`enter_jail` order: build the seccomp filter (reads the policy file) -> uid/gid = root-in-namespace
+(the jail's set-up id), groups dropped -> tmpfs root with the binds, pivot_root, old root
+detached -> securebits locked (no root magic, setuid fix-up on, no ambient raise), ambient and
+bounding sets emptied -> uid/gid switched to the jailed id (namespace id 1 = the VM's host id):
+a root -> non-root switch, which the kernel answers by clearing the permitted and effective sets;
+glibc broadcasts set*id calls, so every thread (libzmq's too) ends with no capability ->
+inheritable emptied -> no_new_privs, dumpable 0, pdeathsig -> rlimits -> seccomp (TSYNC).
 
-Threads that already exist (ZeroMQ's I/O threads) share the uid switch (glibc broadcasts setresuid)
-and the seccomp filter (TSYNC), but capabilities are per thread: theirs stay those the launcher
-left (CAP_SYS_ADMIN/SETUID/SETGID/SETPCAP, valid only inside the device's own namespaces), and the
-policy forbids every syscall that could use them.  Calling `enter_jail(seccomp=False)` before
-creating the zmq.Context and `seal_jail()` once connected avoids even that.
-
-The device host cannot use that two-phase entry: it learns its device (and opens the image via
-/proc/self/fd and the console by path, as host uid 0) only from the `Configure` that arrives over
-ZeroMQ, so the connection must exist before the filesystem and identity change.  It starts
-libzmq's threads through `start_library_threads` instead: they are born with only CAP_SETUID and
-CAP_SETGID (which glibc needs to apply enter_jail's set*id calls to every thread; only uid/gid 0
-is mapped, and the policy forbids set*id anyway) and an empty bounding set.
+The device host learns its device (and opens the image via /proc/self/fd and the console by
+path) only from the `Configure` that arrives over ZeroMQ, so libzmq's threads exist before the
+jail.  It starts them through `start_library_threads`: born with only CAP_SETUID and CAP_SETGID
+(which they need to follow glibc's set*id broadcast), an empty bounding set and nothing
+inheritable; the final switch to the jailed id then clears those too.  `enter_jail(seccomp=False)`
++ `seal_jail()` remain for a device that can enter the jail before starting any thread.
 """
 
 from __future__ import annotations
@@ -58,8 +55,10 @@ from device_procs.jail.seccomp import (MODES, Filter, Violation, build_filter, i
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 PR_CAPBSET_DROP, PR_SET_SECUREBITS = 24, 28
-# NOROOT(+LOCKED), NO_SETUID_FIXUP(+LOCKED), KEEP_CAPS_LOCKED, NO_CAP_AMBIENT_RAISE(+LOCKED)
-SECUREBITS_LOCKED = 0b1110_1111
+# NOROOT(+LOCKED), NO_SETUID_FIXUP *off* and locked (so the switch to a non-root uid clears
+# capabilities), KEEP_CAPS off and locked, NO_CAP_AMBIENT_RAISE(+LOCKED)
+SECUREBITS_LOCKED = 0b1110_1011
+JAILED_ID = 1  # the namespace uid/gid a jailed device runs as (mapped to the VM's host id)
 # What threads started before enter_jail keep: glibc applies enter_jail's setgroups/setresgid/
 # setresuid to every thread and aborts the process if one thread's call fails.
 THREAD_KEEP_CAPS = (6, 7)  # CAP_SETGID, CAP_SETUID
@@ -446,7 +445,7 @@ def _enter_filesystem(cfg: JailConfig) -> None:
 
 
 def _become_namespace_root() -> None:
-    """Become root-in-namespace (the VM's host uid/gid) with no supplementary groups.
+    """Become root-in-namespace (the jail's set-up id, host uid + 1) with no supplementary groups.
 
     glibc applies set*id calls to every thread, so ZeroMQ's threads switch too.  Entering root
     keeps the launcher's four capabilities (effective = permitted) for the mounts that follow.
@@ -457,11 +456,18 @@ def _become_namespace_root() -> None:
 
 
 def _drop_capabilities(last_cap: int) -> None:
-    """Lock securebits (no root magic, no ambient raise), then empty every capability set."""
+    """Lock securebits (no root magic, no ambient raise), empty the bounding set, then leave root.
+
+    The last step is a set*id switch from namespace root to a non-root id: glibc applies it to
+    every thread (libzmq's too), and the kernel clears the permitted and effective sets of each
+    (capabilities(7), "Effect of user ID changes"), so no thread keeps any capability.
+    """
     _ok(lib.bh_prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED, 0, 0, 0), "locking securebits")
     _ok(lib.bh_prctl(lib.PR_CAP_AMBIENT, lib.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clearing ambient")
     for cap in range(last_cap + 1):
         _ok(lib.bh_prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "dropping the bounding set")
+    os.setresgid(JAILED_ID, JAILED_ID, JAILED_ID)
+    os.setresuid(JAILED_ID, JAILED_ID, JAILED_ID)
     _set_caps(0, 0, 0)
 
 

@@ -35,7 +35,7 @@ def test_bad_options_name_the_problem(bad: dict, words: list[str]) -> None:
 
 
 def test_default_ids_are_one_unprivileged_pair_per_vm() -> None:
-    assert default_vm_ids(1234) == (VM_ID_BASE + 1234, VM_ID_BASE + 1234)
+    assert default_vm_ids(1234) == (VM_ID_BASE + 2468, VM_ID_BASE + 2468)  # +1 is the set-up id
     assert default_vm_ids() == default_vm_ids(os.getpid())
     spec = JailOptions().spec_for("rng0", "rng")
     assert (spec.uid, spec.gid) == default_vm_ids()

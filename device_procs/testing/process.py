@@ -1,6 +1,8 @@
-"""A real device process without a VM: the host-side driver harness (tests and benchmarks).
+"""Real device processes without a VM (tests and benchmarks).
 
-`ProcessHarness` starts a device the way the core does (fresh interpreter, fds by SCM_RIGHTS,
+`DeviceLab` is what the core gives device processes -- a control server in a private runtime
+directory, guest memory, an irqfd and kick eventfds per device -- and starts them exactly as the
+core does.  `ProcessHarness` is one device from a lab with a proxy and a driver: it starts a device the way the core does (fresh interpreter, fds by SCM_RIGHTS,
 ZeroMQ handshake) and hands back a `ProxyDevice` plus a `VirtioDriver` that plays the guest:
 descriptors go into the shared memfd, kicks go to the kick eventfd (what a KVM ioeventfd would
 signal), interrupts arrive on the irqfd eventfd (what KVM would inject).
@@ -13,6 +15,9 @@ import select
 import shutil
 from typing import Any
 
+from ipc_protocol import messages as msg
+from ipc_protocol.errors import TransportTimeout
+
 from ipc_protocol.transport.shm_ring import drain_eventfd, make_eventfd
 from ipc_protocol.transport.zmq_channel import ControlServer, make_runtime_dir
 from vmm_core.devices.manager import QUEUE_COUNTS
@@ -23,34 +28,93 @@ from vmm_core.memory import GuestMemory
 from .driver import VirtioDriver
 
 
+class DeviceLab:
+    """A control server, guest memory and eventfds; starts device processes as the core does."""
+
+    def __init__(self, *, ram_mib: int = 16, tag: str = "lab") -> None:
+        self.rundir = make_runtime_dir(tag)
+        self.control = ControlServer(self.rundir)
+        self.memory = GuestMemory.create(ram_mib << 20)
+        self.procs: list[DeviceProcess] = []
+        self._eventfds: list[int] = []
+
+    def eventfds(self, kind: str) -> tuple[int, list[int]]:
+        """A fresh irqfd and one kick eventfd per queue of a `kind` device (closed with the lab)."""
+        irqfd, kicks = make_eventfd(), [make_eventfd() for _ in range(QUEUE_COUNTS[kind])]
+        self._eventfds += [irqfd, *kicks]
+        return irqfd, kicks
+
+    def start(self, name: str, spec: dict[str, Any], *, irqfd: int | None = None,
+              kicks: list[int] | None = None, **spawn_kwargs: Any) -> DeviceProcess:
+        """Start `spec` as device `name`; a blk image is opened here and passed as an fd, as the
+        core does.  Eventfds are made unless given (a restarted device gets its predecessor's)."""
+        if irqfd is None or kicks is None:
+            irqfd, kicks = self.eventfds(spec["type"])
+        extra: dict[str, int] = {}
+        if spec["type"] == "blk":
+            flags = os.O_RDONLY if spec.get("readonly") else os.O_RDWR
+            extra["disk"] = os.open(spec["path"], flags | os.O_CLOEXEC)
+        try:
+            proc = start_device(self.control, name, dict(spec), self.memory,
+                                DeviceFds(self.memory.fd, irqfd, kicks, extra), **spawn_kwargs)
+        finally:
+            for fd in extra.values():
+                os.close(fd)
+        self.procs.append(proc)
+        return proc
+
+    def request(self, proc: DeviceProcess, message: msg.Message,
+                timeout: float = 2.0) -> msg.Message | None:
+        """Send a control message and return the device's answer (None if none came in time)."""
+        self.control.send(proc.identity, message)
+        try:
+            return self.control.recv(timeout, peer=proc.identity)[1]
+        except TransportTimeout:
+            return None
+
+    def stop(self, proc: DeviceProcess) -> int:
+        """Shut one device down (politely, then SIGKILL); its exit status."""
+        code = proc.shutdown(self.control, timeout=1.0)
+        self.control.forget(proc.identity)
+        proc.close()
+        self.procs.remove(proc)
+        return code
+
+    def close(self) -> None:
+        for proc in list(self.procs):
+            self.stop(proc)
+        self.control.close()
+        self.memory.close()
+        for fd in self._eventfds:
+            os.close(fd)
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def __enter__(self) -> "DeviceLab":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class ProcessHarness:
-    """One device process of `spec` (a `create_device` spec) over `ram_mib` of guest memory."""
+    """One device process of `spec` (a `create_device` spec) over `ram_mib` of guest memory,
+    with a `ProxyDevice` and a `VirtioDriver` that plays the guest through it."""
 
     def __init__(self, spec: dict[str, Any], name: str | None = None, *, ram_mib: int = 32,
                  timeout: float = 1.0, **spawn_kwargs: Any) -> None:
         self.spec = dict(spec)
         self.name = name or f"{spec['type']}0"
-        self.rundir = make_runtime_dir("harness")
-        self.control = ControlServer(self.rundir)
-        self.memory = GuestMemory.create(ram_mib << 20)
-        self.irqfd = make_eventfd()
-        self.kicks = [make_eventfd() for _ in range(QUEUE_COUNTS[spec["type"]])]
+        self.lab = DeviceLab(ram_mib=ram_mib, tag="harness")
+        self.memory = self.lab.memory
+        self.control = self.lab.control
+        self.irqfd, self.kicks = self.lab.eventfds(spec["type"])
         self.failures: list[str] = []
-        extra: dict[str, int] = {}
-        disk_fd = -1
-        if spec["type"] == "blk":
-            disk_fd = os.open(spec["path"], (os.O_RDONLY if spec.get("readonly") else os.O_RDWR) | os.O_CLOEXEC)
-            extra["disk"] = disk_fd
         try:
-            self.proc: DeviceProcess = start_device(
-                self.control, self.name, self.spec, self.memory,
-                DeviceFds(self.memory.fd, self.irqfd, self.kicks, extra), **spawn_kwargs)
+            self.proc = self.lab.start(self.name, self.spec, irqfd=self.irqfd, kicks=self.kicks,
+                                       **spawn_kwargs)
         except BaseException:
-            self._release()
+            self.lab.close()
             raise
-        finally:
-            if disk_fd >= 0:
-                os.close(disk_fd)
         self.proxy: ProxyDevice = self.proc.make_proxy(timeout=timeout, on_failure=self.failures.append)
         self.driver = VirtioDriver(self.proxy.read, self.proxy.write, self.memory,
                                    ram_size=(ram_mib - 1) << 20,
@@ -68,16 +132,7 @@ class ProcessHarness:
         return self.proc.popen.poll() is None
 
     def close(self) -> None:
-        self.proc.shutdown(self.control, timeout=1.0)
-        self.proc.close()
-        self._release()
-
-    def _release(self) -> None:
-        self.control.close()
-        self.memory.close()
-        for fd in [self.irqfd, *self.kicks]:
-            os.close(fd)
-        shutil.rmtree(self.rundir, ignore_errors=True)
+        self.lab.close()
 
     def __enter__(self) -> "ProcessHarness":
         return self

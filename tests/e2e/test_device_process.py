@@ -7,7 +7,6 @@ the kick eventfd (what a KVM ioeventfd would do) and watches the irqfd eventfd.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,35 +17,29 @@ from typing import Iterator
 import pytest
 
 from device_procs.testing.driver import VirtioDriver
+from device_procs.testing.process import DeviceLab
 from device_procs.virtio import mmio as regs
 from ipc_protocol import messages as m
 from ipc_protocol.errors import RemoteProtocolError
-from ipc_protocol.transport.shm_ring import drain_eventfd, make_eventfd
-from ipc_protocol.transport.zmq_channel import ControlServer, PeerProtocolError, make_runtime_dir
+from ipc_protocol.transport.shm_ring import drain_eventfd
+from ipc_protocol.transport.zmq_channel import PeerProtocolError
 from vmm_core.devices.spawn import DeviceFds, DeviceProcess, DeviceStartError, start_device
-from vmm_core.memory import GuestMemory
 
 TIMEOUT = 0.3  # the proxy's read timeout in these tests
 
 
-class Harness:
-    """A control server, guest memory, irqfd and kick eventfd; starts rng devices on demand."""
+class Harness(DeviceLab):
+    """One irqfd and kick eventfd shared by every generation of an rng device (as after restarts)."""
 
     def __init__(self) -> None:
-        self.rundir = make_runtime_dir("e2e")
-        self.control = ControlServer(self.rundir)
-        self.memory = GuestMemory.create(16 << 20)
-        self.irqfd = make_eventfd()
-        self.kick = make_eventfd()
-        self.procs: list[DeviceProcess] = []
+        super().__init__(tag="e2e")
+        self.irqfd, kicks = self.eventfds("rng")
+        self.kick = kicks[0]
         self.failures: list[str] = []
 
-    def start(self, generation: int = 1, **kwargs) -> DeviceProcess:
-        proc = start_device(self.control, "rng0", {"type": "rng"}, self.memory,
-                            DeviceFds(self.memory.fd, self.irqfd, [self.kick]),
-                            generation=generation, allow_faults=True, **kwargs)
-        self.procs.append(proc)
-        return proc
+    def start(self, generation: int = 1, **kwargs) -> DeviceProcess:  # type: ignore[override]
+        return super().start("rng0", {"type": "rng"}, irqfd=self.irqfd, kicks=[self.kick],
+                             generation=generation, allow_faults=True, **kwargs)
 
     def proxy(self, proc: DeviceProcess):
         return proc.make_proxy(timeout=TIMEOUT, on_failure=self.failures.append)
@@ -54,20 +47,6 @@ class Harness:
     def driver(self, proxy) -> VirtioDriver:
         return VirtioDriver(proxy.read, proxy.write, self.memory,
                             kick=lambda index: os.eventfd_write(self.kick, 1))
-
-    def request(self, proc: DeviceProcess, message: m.Message) -> m.Message:
-        self.control.send(proc.identity, message)
-        return self.control.recv(2.0, peer=proc.identity)[1]
-
-    def close(self) -> None:
-        for proc in self.procs:
-            proc.shutdown(self.control, timeout=1.0)
-            proc.close()
-        self.control.close()
-        self.memory.close()
-        os.close(self.irqfd)
-        os.close(self.kick)
-        shutil.rmtree(self.rundir, ignore_errors=True)
 
 
 @pytest.fixture

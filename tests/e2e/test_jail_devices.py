@@ -8,7 +8,6 @@ through /proc while the guest holds), and single device processes started with t
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -16,15 +15,14 @@ from typing import Any, Iterator
 
 import pytest
 
+from device_procs.testing.process import DeviceLab
+
 from device_procs.jail.learn import learn_device, to_toml
 from device_procs.jail.options import VM_ID_BASE, JailOptions
 from device_procs.jail.workload import device_harness, run_workload
 from ipc_protocol import messages as m
-from ipc_protocol.errors import TransportTimeout
 from ipc_protocol.transport.shm_ring import make_eventfd
-from ipc_protocol.transport.zmq_channel import ControlServer, make_runtime_dir
 from vmm_core.devices.spawn import DeviceFds, DeviceProcess, DeviceStartError, start_device
-from vmm_core.memory import GuestMemory
 from vmm_core.testing import TEST_GUEST, BackgroundVm, device_pids
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
@@ -93,56 +91,26 @@ def test_bulkhead_run_jails_every_device_and_the_guest_passes(tmp_path: Path) ->
         vm.kill()
 
 
-class Devices:
-    """A control server and guest memory; starts real device processes as the core does."""
+class Devices(DeviceLab):
+    """Starts real, jailed device processes with their image or output file under `tmp_path`."""
 
     def __init__(self, tmp_path: Path) -> None:
+        super().__init__(tag="jail")
         self.tmp_path = tmp_path
-        self.rundir = make_runtime_dir("jail")
-        self.control = ControlServer(self.rundir)
-        self.memory = GuestMemory.create(16 << 20)
-        self.eventfds: list[int] = []
-        self.procs: list[DeviceProcess] = []
 
-    def start(self, name: str = "blk0", mode: str = "kill", **jail: Any) -> DeviceProcess:
+    def start(self, name: str = "blk0", mode: str = "kill", **jail: Any) -> DeviceProcess:  # type: ignore[override]
         kind = name.rstrip("0123456789")
         spec: dict[str, Any] = {"type": kind}
-        extra: dict[str, int] = {}
         if kind == "blk":
             image = self.tmp_path / f"{name}.img"
             image.write_bytes(b"\0" * 65536)
             spec["path"] = str(image)
-            extra["disk"] = os.open(image, os.O_RDWR | os.O_CLOEXEC)
         elif kind == "console":
             spec["path"] = str(self.tmp_path / f"{name}.txt")
-        irqfd, kicks = make_eventfd(), [make_eventfd() for _ in range(2 if kind == "console" else 1)]
-        self.eventfds += [irqfd, *kicks]
-        try:
-            proc = start_device(self.control, name, spec, self.memory,
-                                DeviceFds(self.memory.fd, irqfd, kicks, extra), allow_faults=True,
-                                jail={"seccomp": mode, **jail})
-        finally:
-            for fd in extra.values():
-                os.close(fd)
-        self.procs.append(proc)
-        return proc
+        return super().start(name, spec, allow_faults=True, jail={"seccomp": mode, **jail})
 
     def ask(self, proc: DeviceProcess, message: m.Message, timeout: float = 2.0) -> m.Message | None:
-        self.control.send(proc.identity, message)
-        try:
-            return self.control.recv(timeout, peer=proc.identity)[1]
-        except TransportTimeout:
-            return None
-
-    def close(self) -> None:
-        for proc in self.procs:
-            proc.shutdown(self.control, timeout=1.0)
-            proc.close()
-        self.control.close()
-        self.memory.close()
-        for fd in self.eventfds:
-            os.close(fd)
-        shutil.rmtree(self.rundir, ignore_errors=True)
+        return self.request(proc, message, timeout)
 
 
 @pytest.fixture

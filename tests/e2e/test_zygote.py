@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,13 +17,11 @@ from typing import Any, Iterator
 
 import pytest
 
+from device_procs.testing.process import DeviceLab
+
 from ipc_protocol import messages as m
-from ipc_protocol.errors import TransportTimeout
-from ipc_protocol.transport.shm_ring import make_eventfd
-from ipc_protocol.transport.zmq_channel import ControlServer, make_runtime_dir
-from vmm_core.devices.spawn import DeviceFds, DeviceProcess, start_device
+from vmm_core.devices.spawn import DeviceProcess
 from vmm_core.devices.zygote import Zygote
-from vmm_core.memory import GuestMemory
 from vmm_core.testing import ROOT, TEST_GUEST, BackgroundVm, device_pids
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
@@ -90,47 +87,22 @@ def assert_jailed_like_exec(pid: int) -> None:
     assert os.listdir(f"/proc/{pid}/root") == ["dev"]
 
 
-class Devices:
-    """A control server and guest memory; starts rng devices as the core does."""
+class Devices(DeviceLab):
+    """Starts generations of an rng device sharing one irqfd and kick eventfd."""
 
     def __init__(self) -> None:
-        self.rundir = make_runtime_dir("zyg")
-        self.control = ControlServer(self.rundir)
-        self.memory = GuestMemory.create(16 << 20)
-        self.irqfd, self.kick = make_eventfd(), make_eventfd()
-        self.procs: list[DeviceProcess] = []
+        super().__init__(tag="zyg")
+        self.irqfd, kicks = self.eventfds("rng")
+        self.kick = kicks[0]
         self.generation = 0
 
-    def start(self, **kwargs: Any) -> DeviceProcess:
+    def start(self, **kwargs: Any) -> DeviceProcess:  # type: ignore[override]
         self.generation += 1
-        proc = start_device(self.control, "rng0", {"type": "rng"}, self.memory,
-                            DeviceFds(self.memory.fd, self.irqfd, [self.kick]),
-                            generation=self.generation, allow_faults=True, **kwargs)
-        self.procs.append(proc)
-        return proc
+        return super().start("rng0", {"type": "rng"}, irqfd=self.irqfd, kicks=[self.kick],
+                             generation=self.generation, allow_faults=True, **kwargs)
 
     def alive(self, proc: DeviceProcess, seq: int = 1) -> bool:
-        self.control.send(proc.identity, m.Heartbeat(seq))
-        try:
-            return self.control.recv(2.0, peer=proc.identity)[1] == m.HeartbeatAck(seq)
-        except TransportTimeout:
-            return False
-
-    def stop(self, proc: DeviceProcess) -> int:
-        code = proc.shutdown(self.control, timeout=1.0)
-        self.control.forget(proc.identity)
-        proc.close()
-        self.procs.remove(proc)
-        return code
-
-    def close(self) -> None:
-        for proc in list(self.procs):
-            self.stop(proc)
-        self.control.close()
-        self.memory.close()
-        os.close(self.irqfd)
-        os.close(self.kick)
-        shutil.rmtree(self.rundir, ignore_errors=True)
+        return self.request(proc, m.Heartbeat(seq)) == m.HeartbeatAck(seq)
 
 
 @pytest.fixture

@@ -333,6 +333,24 @@ class DeviceHost:
             self.control.socket.send(b"\x81\xa4type\xa7Garbage")
         elif m.kind == "syscall":
             self._forbidden_call(str(m.args.get("name", "")))
+        elif m.kind == "crash_in_request":
+            self._crash_in_next_request()
+
+    def _crash_in_next_request(self) -> None:
+        """Abort inside the next request: after the device has executed it (a blk write is on
+        disk) but before it is returned on the used ring, so the guest has not seen it complete
+        and a restarted device must run it again."""
+        virtio = getattr(self.device, "device", None)
+        if virtio is None:
+            self.control.send(msg.ErrorReport(msg.E_PROTOCOL, "this device has no request path"))
+            return
+        handle = virtio.handle_chain
+
+        def handle_then_abort(queue_index: int, chain: Any) -> int:
+            handle(queue_index, chain)
+            os.abort()
+
+        virtio.handle_chain = handle_then_abort
 
     def _forbidden_call(self, name: str) -> None:
         """Attempt a call the jail forbids.  In seccomp kill/trap mode we die here (the core sees

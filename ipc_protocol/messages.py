@@ -273,7 +273,7 @@ class ErrorReport(Message):
 
 # "syscall": the device attempts a call its jail forbids ({"name": ...}, see device_procs.host).
 FAULT_KINDS = frozenset({"crash", "hang", "exit", "stall_ms", "garbage_response", "garbage_control",
-                         "syscall"})
+                         "syscall", "crash_in_request"})
 
 
 @_message

@@ -36,7 +36,7 @@ def add_parsers(sub: Any, positive_int: Callable[[str], int]) -> None:
                "  hang              the device stops serving (caught by heartbeat / timeout)\n"
                "  slow MS           the device stalls for MS milliseconds once\n"
                "  bad-reply         the device's next register answer is garbage\n"
-               "  crash-in-request  the device aborts when the guest next kicks a queue\n"
+               "  crash-in-request  the device aborts inside its next request (done, not yet returned)\n"
                "  seccomp           the device makes a forbidden syscall (needs the jail)\n"
                "example:\n  bulkhead fault myvm blk0 slow 2000\n")
     fault.add_argument("vm", metavar="VM")

@@ -73,7 +73,6 @@ class SandboxedBackend:
         self.hb_pending_since: float | None = None
         self.hb_pending_seq = 0
         self.heartbeat_rtt_ms: float | None = None
-        self.crash_on_kick = False
         self.read_latency = LatencyReservoir()
         self.counters = DeviceCounters()
         self._restart_cond = threading.Condition()
@@ -277,7 +276,6 @@ class SandboxedBackend:
         self.proxy.attach(self.proc.rings.core_endpoint(), [self.proc.pidfd])
         self.serving_since = time.monotonic()
         self.hb_pending_since = None
-        self.crash_on_kick = False
         self.supervisor.watch(self)
 
     # -- supervisor-thread callbacks ----------------------------------------------------------------

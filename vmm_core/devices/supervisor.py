@@ -129,12 +129,8 @@ class Supervisor(threading.Thread):
             pid = backend.pid
             backend.proc.kill()
             return f"sent SIGKILL to {backend.name} (pid {pid})"
-        if action == "crash-in-request":
-            # Approximation until the host has a "crash while handling a request" kind: abort the
-            # device the moment the guest kicks one of its queues (see `_fire_armed`).
-            backend.crash_on_kick = True
-            return f"{backend.name} will abort when the guest next kicks one of its queues"
         kind, args = {"hang": ("hang", {}), "slow": ("stall_ms", {"ms": ms}),
+                      "crash-in-request": ("crash_in_request", {}),
                       "bad-reply": ("garbage_response", {}),
                       "seccomp": ("syscall", {"name": "socket"})}[action]
         try:
@@ -167,8 +163,7 @@ class Supervisor(threading.Thread):
             poller.register(self.control.socket, zmq.POLLIN)
             with self._lock:
                 watched = dict(self._watched)
-                armed = {fd: b for b in self.backends if b.crash_on_kick for fd in b.slot.kick_fds}
-            for fd in list(watched) + list(armed):
+            for fd in watched:
                 poller.register(fd, zmq.POLLIN)
             timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
             for fd, _ in poller.poll(timeout_ms):
@@ -183,23 +178,12 @@ class Supervisor(threading.Thread):
                     with self._lock:
                         self._requests.append((b, f"process {b.pid} {describe_exit(b.proc.popen.poll())}",
                                                False, b.generation))
-                elif fd in armed:
-                    self._fire_armed(armed[fd])
             self._drain_control()
             self._run_calls()
             if time.monotonic() >= next_tick:
                 self._tick()
                 next_tick = time.monotonic() + self.heartbeat_interval
             self._run_requests()
-
-    def _fire_armed(self, backend: "SandboxedBackend") -> None:
-        # The kick eventfd is readable: a request is on its way to (or inside) the device; we only
-        # poll it, never read it, so the device still gets the kick.
-        backend.crash_on_kick = False
-        try:
-            self.control.send(backend.proc.identity, msg.Fault("crash", {}))
-        except ProtocolError:
-            pass
 
     def _by_identity(self) -> dict[bytes, "SandboxedBackend"]:
         return {b.proc.identity: b for b in self.backends}

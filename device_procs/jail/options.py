@@ -35,6 +35,15 @@ from device_procs.jail.seccomp import MODES
 VM_ID_BASE = 0x7000_0000
 
 
+# A jail uses two ids, N and N + 1 (launch._write_maps); both must be valid unprivileged ids:
+# 4294967295 is (uid_t)-1 and 65534 is `nobody`.
+MAX_JAIL_ID = 0xFFFF_FFFD
+
+
+def valid_jail_id(value: object) -> bool:
+    return type(value) is int and 0 < value <= MAX_JAIL_ID and value not in (65533, 65534)
+
+
 def default_vm_ids(core_pid: int | None = None) -> tuple[int, int]:
     """The (uid, gid) every device process of this VM runs as on the host; the ids one above
     are the jail's set-up identity (launch._write_maps)."""
@@ -61,8 +70,10 @@ class JailOptions:
             raise JailError(f"seccomp mode {self.seccomp!r}: choose one of {', '.join(MODES)}")
         for name in ("uid", "gid"):
             value = getattr(self, name)
-            if value is not None and not 0 < value < 0xFFFF_FFFF or value == 65534:
-                raise JailError(f"jail {name} {value}: choose an unprivileged id (not 0 or 65534)")
+            if value is not None and not valid_jail_id(value):
+                raise JailError(
+                    f"jail {name} {value}: choose an unprivileged id from 1 to {MAX_JAIL_ID} "
+                    f"whose next id is free too (the jail's set-up identity), not 65533 or 65534")
 
     @classmethod
     def coerce(cls, jail: JailOrOptions) -> JailOptions | None:
@@ -173,6 +184,7 @@ class LauncherPopen:
         if self.jailed.status_fd >= 0:
             os.close(self.jailed.status_fd)
             self.jailed.status_fd = -1
+        self.jailed.release()
 
 
 def jailed_popen(options: JailOptions, name: str, device_type: str, argv: Sequence[str],

@@ -48,6 +48,7 @@ from typing import Any, Callable, Protocol, Sequence, TypeVar
 from device_procs.jail._seccomp_cffi import ffi, lib
 from device_procs.jail.errors import JailError
 from device_procs.jail.launch import ENV_VAR, _last_cap, _set_caps
+from device_procs.jail.pidfd import NotOurProcess, check_pid, open_ref
 from device_procs.jail.policy import load_policy, policy_for_device
 from device_procs.jail.seccomp import (MODES, Filter, Violation, build_filter, install_learn,
                                       parse_report_line)
@@ -200,9 +201,12 @@ LauncherStart = Callable[[dict[str, Any], int], LauncherHandle]
 
 
 class JailedProcess:
-    """A device process started by `spawn`: its host pid, its launcher and its status pipe."""
+    """A device process started by `spawn`: its host pid, its launcher and its status pipe.
 
-    def __init__(self, launcher: LauncherHandle, pid: int, status_fd: int,
+    Both processes are held by pidfd (`ProcessRef`): `pid` stays None until the launcher has
+    reported a valid device pid, and nothing is ever signalled by number."""
+
+    def __init__(self, launcher: LauncherHandle, pid: int | None, status_fd: int,
                  pending: list[str]) -> None:
         self.launcher = launcher
         self.pid = pid
@@ -210,6 +214,23 @@ class JailedProcess:
         self._lines = pending
         self._buf = b""
         self._exit: JailExit | None = None
+        # The launcher is our child (or the zygote's, already held by pidfd): not yet reaped,
+        # so its pid cannot have been reused.
+        self._launcher_ref = open_ref(launcher.pid)
+        self._device_ref = open_ref(pid) if pid is not None else None
+
+    def _take_device_pid(self, line: str) -> bool:
+        """A `pid N` line from the launcher; False if it is not one (or names no process)."""
+        kind, _, rest = line.partition(" ")
+        if kind != "pid":
+            return False
+        try:
+            pid = check_pid(int(rest))
+        except (ValueError, NotOurProcess):
+            return False
+        self.pid = pid
+        self._device_ref = open_ref(pid)
+        return True
 
     def _read_status(self, block: bool) -> None:
         while self.status_fd >= 0:
@@ -245,18 +266,25 @@ class JailedProcess:
                 result = JailExit(int(rest), None, result.violation, result.error)
             elif kind == "signal" and rest.isdigit():
                 result = JailExit(None, int(rest), result.violation, result.error)
-            elif kind == "error":
+            elif kind == "error" and result.error is None:  # the first error is the cause
                 result = JailExit(result.code, result.signal, result.violation, rest)
         self._exit = result
         return result
 
     def kill(self) -> None:
-        """SIGKILL the device (its launcher then exits and reports it)."""
-        for pid in (self.pid, self.launcher.pid):
-            try:
-                os.kill(pid, signal.SIGKILL if pid == self.pid else signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        """SIGKILL the device (its launcher then exits and reports it), and end the launcher
+        (SIGTERM: it kills the device if it has one).  Only through pidfds: a launcher that
+        failed before reporting a device pid has no device to signal."""
+        if self._device_ref is not None:
+            self._device_ref.send(signal.SIGKILL)
+        if self._launcher_ref is not None:
+            self._launcher_ref.send(signal.SIGTERM)
+
+    def release(self) -> None:
+        """Close the pidfds (the processes are gone or no longer ours to signal)."""
+        for ref in (self._device_ref, self._launcher_ref):
+            if ref is not None:
+                ref.close()
 
     def __enter__(self) -> JailedProcess:
         return self
@@ -292,17 +320,21 @@ def spawn(spec: JailSpec, argv: Sequence[str], *, pass_fds: Sequence[int] = (),
         raise
     finally:
         os.close(status_w)
-    proc = JailedProcess(launcher, -1, status_r, [])
+    proc = JailedProcess(launcher, None, status_r, [])
     deadline = time.monotonic() + timeout
     while True:
         for line in proc._lines:
-            if line.startswith("pid "):
-                proc.pid = int(line.split()[1])
+            if proc._take_device_pid(line):
                 proc._lines.remove(line)
                 return proc
         if proc.status_fd < 0 or time.monotonic() > deadline:
             proc.kill()
-            raise JailError(f"device {spec.device} could not be jailed: {proc.wait(timeout)}")
+            try:
+                how = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                how = JailExit(error=f"no device pid within {timeout:.0f} s")
+            proc.release()
+            raise JailError(f"device {spec.device} could not be jailed: {how}")
         if select.select([proc.status_fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
             proc._read_status(block=False)
 

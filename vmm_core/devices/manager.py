@@ -221,7 +221,8 @@ class DeviceManager:
             self.supervisor.stop()
         for slot in reversed(self.slots):
             try:
-                slot.backend.close()
+                if slot.backend is not None:  # None: its device never started
+                    slot.backend.close()
             except Exception:  # noqa: BLE001 - keep tearing down the others
                 log.exception("closing device %s", slot.spec.name)
             for q, fd in enumerate(slot.kick_fds):

@@ -6,7 +6,7 @@ from setuptools import setup
 _HERE = os.path.dirname(os.path.abspath(__file__))
 CFFI_MODULES = [
     "vmm_core/kvm/_build.py:ffibuilder",            # <linux/kvm.h>
-    "device_procs/jail/_seccomp_build.py:ffibuilder",  # <seccomp.h>, -lseccomp
+    "jail/_seccomp_build.py:ffibuilder",  # <seccomp.h>, -lseccomp
 ]
 
 setup(cffi_modules=[m for m in CFFI_MODULES if os.path.exists(os.path.join(_HERE, m.split(":")[0]))])

@@ -23,7 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from device_procs.testing.driver import Buffer  # noqa: E402
-from device_procs.testing.process import ProcessHarness  # noqa: E402
+from vmm_core.testing.process import ProcessHarness  # noqa: E402
 
 IMAGE_BYTES = 64 << 20
 SECTOR = 512

@@ -32,7 +32,7 @@ from vmm_core.cli_control import wait_for_vm  # noqa: E402
 from vmm_core.control import ControlError, request  # noqa: E402
 from vmm_core.devices.spawn import SPAWN_METHOD_ENV, DeviceFds, start_device  # noqa: E402
 from vmm_core.devices.zygote import Zygote  # noqa: E402
-from vmm_core.memory import GuestMemory  # noqa: E402
+from vmm_core.memory import GuestMemory, create_guest_memory  # noqa: E402
 from vmm_core.testing import TEST_GUEST, BackgroundVm  # noqa: E402
 
 GUEST_TEST = {"rng0": "virtio-rng", "blk0": "virtio-blk", "console0": "virtio-console"}
@@ -49,7 +49,7 @@ class SpawnProbe:
     def __init__(self) -> None:
         self.rundir = make_runtime_dir("bench")
         self.control = ControlServer(self.rundir)
-        self.memory = GuestMemory.create(16 << 20)
+        self.memory = create_guest_memory(16 << 20)
         self.irqfd, self.kick = make_eventfd(), make_eventfd()
         self.zygote = Zygote()
         self.generation = 0

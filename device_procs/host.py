@@ -30,16 +30,16 @@ from typing import Any, Callable
 import zmq
 
 # Imported now, not on first use: once jailed, open(2) (and so any import) kills the process.
-from device_procs.jail import probe as jail_probe
-from device_procs.jail.errors import JailError
-from device_procs.jail.sandbox import ENV_VAR as JAIL_ENV, enter_jail, start_library_threads
+from jail import probe as jail_probe
+from jail.errors import JailError
+from jail.sandbox import ENV_VAR as JAIL_ENV, enter_jail, start_library_threads
 from ipc_protocol import messages as msg
 from ipc_protocol.errors import ProtocolError, RemoteProtocolError
 from ipc_protocol.ring import SLOT_SIZE, Op, Slot
 from ipc_protocol.transport import fds as fdpass
 from ipc_protocol.transport.shm_ring import RingEndpoint, ShmRings, drain_eventfd
 from ipc_protocol.transport.zmq_channel import ControlClient
-from vmm_core.memory import GuestMemory, RegionSpec
+from ipc_protocol.guest_memory import GuestMemory, RegionSpec
 
 log = logging.getLogger("device_procs.host")
 

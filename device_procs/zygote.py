@@ -4,7 +4,7 @@ One per VM (or per core process), started by `vmm_core.devices.zygote` as a fres
 never a fork of the threaded core.  It imports, once, everything a device process needs (the
 device host, the virtio devices, msgpack, pyzmq *without* a `zmq.Context`, the jail and its
 seccomp cffi module), then waits on its SEQPACKET socket.  Each request forks a child that takes
-the jail launcher's path (`device_procs.jail.launch.run`: PID namespace with a capability-less
+the jail launcher's path (`jail.launch.run`: PID namespace with a capability-less
 init, the device as pid 2 in its own user/mount/net/IPC/UTS namespaces, uid maps written by its
 parent) and then, instead of exec'ing a new interpreter, calls `device_procs.host.main` in place.
 A restart then costs three forks and the handshake instead of an interpreter start (~200 ms).
@@ -46,7 +46,7 @@ import zmq  # noqa: F401 - the module only: a Context (and its threads) is creat
 
 import device_procs.host as host
 import device_procs.virtio  # noqa: F401 - blk, rng, console and the virtio-mmio transport
-from device_procs.jail import launch, policy, sandbox, seccomp  # noqa: F401
+from jail import launch, policy, sandbox, seccomp  # noqa: F401
 from ipc_protocol.errors import PeerGone, RemoteProtocolError
 from ipc_protocol.transport import fds as fdpass
 

@@ -14,7 +14,13 @@ Errors cross the process boundary only as `messages.ErrorReport(code, text)`, ne
 from __future__ import annotations
 
 
-class ProtocolError(Exception):
+class BulkheadError(Exception):
+    """Root of every error Bulkhead reports to a person (one line: what went wrong, what to do).
+
+    Shared by the core and the device processes; each package derives its own family from it."""
+
+
+class ProtocolError(BulkheadError):
     """Base class; `str(err)` is one line saying what went wrong."""
 
 

@@ -9,8 +9,8 @@ import logging
 import os
 from dataclasses import dataclass
 
-from device_procs.jail.cgroup import VmCgroup
-from device_procs.jail.errors import CgroupError
+from jail.cgroup import VmCgroup
+from jail.errors import CgroupError
 
 from .errors import ConfigError
 

@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb in ("run", "demo"):
             return cmd_run(args)
         if args.verb == "jail":
-            from device_procs.jail.learn import learn_main
+            from vmm_core.testing.jail_learn import learn_main
             return learn_main(args.rest)
         if args.verb == "guest":
             from .guest_assets import main as guest_main

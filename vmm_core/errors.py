@@ -1,8 +1,13 @@
-"""The core's error hierarchy.  Every message says what went wrong and what to do about it."""
+"""The core's error hierarchy.  Every message says what went wrong and what to do about it.
 
+`BulkheadError` (the root, which the CLI prints on one line with exit status 2) and
+`GuestMemoryError` are shared with the device processes and live in `ipc_protocol`.
+"""
 
-class BulkheadError(Exception):
-    """Base of all errors the core reports to a user (CLI prints `str(err)` on one line, exit 2)."""
+from ipc_protocol.errors import BulkheadError
+from ipc_protocol.guest_memory import GuestMemoryError
+
+__all__ = ["BulkheadError", "ConfigError", "KvmError", "GuestMemoryError", "BusError", "BootError"]
 
 
 class ConfigError(BulkheadError):
@@ -17,14 +22,6 @@ class KvmError(BulkheadError):
     def with_errno(self, errno: int) -> "KvmError":
         self.errno = errno
         return self
-
-
-class GuestMemoryError(BulkheadError):
-    """A guest physical address range is not backed by guest RAM.
-
-    Raised only by the checked accessors of `GuestMemory`; device code catches it at the request
-    boundary and turns it into a device error status, so it never ends a process by accident.
-    """
 
 
 class BusError(BulkheadError):

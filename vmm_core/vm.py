@@ -24,7 +24,7 @@ from .errors import BootError, ConfigError
 from .kvm import Kvm, Vcpu, Vm
 from .kvm._kvm_cffi import ffi, lib
 from .cgroups import CgroupLimits, join_vm_cgroup
-from .memory import GuestMemory
+from .memory import GuestMemory, create_guest_memory
 from .registry import valid_name
 from .vcpu import StopReason, StopRequest, VcpuThread
 
@@ -89,7 +89,7 @@ class Machine:
         self._serial_lock = threading.Lock()
 
         self.vm = Vm(self.kvm)
-        self.memory = GuestMemory.create(config.mem_mib << 20)
+        self.memory = create_guest_memory(config.mem_mib << 20)
         for region in self.memory.regions:
             self.vm.set_user_memory_region(region.start, region.spec.size, region.host_addr)
         self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)

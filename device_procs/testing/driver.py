@@ -18,7 +18,7 @@ from device_procs.virtio import mmio as regs
 from device_procs.virtio.device import VIRTIO_F_EVENT_IDX
 from device_procs.virtio.queue import (DESC_SIZE, USED_ELEM_SIZE, VIRTQ_DESC_F_INDIRECT,
                                        VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE)
-from vmm_core.memory import GuestMemory
+from ipc_protocol.guest_memory import GuestMemory
 
 ReadFn = Callable[[int, bytearray], None]
 WriteFn = Callable[[int, bytes], None]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from device_procs.virtio.queue import (DESC_SIZE, MAX_CHAIN_BYTES, MAX_INDIRECT_DESCRIPTORS,
                                        VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE)
-from vmm_core.layout import VIRTIO_MMIO_BASE
 
 from .driver import DriverQueue, VirtioDriver
 
 NEXT, WRITE, INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
-MMIO_HOLE_ADDR = VIRTIO_MMIO_BASE  # 0xd0000000: device registers, never RAM
+# The core's virtio-mmio base (vmm_core.layout.VIRTIO_MMIO_BASE, checked by a unit test):
+# device registers in the MMIO hole, never RAM.
+MMIO_HOLE_ADDR = 0xD000_0000
 
 
 def _scratch(q: DriverQueue, length: int = 512) -> int:

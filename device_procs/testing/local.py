@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from device_procs.virtio import MmioDevice, VirtioDevice
-from vmm_core.memory import GuestMemory
+from ipc_protocol.guest_memory import GuestMemory
 
 from .driver import VirtioDriver
 

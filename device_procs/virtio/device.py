@@ -10,8 +10,8 @@ import abc
 import logging
 from typing import Any, Protocol
 
-from vmm_core.errors import GuestMemoryError
-from vmm_core.memory import GuestMemory
+from ipc_protocol.guest_memory import GuestMemoryError
+from ipc_protocol.guest_memory import GuestMemory
 
 from .errors import QueueError
 from .queue import DescriptorChain, Queue

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vmm_core.errors import BulkheadError
+from ipc_protocol.errors import BulkheadError
 
 
 class VirtioError(BulkheadError):

@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import Any, Callable
 
-from vmm_core.memory import GuestMemory
+from ipc_protocol.guest_memory import GuestMemory
 
 from .device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VirtioDevice
 from .errors import QueueError

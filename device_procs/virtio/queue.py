@@ -17,8 +17,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from vmm_core.errors import GuestMemoryError
-from vmm_core.memory import GuestMemory
+from ipc_protocol.guest_memory import GuestMemoryError
+from ipc_protocol.guest_memory import GuestMemory
 
 from .errors import QueueError
 

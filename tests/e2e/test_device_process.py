@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from device_procs.testing.driver import VirtioDriver
-from device_procs.testing.process import DeviceLab
+from vmm_core.testing.process import DeviceLab
 from device_procs.virtio import mmio as regs
 from ipc_protocol import messages as m
 from ipc_protocol.errors import RemoteProtocolError
@@ -212,10 +212,10 @@ def test_restarted_child_resumes_from_the_shadow(harness: Harness) -> None:
 
 PARENT_SCRIPT = """
 import os, sys, time
-from vmm_core.memory import GuestMemory
+from vmm_core.memory import GuestMemory, create_guest_memory
 from vmm_core.devices.spawn import DeviceFds, spawn_device
 from ipc_protocol.transport.shm_ring import make_eventfd
-mem = GuestMemory.create(1 << 20)
+mem = create_guest_memory(1 << 20)
 proc = spawn_device("rng9", "rng", control_endpoint=sys.argv[1],
                     fds=DeviceFds(mem.fd, make_eventfd(), [make_eventfd()]))
 print(proc.pid, flush=True)

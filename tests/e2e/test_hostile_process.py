@@ -9,7 +9,7 @@ import time
 import pytest
 
 from device_procs.testing import hostile
-from device_procs.testing.process import ProcessHarness
+from vmm_core.testing.process import ProcessHarness
 from device_procs.virtio import mmio as r
 from device_procs.virtio.blk import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK
 

@@ -15,11 +15,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from device_procs.testing.process import DeviceLab
+from vmm_core.testing.process import DeviceLab
 
-from device_procs.jail.learn import learn_device, to_toml
-from device_procs.jail.options import VM_ID_BASE, JailOptions
-from device_procs.jail.workload import device_harness, run_workload
+from vmm_core.testing.jail_learn import learn_device, to_toml
+from jail.options import VM_ID_BASE, JailOptions
+from vmm_core.testing.workload import device_harness, run_workload
 from ipc_protocol import messages as m
 from ipc_protocol.transport.shm_ring import make_eventfd
 from vmm_core.devices.spawn import DeviceFds, DeviceProcess, DeviceStartError, start_device
@@ -206,7 +206,7 @@ def test_learned_policy_lets_the_device_pass_the_workload(device: str, tmp_path:
 
 
 def test_devices_are_born_in_the_vms_cgroup(devices: Devices) -> None:
-    from device_procs.jail.cgroup import VmCgroup
+    from jail.cgroup import VmCgroup
 
     with VmCgroup.create(f"jaildev-{os.getpid()}", memory_max=256 << 20, pids_max=32) as cg:
         proc = devices.start("rng0", cgroup_procs=list(cg.procs_files()))

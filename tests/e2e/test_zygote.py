@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from device_procs.testing.process import DeviceLab
+from vmm_core.testing.process import DeviceLab
 
 from ipc_protocol import messages as m
 from vmm_core.devices.spawn import DeviceProcess
@@ -198,11 +198,11 @@ def test_closed_zygote_falls_back_to_a_fresh_interpreter(devices: Devices,
 
 PARENT_SCRIPT = """
 import os, sys, time
-from vmm_core.memory import GuestMemory
+from vmm_core.memory import GuestMemory, create_guest_memory
 from vmm_core.devices.spawn import DeviceFds, spawn_device
 from vmm_core.devices.zygote import default_zygote
 from ipc_protocol.transport.shm_ring import make_eventfd
-mem = GuestMemory.create(1 << 20)
+mem = create_guest_memory(1 << 20)
 proc = spawn_device("rng9", "rng", control_endpoint=sys.argv[1], spawn_method="zygote",
                     fds=DeviceFds(mem.fd, make_eventfd(), [make_eventfd()]))
 print(proc.pid, proc.popen.pid, default_zygote().pid, flush=True)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from device_procs.jail.learn import learn, to_toml
-from device_procs.jail.policy import load_policy
+from vmm_core.testing.jail_learn import learn, to_toml
+from jail.policy import load_policy
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 

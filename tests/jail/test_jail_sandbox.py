@@ -1,6 +1,6 @@
 """Jailed device processes, for real: namespaces, credentials, filesystem, seccomp violations.
 
-Needs root with user namespaces.  The child is `device_procs.jail.probe`: it imports zmq and
+Needs root with user namespaces.  The child is `jail.probe`: it imports zmq and
 msgpack, opens a disk image / console file / eventfds and a ZeroMQ connection (I/O thread running),
 enters the jail, then serves JSON commands over a pipe.
 """
@@ -16,8 +16,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from device_procs.jail.cgroup import VmCgroup
-from device_procs.jail.sandbox import Bind, JailExit, JailSpec, JailedProcess, Rlimits, spawn
+from jail.cgroup import VmCgroup
+from jail.sandbox import Bind, JailExit, JailSpec, JailedProcess, Rlimits, spawn
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 
@@ -71,7 +71,7 @@ def jailed(tmp_path: Path) -> Iterator[Any]:
         console.touch()
         cmd_r, cmd_w = os.pipe()
         reply_r, reply_w = os.pipe()
-        argv = [sys.executable, "-m", "device_procs.jail.probe", "--cmd-fd", str(cmd_r),
+        argv = [sys.executable, "-m", "jail.probe", "--cmd-fd", str(cmd_r),
                 "--reply-fd", str(reply_w), "--parent-pid", str(os.getpid()), *extra]
         argv += {"blk": ["--image", str(image)], "console": ["--console", str(console)],
                  "rng": ["--rng"]}[device]

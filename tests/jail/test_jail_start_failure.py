@@ -77,8 +77,8 @@ def test_no_user_namespaces_signals_nobody(tmp_path: Path) -> None:
 
 SPAWN_TIMEOUT = r'''
 import subprocess, sys
-from device_procs.jail.errors import JailError
-from device_procs.jail.sandbox import JailSpec, spawn
+from jail.errors import JailError
+from jail.sandbox import JailSpec, spawn
 
 def never_reports(launch, status_fd):
     # A "launcher" that never writes `pid N`: spawn must give up after its timeout.

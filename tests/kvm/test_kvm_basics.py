@@ -5,7 +5,7 @@ import pytest
 from vmm_core import layout
 from vmm_core.boot import cpu as cpu_setup
 from vmm_core.kvm import IoExit, Kvm, MmioExit, Vcpu, Vm
-from vmm_core.memory import GuestMemory
+from vmm_core.memory import GuestMemory, create_guest_memory
 
 pytestmark = pytest.mark.kvm
 
@@ -16,7 +16,7 @@ CODE_ADDR = 0x100000
 def machine():
     kvm = Kvm()
     vm = Vm(kvm)
-    mem = GuestMemory.create(32 << 20)
+    mem = create_guest_memory(32 << 20)
     for r in mem.regions:
         vm.set_user_memory_region(r.start, r.spec.size, r.host_addr)
     vm.set_tss_addr(layout.KVM_TSS_ADDR)

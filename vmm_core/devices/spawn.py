@@ -22,7 +22,7 @@ fd-passing protocol (what `device_procs.host` expects):
 Passing fds by SCM_RIGHTS rather than inheritance keeps argv free of fd numbers, lets the child
 receive them after it has set PDEATHSIG, and is the same path a restarted child will use.
 
-Jail (the default, `jail=True`): the child is started through `device_procs.jail.launch` (user,
+Jail (the default, `jail=True`): the child is started through `jail.launch` (user,
 mount, PID, net, IPC and UTS namespaces; root-in-namespace = the VM's unprivileged uid/gid) and
 calls `enter_jail` once configured (see `device_procs.host`).  The process tree is then
 core -> launcher -> device; `DeviceProcess.pid` is the device's host pid, `popen` stands for the
@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from device_procs.jail.errors import JailError
-from device_procs.jail.options import JailOptions, JailOrOptions, jailed_popen
+from jail.errors import JailError
+from jail.options import JailOptions, JailOrOptions, jailed_popen
 from ipc_protocol import messages as msg
 from ipc_protocol.errors import ProtocolError, TransportTimeout
 from ipc_protocol.transport import fds as fdpass

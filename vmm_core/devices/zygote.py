@@ -29,7 +29,7 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from device_procs.jail.sandbox import LauncherStart
+from jail.sandbox import LauncherStart
 from ipc_protocol.errors import ProtocolError
 from ipc_protocol.transport import fds as fdpass
 

@@ -133,8 +133,8 @@ def test_too_many_devices_do_not_fit():
 
 
 def test_build_acpi_writes_guest_memory():
-    from vmm_core.memory import GuestMemory
-    mem = GuestMemory.create(16 << 20)
+    from vmm_core.memory import GuestMemory, create_guest_memory
+    mem = create_guest_memory(16 << 20)
     try:
         rsdp_addr = tables.build_acpi(mem, 2, SLOTS)
         image = layout_acpi(2, SLOTS)

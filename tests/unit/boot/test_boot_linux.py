@@ -10,7 +10,7 @@ from vmm_core.boot import linux
 from vmm_core.boot.bootparams import read_e820, read_header_field
 from vmm_core.boot.e820 import e820_map
 from vmm_core.errors import BootError
-from vmm_core.memory import GuestMemory
+from vmm_core.memory import GuestMemory, create_guest_memory
 
 MiB = layout.MiB
 
@@ -30,7 +30,7 @@ def bzimage_with(vmlinux: bytes, make_bzimage) -> bytes:
 
 @pytest.fixture
 def memory():
-    mem = GuestMemory.create(64 * MiB)
+    mem = create_guest_memory(64 * MiB)
     yield mem
     mem.close()
 
@@ -125,7 +125,7 @@ def test_cmdline_too_long(memory, make_bzimage):
 
 
 def test_kernel_larger_than_ram():
-    mem = GuestMemory.create(16 * MiB)
+    mem = create_guest_memory(16 * MiB)
     try:
         with pytest.raises(BootError, match="more memory"):
             linux.load_linux(mem, tiny_vmlinux())
@@ -134,7 +134,7 @@ def test_kernel_larger_than_ram():
 
 
 def test_debian_kernel_loads(debian_bzimage):
-    mem = GuestMemory.create(320 * MiB)
+    mem = create_guest_memory(320 * MiB)
     try:
         plan = linux.load_linux(mem, debian_bzimage, cmdline="console=ttyS0", vcpus=2)
         assert plan.kernel.compression == "lz4"

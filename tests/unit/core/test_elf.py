@@ -4,7 +4,7 @@ import pytest
 
 from vmm_core.boot.elf import entry_physical, load_elf, parse_elf
 from vmm_core.errors import BootError
-from vmm_core.memory import GuestMemory
+from vmm_core.memory import GuestMemory, create_guest_memory
 
 
 def make_elf(segments, entry=0x100000, machine=62, etype=2, cls=2):
@@ -22,7 +22,7 @@ def make_elf(segments, entry=0x100000, machine=62, etype=2, cls=2):
 
 
 def test_load_copies_and_zero_fills():
-    mem = GuestMemory.create(4 << 20)
+    mem = create_guest_memory(4 << 20)
     mem.write(0x100000, b"\xff" * 32)
     image = load_elf(mem, make_elf([(0x100000, 0x100000, b"abcd", 16)]))
     assert image.entry == 0x100000
@@ -50,7 +50,7 @@ def test_bad_images(blob, msg):
 
 
 def test_segment_outside_ram_is_a_boot_error():
-    mem = GuestMemory.create(2 << 20)
+    mem = create_guest_memory(2 << 20)
     with pytest.raises(BootError, match="does not fit"):
         load_elf(mem, make_elf([(0x400000, 0x400000, b"x", 1)]))
     mem.close()

@@ -4,11 +4,11 @@ import pytest
 
 from vmm_core import layout
 from vmm_core.errors import GuestMemoryError
-from vmm_core.memory import GuestMemory, RegionSpec
+from vmm_core.memory import GuestMemory, create_guest_memory, RegionSpec
 
 
 def test_small_ram_one_region():
-    mem = GuestMemory.create(16 << 20)
+    mem = create_guest_memory(16 << 20)
     assert [(r.start, r.spec.size) for r in mem.regions] == [(0, 16 << 20)]
     mem.close()
 
@@ -20,7 +20,7 @@ def test_large_ram_leaves_hole():
 
 
 def test_bounds_checked_access():
-    mem = GuestMemory.create(1 << 20)
+    mem = create_guest_memory(1 << 20)
     mem.write_u32(0x1000, 0xDEADBEEF)
     assert mem.read_u32(0x1000) == 0xDEADBEEF
     assert mem.read(0x1000, 4) == bytes.fromhex("efbeadde")
@@ -33,7 +33,7 @@ def test_bounds_checked_access():
 
 
 def test_memfd_is_sealed_and_shared_with_a_second_mapping():
-    mem = GuestMemory.create(1 << 20)
+    mem = create_guest_memory(1 << 20)
     with pytest.raises(OSError):
         os.ftruncate(mem.fd, 4096)  # F_SEAL_SHRINK
     other = GuestMemory.from_fd(os.dup(mem.fd), mem.specs)
@@ -46,7 +46,7 @@ def test_memfd_is_sealed_and_shared_with_a_second_mapping():
 
 
 def test_from_fd_rejects_region_past_file_end():
-    mem = GuestMemory.create(1 << 20)
+    mem = create_guest_memory(1 << 20)
     with pytest.raises(GuestMemoryError, match="needs"):
         GuestMemory.from_fd(mem.fd, [RegionSpec(0, 2 << 20, 0)])
     mem.close()

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from device_procs.jail.errors import JailError
-from device_procs.jail.options import VM_ID_BASE, JailOptions, default_vm_ids
-from device_procs.jail.policy import CONFIG_DIR
+from jail.errors import JailError
+from jail.options import VM_ID_BASE, JailOptions, default_vm_ids
+from jail.policy import CONFIG_DIR
 
 
 def test_coerce_true_false_dict_and_options() -> None:

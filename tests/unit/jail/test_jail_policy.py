@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from device_procs.jail.errors import PolicyError
-from device_procs.jail.policy import CONFIG_DIR, FORBIDDEN, constants, load_policy, syscall_name
+from jail.errors import PolicyError
+from jail.policy import CONFIG_DIR, FORBIDDEN, constants, load_policy, syscall_name
 
 ALL_POLICIES = sorted(CONFIG_DIR.glob("*.toml"))
 DEVICES = ("blk", "rng", "console")
@@ -163,7 +163,7 @@ def test_toml_syntax_and_unknown_keys(tmp_path: Path) -> None:
 
 
 def test_learn_fragment_pins_arguments_by_name(tmp_path: Path) -> None:
-    from device_procs.jail.learn import to_toml
+    from vmm_core.testing.jail_learn import to_toml
 
     c = constants()
     observed = {

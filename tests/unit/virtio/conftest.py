@@ -9,7 +9,7 @@ import pytest
 
 from device_procs.testing.local import LocalHarness
 from device_procs.virtio import BlkDevice, ConsoleDevice, RngDevice
-from vmm_core.memory import GuestMemory
+from vmm_core.memory import GuestMemory, create_guest_memory
 
 RAM_SIZE = 32 << 20
 IMAGE_SECTORS = 2048  # 1 MiB
@@ -20,7 +20,7 @@ Harness = LocalHarness
 
 @pytest.fixture
 def memory() -> Iterator[GuestMemory]:
-    mem = GuestMemory.create(RAM_SIZE)
+    mem = create_guest_memory(RAM_SIZE)
     yield mem
     mem.close()
 

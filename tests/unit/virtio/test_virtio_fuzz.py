@@ -17,7 +17,7 @@ from device_procs.testing.local import LocalHarness
 from device_procs.virtio import RngDevice
 from device_procs.virtio.errors import QueueError
 from device_procs.virtio.queue import MAX_CHAIN_BYTES, Queue
-from vmm_core.memory import GuestMemory
+from vmm_core.memory import GuestMemory, create_guest_memory
 
 RAM = 2 << 20
 DESC, AVAIL, USED, TABLES = 0x1000, 0x3000, 0x4000, 0x8000
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def ram():
-    mem = GuestMemory.create(RAM)
+    mem = create_guest_memory(RAM)
     yield mem
     mem.close()
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from device_procs.jail._seccomp_cffi import ffi, lib
-from device_procs.jail.errors import JailError
-from device_procs.jail.policy import ArgCmp, Policy, parse_errno_action, resolve_syscall, syscall_name
+from jail._seccomp_cffi import ffi, lib
+from jail.errors import JailError
+from jail.policy import ArgCmp, Policy, parse_errno_action, resolve_syscall, syscall_name
 
 MODES = ("kill", "trap", "log", "off")
 

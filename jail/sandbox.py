@@ -11,7 +11,7 @@ Spawn side (the core)::
 
 Device side, after importing everything and opening every fd, before any guest data::
 
-    from device_procs.jail.sandbox import enter_jail
+    from jail.sandbox import enter_jail
     enter_jail()        # reads its JailConfig from $BULKHEAD_JAIL (set by the launcher)
 
 `enter_jail` order: build the seccomp filter (reads the policy file) -> uid/gid = root-in-namespace
@@ -45,15 +45,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, TypeVar
 
-from device_procs.jail._seccomp_cffi import ffi, lib
-from device_procs.jail.errors import JailError
-from device_procs.jail.launch import ENV_VAR, _last_cap, _set_caps
-from device_procs.jail.pidfd import NotOurProcess, check_pid, open_ref
-from device_procs.jail.policy import load_policy, policy_for_device
-from device_procs.jail.seccomp import (MODES, Filter, Violation, build_filter, install_learn,
+from jail._seccomp_cffi import ffi, lib
+from jail.errors import JailError
+from jail.launch import ENV_VAR, _last_cap, _set_caps
+from jail.pidfd import NotOurProcess, check_pid, open_ref
+from jail.policy import load_policy, policy_for_device
+from jail.seccomp import (MODES, Filter, Violation, build_filter, install_learn,
                                       parse_report_line)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 PR_CAPBSET_DROP, PR_SET_SECUREBITS = 24, 28
 # NOROOT(+LOCKED), NO_SETUID_FIXUP *off* and locked (so the switch to a non-root uid clears
@@ -155,7 +155,7 @@ def launcher_argv(spec: JailSpec, argv: Sequence[str], status_fd: int,
     """The command that runs `argv` jailed; run it with `pass_fds=[status_fd, *pass_fds]`."""
     launch = launch_spec(spec, status_fd, pass_fds)
     exe = argv[0] if os.path.isabs(argv[0]) else (_which(argv[0]) or argv[0])
-    return [sys.executable, "-m", "device_procs.jail.launch", "--spec", json.dumps(launch), "--",
+    return [sys.executable, "-m", "jail.launch", "--spec", json.dumps(launch), "--",
             exe, *argv[1:]]
 
 

@@ -13,7 +13,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEST_GUEST = os.path.join(ROOT, "guest_kit", "build", "testguest.elf")
 
 _GK_LINE = re.compile(r"^GK (\S+) (ok|fail)(?: (.*))?$")

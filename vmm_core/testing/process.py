@@ -23,9 +23,9 @@ from ipc_protocol.transport.zmq_channel import ControlServer, make_runtime_dir
 from vmm_core.devices.manager import QUEUE_COUNTS
 from vmm_core.devices.proxy import ProxyDevice
 from vmm_core.devices.spawn import DeviceFds, DeviceProcess, start_device
-from vmm_core.memory import GuestMemory
+from vmm_core.memory import GuestMemory, create_guest_memory
 
-from .driver import VirtioDriver
+from device_procs.testing.driver import VirtioDriver
 
 
 class DeviceLab:
@@ -34,7 +34,7 @@ class DeviceLab:
     def __init__(self, *, ram_mib: int = 16, tag: str = "lab") -> None:
         self.rundir = make_runtime_dir(tag)
         self.control = ControlServer(self.rundir)
-        self.memory = GuestMemory.create(ram_mib << 20)
+        self.memory = create_guest_memory(ram_mib << 20)
         self.procs: list[DeviceProcess] = []
         self._eventfds: list[int] = []
 

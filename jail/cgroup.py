@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from device_procs.jail.errors import CgroupError
+from jail.errors import CgroupError
 
 CONTROLLERS = ("memory", "pids", "cpu")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")

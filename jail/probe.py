@@ -1,4 +1,4 @@
-"""A stand-in device process for jail tests and for `learn`: `python -m device_procs.jail.probe`.
+"""A stand-in device process for jail tests and for `learn`: `python -m jail.probe`.
 
 It imports what a device process imports (zmq, msgpack, the jail), opens what a device opens (a
 disk image, a console file, eventfds, a ZeroMQ connection whose I/O thread is running), enters
@@ -31,7 +31,7 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from device_procs.jail.sandbox import JailConfig, enter_jail, seal_jail, start_library_threads
+from jail.sandbox import JailConfig, enter_jail, seal_jail, start_library_threads
 
 _libc = ctypes.CDLL(None, use_errno=True)
 KVM_GET_API_VERSION = 0xAE00  # _IO(KVMIO, 0x00): any request the policy does not name
@@ -154,7 +154,7 @@ VIOLATIONS: dict[str, Callable[[Probe], Any]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="device_procs.jail.probe")
+    ap = argparse.ArgumentParser(prog="jail.probe")
     ap.add_argument("--cmd-fd", type=int, required=True)
     ap.add_argument("--reply-fd", type=int, required=True)
     ap.add_argument("--image")

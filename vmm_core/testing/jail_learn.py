@@ -9,9 +9,9 @@ unobserved -- records `(syscall, args)` for every notification and lets the call
 (SECCOMP_USER_NOTIF_FLAG_CONTINUE).  The result is printed as TOML with `why = ""` left for a person
 to fill in (the loader refuses empty reasons, so nothing learned is trusted unread).
 
-    python -m device_procs.jail.learn --device blk          # the real blk device, real workload
-    python -m device_procs.jail.learn --device blk --probe  # the probe's stand-in workload
-    python -m device_procs.jail.learn --device rng --only-new -- python -m some.command ...
+    python -m vmm_core.testing.jail_learn --device blk          # the real blk device, real workload
+    python -m vmm_core.testing.jail_learn --device blk --probe  # the probe's stand-in workload
+    python -m vmm_core.testing.jail_learn --device rng --only-new -- python -m some.command ...
 
 By default the device is the real one (`device_procs.host`, started by the core's own
 `spawn_device`) and the workload is the host-side `VirtioDriver` playing the guest through every
@@ -31,10 +31,10 @@ import time
 from collections import defaultdict
 from typing import Sequence
 
-from device_procs.jail._seccomp_cffi import ffi, lib
-from device_procs.jail.errors import JailError
-from device_procs.jail.policy import constants, load_policy, syscall_name
-from device_procs.jail.sandbox import JailedProcess, JailSpec, spawn
+from jail._seccomp_cffi import ffi, lib
+from jail.errors import JailError
+from jail.policy import constants, load_policy, syscall_name
+from jail.sandbox import JailedProcess, JailSpec, spawn
 
 # Arguments worth pinning in the fragment: syscall -> (argument index, constant-name prefixes).
 PINNED: dict[str, tuple[int, tuple[str, ...]]] = {
@@ -160,7 +160,7 @@ def learn(device: str, argv: Sequence[str] | None = None, *, rounds: int = 3,
         cmd_r, cmd_w = os.pipe()
         reply_r, reply_w = os.pipe()
         keep = [cmd_r, reply_w]
-        argv = [sys.executable, "-m", "device_procs.jail.probe", "--cmd-fd", str(cmd_r),
+        argv = [sys.executable, "-m", "jail.probe", "--cmd-fd", str(cmd_r),
                 "--reply-fd", str(reply_w)]
         image = f"/tmp/bulkhead-learn-{os.getpid()}.img"
         if device == "blk":
@@ -208,7 +208,7 @@ def learn_device(device: str, *, rounds: int = 3, timeout: float = 30.0,
     The learner must be attached while the handshake runs: the device's first syscall after
     `enter_jail` (sending its Ack) waits for a supervisor to answer it.
     """
-    from device_procs.jail.workload import device_harness, run_workload
+    from vmm_core.testing.workload import device_harness, run_workload
 
     learners: list[Learner] = []
     errors: list[BaseException] = []

@@ -8,6 +8,6 @@ Public surface:
   learn.learn / learn.learn_main                                measure a device's syscalls
 """
 
-from device_procs.jail.errors import CgroupError, JailError, PolicyError
+from jail.errors import CgroupError, JailError, PolicyError
 
 __all__ = ["CgroupError", "JailError", "PolicyError"]

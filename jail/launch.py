@@ -1,4 +1,4 @@
-"""The jail launcher: `python -m device_procs.jail.launch --spec JSON -- ARGV...`.
+"""The jail launcher: `python -m jail.launch --spec JSON -- ARGV...`.
 
 Run by `sandbox.spawn` (a plain fork+exec of a fresh interpreter: the threaded core never forks
 Python code).  The launcher is single-threaded, so forking *it* is safe.  Its steps:
@@ -39,7 +39,7 @@ import signal
 import sys
 from typing import Any, Callable, NoReturn
 
-from device_procs.jail._seccomp_cffi import ffi, lib
+from jail._seccomp_cffi import ffi, lib
 
 NS_FLAGS = lib.CLONE_NEWUSER | lib.CLONE_NEWNS | lib.CLONE_NEWNET | lib.CLONE_NEWIPC | lib.CLONE_NEWUTS
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 1, 38, 24
@@ -317,7 +317,7 @@ def _await_device_or_core(pid: int, watch_fd: int) -> None:
 
 def main(argv: list[str]) -> NoReturn:
     if len(argv) < 4 or argv[0] != "--spec" or argv[2] != "--":
-        print("usage: python -m device_procs.jail.launch --spec JSON -- ARGV...", file=sys.stderr)
+        print("usage: python -m jail.launch --spec JSON -- ARGV...", file=sys.stderr)
         os._exit(2)
     run(json.loads(argv[1]), argv[3:])
 

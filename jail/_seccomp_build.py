@@ -1,7 +1,7 @@
-"""cffi API-mode build of `device_procs.jail._seccomp_cffi`: libseccomp, a SIGSYS reporter, and the
+"""cffi API-mode build of `jail._seccomp_cffi`: libseccomp, a SIGSYS reporter, and the
 few raw system calls the jail needs that Python 3.11's `os` module lacks.
 
-Built by `setup.py build_ext --inplace` (setup.py lists `device_procs/jail/_seccomp_build.py:ffibuilder`).
+Built by `setup.py build_ext --inplace` (setup.py lists `jail/_seccomp_build.py:ffibuilder`).
 Everything numeric comes from the system headers at compile time: no hand-counted BPF, no
 hand-copied ioctl numbers.  The constant table `bh_consts` is what policy files may name.
 """
@@ -236,7 +236,7 @@ def _consts_source() -> str:
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
-    "device_procs.jail._seccomp_cffi",
+    "jail._seccomp_cffi",
     SOURCE.replace("__CONSTS__", _consts_source()),
     libraries=["seccomp"],
     extra_compile_args=["-Wall", "-Wno-unused-function"],

@@ -21,11 +21,11 @@ import subprocess
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Sequence, Union
 
-from device_procs.jail.errors import JailError
-from device_procs.jail.policy import CONFIG_DIR
-from device_procs.jail.sandbox import (JailedProcess, JailExit, JailSpec, LauncherStart, Rlimits,
+from jail.errors import JailError
+from jail.policy import CONFIG_DIR
+from jail.sandbox import (JailedProcess, JailExit, JailSpec, LauncherStart, Rlimits,
                                       spawn)
-from device_procs.jail.seccomp import MODES
+from jail.seccomp import MODES
 
 # Two host ids per VM: this base plus twice the core's pid is what the device finally runs as; the
 # next id is the jail's set-up identity (root-in-namespace while it mounts, see sandbox.py).

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device_procs.jail.errors import PolicyError
+from jail.errors import PolicyError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "jail_configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "jail_configs"
 
 # Never allowed in a device policy: each one is a way out of the jail or into the kernel's attack
 # surface that no virtio device needs once its fds are open.
@@ -99,7 +99,7 @@ def constants() -> dict[str, int]:
     """Every constant a policy may name, as compiled from the system headers."""
     global _CONSTANTS
     if _CONSTANTS is None:
-        from device_procs.jail._seccomp_cffi import ffi, lib
+        from jail._seccomp_cffi import ffi, lib
 
         _CONSTANTS = {
             ffi.string(lib.bh_consts[i].name).decode(): int(lib.bh_consts[i].value)
@@ -113,14 +113,14 @@ _CONSTANTS: dict[str, int] | None = None
 
 def resolve_syscall(name: str) -> int:
     """The native syscall number for `name`, or -1 when libseccomp does not know it."""
-    from device_procs.jail._seccomp_cffi import lib
+    from jail._seccomp_cffi import lib
 
     return int(lib.seccomp_syscall_resolve_name(name.encode()))
 
 
 def syscall_name(nr: int, arch: int = 0) -> str:
     """The name of syscall `nr` on `arch` (an AUDIT_ARCH_* token, 0 = native), or `syscall_<nr>`."""
-    from device_procs.jail._seccomp_cffi import ffi, lib
+    from jail._seccomp_cffi import ffi, lib
 
     p = lib.seccomp_syscall_resolve_num_arch(arch, nr)
     if p == ffi.NULL:
@@ -320,7 +320,7 @@ def _value(v: Any, where: str) -> int:
             part = part.strip()
             if part not in table:
                 raise PolicyError(f"{where}: unknown constant {part!r} (known: see CONSTANT_NAMES "
-                                  f"in device_procs/jail/_seccomp_build.py)")
+                                  f"in jail/_seccomp_build.py)")
             total |= table[part]
         return total
     raise PolicyError(f"{where}: {v!r} is not an integer or a constant name")

@@ -20,7 +20,7 @@ IMAGE_BYTES = 1 << 20
 @contextmanager
 def device_harness(device: str, **spawn_kwargs: Any) -> Iterator[Any]:
     """A `ProcessHarness` for `device` with a scratch image / console file, removed afterwards."""
-    from device_procs.testing.process import ProcessHarness  # the core's side: import on demand
+    from vmm_core.testing.process import ProcessHarness  # the core's side: import on demand
 
     if device not in DEVICES:
         raise ValueError(f"device {device!r}: choose one of {', '.join(DEVICES)}")

@@ -170,8 +170,10 @@ class Lifecycle:
                 return []
             old = self.generation
             self.state = State.STARTING
+            # The shadow is replayed even so: the guest may program the device again before
+            # the fresh process serves, and those writes are only in the shadow.
             return [Kill(old), Log("warning", f"device {self.name}: a fresh process after the "
-                                               "guest's reset"), self._spawn(activate=False)]
+                                               "guest's reset"), self._spawn(activate=True)]
         if event.generation != self.generation:
             return []  # about a process already replaced
         if isinstance(event, Started):

@@ -134,12 +134,44 @@ def host_pid() -> int:
     return os.getpid()
 
 
+def _is_socket(fd: int, stat_module: Any) -> bool:
+    try:
+        return stat_module.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
 class _FaultTarget:
     """What the jail probe's attempts expect of their subject (`p.args.parent_pid`, `p.call`)."""
 
     def __init__(self, parent_pid: int, fd: int) -> None:
         self.args = argparse.Namespace(parent_pid=parent_pid)
         self.call = fd
+
+
+class ChannelLogHandler(logging.Handler):
+    """Log records go to the core as `Log` messages (a jailed device's stderr is /dev/null).
+
+    Never blocks (a record the channel cannot take now is dropped) and never recurses."""
+
+    LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
+
+    def __init__(self, control: ControlClient) -> None:
+        super().__init__()
+        self.control = control
+        self._busy = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            level = self.LEVELS.get(record.levelno, "error")
+            self.control.send(msg.Log(level, record.getMessage()[:1000]), timeout=0)
+        except Exception:  # noqa: BLE001 - logging must never take the device down
+            pass
+        finally:
+            self._busy = False
 
 
 class DeviceHost:
@@ -161,6 +193,7 @@ class DeviceHost:
         self.counters = {"ring_reads": 0, "ring_writes": 0, "ring_syncs": 0, "kicks": 0,
                          "interrupts": 0}
         self._garbage_next = False
+        self._doorbell_frozen = False
 
     # -- setup ---------------------------------------------------------------------------------
     def configure(self, config: msg.Configure) -> None:
@@ -214,12 +247,15 @@ class DeviceHost:
         kick_index = {fd: i for i, fd in enumerate(self.kick_fds)}
         while True:
             self._drain_ring()
-            for target, _ in poller.poll():
+            for target, _ in poller.poll(1 if self._doorbell_frozen else None):
                 if target is self.control.socket:
                     code = self._drain_control()
                     if code is not None:
                         return code
                 elif target == self.ring.incoming_doorbell:
+                    if self._doorbell_frozen:
+                        poller.unregister(target)  # keeps serving the ring by polling it
+                        continue
                     drain_eventfd(target)
                 elif target in kick_index:
                     if drain_eventfd(target):
@@ -336,6 +372,41 @@ class DeviceHost:
             self._forbidden_call(str(m.args.get("name", "")))
         elif m.kind == "crash_in_request":
             self._crash_in_next_request()
+        elif m.kind == "flood_acks":
+            for i in range(int(m.args.get("count", 50_000))):
+                try:
+                    self.control.send(msg.HeartbeatAck(i), timeout=0)
+                except ProtocolError:
+                    pass
+        elif m.kind == "flood_frames":
+            self._flood_frames(int(m.args.get("mib", 512)))
+        elif m.kind == "fill_doorbell":
+            assert self.ring is not None
+            # The counter's maximum, and then we stop draining it (a compromised device would).
+            os.eventfd_write(self.ring.incoming_doorbell, 0xFFFF_FFFF_FFFF_FFFE)
+            self._doorbell_frozen = True
+
+    def _flood_frames(self, mib: int) -> None:
+        """What a compromised device can do to whoever receives its channel: raw ZMTP frames
+        that all say "more" (MAXMSGSIZE bounds a frame, not a message), written straight to the
+        connection's socket under libzmq's feet."""
+        import select
+        import stat
+        import struct
+        fd = next((f for f in range(3, 256) if _is_socket(f, stat)), None)
+        if fd is None:
+            return
+        chunk = b"\x03" + struct.pack(">Q", 60_000) + b"\xa5" * 60_000  # MORE | LONG
+        left = mib * (1 << 20) // len(chunk)
+        while left > 0:
+            select.select([], [fd], [], 1.0)
+            try:
+                os.write(fd, chunk)
+                left -= 1
+            except BlockingIOError:
+                continue
+            except OSError:
+                return  # the receiver is gone: the flood has done what it could
 
     def _crash_in_next_request(self) -> None:
         """Abort inside the next request: after the device has executed it (a blk write is on
@@ -400,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     except JailError as err:
         log.error("%s", err)
         return EXIT_ERROR
+    channel_log = ChannelLogHandler(control)
+    logging.getLogger().addHandler(channel_log)
     try:
         control.send(msg.Hello(msg.PROTOCOL_MAJOR, msg.PROTOCOL_MINOR, args.name,
                                args.device_type, host_pid()))
@@ -448,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return EXIT_ERROR
     finally:
+        logging.getLogger().removeHandler(channel_log)
         control.close()
         # Terminating the context is what delivers a last message (ErrorReport, Ack) within the
         # socket's linger: a device forked by the zygote ends in os._exit, with no interpreter

@@ -101,6 +101,7 @@ extern const int bh_nconsts;
 uint32_t bh_act_errno(uint32_t err);
 int bh_install_sigsys_reporter(int fd);
 int bh_unshare(int flags);
+int bh_setns(int fd, int nstype);
 int bh_pivot_root(const char *new_root, const char *put_old);
 int bh_mount(const char *source, const char *target, const char *fstype, unsigned long flags,
              const char *data);
@@ -216,6 +217,7 @@ int bh_install_sigsys_reporter(int fd) {
 }
 
 int bh_unshare(int flags) { return unshare(flags) == 0 ? 0 : -errno; }
+int bh_setns(int fd, int nstype) { return setns(fd, nstype) == 0 ? 0 : -errno; }
 int bh_pivot_root(const char *n, const char *o) {
     return syscall(SYS_pivot_root, n, o) == 0 ? 0 : -errno;
 }

@@ -37,9 +37,12 @@ import os
 import select
 import signal
 import sys
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from jail._seccomp_cffi import ffi, lib
+
+if TYPE_CHECKING:
+    from jail.relay import Relay
 
 NS_FLAGS = lib.CLONE_NEWUSER | lib.CLONE_NEWNS | lib.CLONE_NEWNET | lib.CLONE_NEWIPC | lib.CLONE_NEWUTS
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 1, 38, 24
@@ -133,6 +136,12 @@ def _child(spec: dict[str, Any], argv: list[str], to_parent: int, from_parent: i
             raise OSError("the launcher died before PDEATHSIG was armed")
         config = dict(spec["config"], binds=binds, status_fd=status_fd, alive_fd=from_parent)
         env = dict(os.environ, **{ENV_VAR: json.dumps(config)})
+        # 0, 1, 2 become /dev/null: a device must neither read the operator's terminal nor
+        # write (or punch holes) into the core's log file; it speaks through its channel.
+        null = os.open("/dev/null", os.O_RDWR)
+        for std in (0, 1, 2):
+            os.dup2(null, std)
+        os.close(null)
         keep = sorted({0, 1, 2, status_fd, from_parent, *spec["keep_fds"], *(b["fd"] for b in binds)})
         lo = 0
         for fd in keep:
@@ -237,7 +246,12 @@ def run(spec: dict[str, Any], argv: list[str], then: DeviceMain | None = None) -
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
         init_pid = init_alive = -1
+        own_pid_ns = -1
         if spec["namespaces"]:
+            # Once our children get a new PID namespace we cannot start threads (clone(2):
+            # CLONE_THREAD with a different pid_ns_for_children is EINVAL); the relay needs
+            # libzmq's, so we go back to our own after forking I and D.
+            own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
             _check(lib.bh_unshare(lib.CLONE_NEWPID), "unshare(CLONE_NEWPID)")
             init_pid, init_alive = _start_pid_init(int(spec["uid"]), int(spec["gid"]),
                                                    str(spec["config"]["device"]))
@@ -258,6 +272,13 @@ def run(spec: dict[str, Any], argv: list[str], then: DeviceMain | None = None) -
         _child(spec, argv, to_parent_w, from_parent_r, status_fd, then)
     os.close(to_parent_w)
     os.close(from_parent_r)
+    if own_pid_ns >= 0:
+        try:
+            _check(lib.bh_setns(own_pid_ns, lib.CLONE_NEWPID), "setns(our own PID namespace)")
+        except BaseException as err:  # noqa: BLE001
+            os.kill(pid, signal.SIGKILL)
+            _fail(status_fd, "launcher setup failed", err)
+        os.close(own_pid_ns)
 
     def forward(signum: int, frame: object) -> None:
         try:
@@ -273,12 +294,26 @@ def run(spec: dict[str, Any], argv: list[str], then: DeviceMain | None = None) -
                 raise OSError("the device process died before its namespaces were ready")
             _write_maps(pid, int(spec["uid"]), int(spec["gid"]))
             os.write(from_parent_w, b"m")
-        _status(status_fd, f"pid {pid}")
     except BaseException as err:  # noqa: BLE001
         forward(0, None)
         _fail(status_fd, "launcher could not map the device's uid/gid", err)
+    relay = None
+    if spec.get("relay"):
+        # Bound before the device can learn where to connect (the core sends its fds only
+        # after our `pid` line): see jail/relay.py.
+        try:
+            from jail.relay import Relay
+
+            r = spec["relay"]
+            relay = Relay(r["downstream"], r["upstream"], r["identity"].encode())
+        except BaseException as err:  # noqa: BLE001
+            forward(0, None)
+            _fail(status_fd, "launcher could not set up the control relay", err)
+    _status(status_fd, f"pid {pid}")
     # from_parent_w stays open while we live: D polls it to learn that we died.
-    if watch_fd >= 0:
+    if relay is not None:
+        _relay_until_device_ends(relay, pid, watch_fd, status_fd)
+    elif watch_fd >= 0:
         _await_device_or_core(pid, watch_fd)
     while True:
         try:
@@ -295,6 +330,26 @@ def run(spec: dict[str, Any], argv: list[str], then: DeviceMain | None = None) -
     code = os.WEXITSTATUS(status)
     _status(status_fd, f"exit {code}")
     os._exit(code)
+
+
+def _relay_until_device_ends(relay: "Relay", pid: int, watch_fd: int, status_fd: int) -> None:
+    """Forward the device's control channel until it ends; if the core ends first (`watch_fd`,
+    the zygote path), SIGKILL the device."""
+    device_fd = os.pidfd_open(pid)
+
+    def on_watch(fd: int) -> bool:
+        if fd == watch_fd:
+            signal.pidfd_send_signal(device_fd, signal.SIGKILL)
+        return True  # the device ended, or we just ended it
+
+    def kill_device(why: str) -> None:
+        _status(status_fd, f"error control channel: the device {why}")
+        signal.pidfd_send_signal(device_fd, signal.SIGKILL)
+
+    try:
+        relay.run([device_fd, *([watch_fd] if watch_fd >= 0 else [])], on_watch, kill_device)
+    finally:
+        os.close(device_fd)
 
 
 def _await_device_or_core(pid: int, watch_fd: int) -> None:

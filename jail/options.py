@@ -97,7 +97,7 @@ class JailOptions:
         raise JailError(f"jail must be True, False, a dict or JailOptions, not {type(jail).__name__}")
 
     def spec_for(self, name: str, device_type: str, keep_fds: Sequence[int] = (),
-                 fsize: int | None = None) -> JailSpec:
+                 fsize: int | None = None, relay: dict[str, str] | None = None) -> JailSpec:
         """The `JailSpec` of device `name` (the policy follows the device type; `fsize`: the
         RLIMIT_FSIZE its kind asks for, e.g. the image size for blk, so writes past the image's
         end fail instead of growing the host file)."""
@@ -110,7 +110,7 @@ class JailOptions:
                         keep_fds=list(keep_fds), cgroup_procs=list(self.cgroup_procs),
                         namespaces=self.namespaces,
                         rlimits=Rlimits(nofile=self.nofile, fsize=fsize,
-                                        address_space=self.address_space))
+                                        address_space=self.address_space), relay=relay)
 
     def with_mode(self, seccomp: str) -> JailOptions:
         return replace(self, seccomp=seccomp)
@@ -186,10 +186,11 @@ class LauncherPopen:
 
 
 def jailed_popen(options: JailOptions, name: str, device_type: str, argv: Sequence[str],
-                 bootstrap_fd: int, *, fsize: int | None = None, env: dict[str, str] | None = None,
+                 bootstrap_fd: int, *, fsize: int | None = None, relay: dict[str, str] | None = None,
+                 env: dict[str, str] | None = None,
                  cwd: str | None = None, start: LauncherStart | None = None) -> LauncherPopen:
     """Start `argv` (the device host) through the jail launcher, keeping only `bootstrap_fd`;
     `start`: fork the launcher from the zygote instead (see `sandbox.spawn`)."""
-    spec = options.spec_for(name, device_type, keep_fds=[bootstrap_fd], fsize=fsize)
+    spec = options.spec_for(name, device_type, keep_fds=[bootstrap_fd], fsize=fsize, relay=relay)
     proc = spawn(spec, argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, start=start)
     return LauncherPopen(proc, options.seccomp)

@@ -101,6 +101,9 @@ class JailSpec:
     cgroup_procs: list[str] = field(default_factory=list)  # from VmCgroup.procs_files()
     namespaces: bool = True  # False: only rlimits, prctl and seccomp (no root needed)
     tmpfs_size: str = "1m"
+    # The launcher relays the device's control channel (jail/relay.py):
+    # {"downstream": ipc endpoint the device connects to, "upstream": the core's, "identity"}.
+    relay: dict[str, str] | None = None
 
     def policy_path(self) -> Path:
         p = Path(self.policy)
@@ -147,7 +150,8 @@ def launch_spec(spec: JailSpec, status_fd: int, pass_fds: Sequence[int] = ()) ->
     return {"status_fd": status_fd, "parent_pid": os.getpid(), "namespaces": spec.namespaces,
             "uid": spec.uid, "gid": spec.gid, "hostname": f"bulkhead-{spec.device}"[:64],
             "binds": [asdict(b) for b in spec.binds], "cgroup_procs": list(spec.cgroup_procs),
-            "keep_fds": sorted({*spec.keep_fds, *pass_fds}), "config": config}
+            "keep_fds": sorted({*spec.keep_fds, *pass_fds}), "config": config,
+            "relay": spec.relay}
 
 
 def launcher_argv(spec: JailSpec, argv: Sequence[str], status_fd: int,

@@ -38,6 +38,9 @@ def add_parsers(sub: Any, positive_int: Callable[[str], int]) -> None:
                "  bad-reply         the device's next register answer is garbage\n"
                "  crash-in-request  the device aborts inside its next request (done, not yet returned)\n"
                "  seccomp           the device makes a forbidden syscall (needs the jail)\n"
+               "  flood-acks        the device sends 50000 valid heartbeat answers at once\n"
+               "  flood-frames      the device writes 512 MiB of never-ending ZMTP frames\n"
+               "  fill-doorbell     the device fills its request doorbell and stops reading it\n"
                "example:\n  bulkhead fault myvm blk0 slow 2000\n")
     fault.add_argument("vm", metavar="VM")
     fault.add_argument("device", metavar="DEVICE", help="e.g. blk0, rng0, console0")

@@ -25,7 +25,8 @@ MAX_REQUEST_BYTES = 4096
 MAX_REPLY_BYTES = 1 << 20
 
 # What `bulkhead fault VM DEVICE ACTION` may ask for (see `vmm_core.devices.supervisor`).
-FAULT_ACTIONS = ("kill", "hang", "slow", "bad-reply", "crash-in-request", "seccomp")
+FAULT_ACTIONS = ("kill", "hang", "slow", "bad-reply", "crash-in-request", "seccomp",
+                 "flood-acks", "flood-frames", "fill-doorbell")
 
 
 def _check_name(value: Any, what: str) -> str:

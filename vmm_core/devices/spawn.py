@@ -185,6 +185,9 @@ class DeviceProcess:
                 continue
             except ProtocolError as err:
                 raise DeviceStartError(f"device {self.name}: {err}") from None
+            if isinstance(reply, msg.Log):  # a device may log while it starts
+                log.info("device %s: %s", self.name, reply.text.encode("unicode_escape").decode())
+                continue
             if isinstance(reply, msg.ErrorReport):
                 raise DeviceStartError(f"device {self.name} refused to start: "
                                        f"{reply.code}: {reply.text}")
@@ -193,10 +196,12 @@ class DeviceProcess:
     def _raise_exited(self, control: ControlServer, what: str) -> None:
         """The child is gone: its last word (an ErrorReport sent just before exiting, e.g. a jail
         error) beats our guess; else the launcher's account of the exit (jail set-up errors)."""
+        last = None
         try:
-            _, last = control.recv(0.05, peer=self.identity)
+            while not isinstance(last, msg.ErrorReport):
+                _, last = control.recv(0.05, peer=self.identity)
         except (TransportTimeout, ProtocolError):
-            last = None
+            pass
         if isinstance(last, msg.ErrorReport):
             raise DeviceStartError(f"device {self.name} refused to start: {last.code}: {last.text}")
         describe = getattr(self.popen, "describe", None)
@@ -275,10 +280,18 @@ def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: Dev
     except JailError as err:
         raise DeviceStartError(f"device {name}: {err}") from None
     identity = f"{name}.{generation}".encode()
+    relay = None
+    device_endpoint = control_endpoint
+    if options is not None and options.namespaces and control_endpoint.startswith("ipc://"):
+        # Jailed, the device talks to its launcher's relay, never to our socket (jail/relay.py).
+        rundir = os.path.dirname(control_endpoint[len("ipc://"):])
+        device_endpoint = f"ipc://{rundir}/relay-{identity.decode()}.sock"
+        relay = {"downstream": device_endpoint, "upstream": control_endpoint,
+                 "identity": identity.decode()}
     rings = ShmRings.create(ring_capacity, name=f"bulkhead-ring-{name}")
     parent_sock, child_sock = fdpass.socketpair()
     host_args = ["--name", name, "--type", device_type, "--identity", identity.decode(),
-                 "--control", control_endpoint, "--parent-pid", str(os.getpid()),
+                 "--control", device_endpoint, "--parent-pid", str(os.getpid()),
                  "--log-level", log_level]
     if factory:
         host_args += ["--factory", factory]
@@ -300,7 +313,7 @@ def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: Dev
             kind = KINDS.get(device_type)
             fsize = kind.fsize_limit({r: os.fstat(fd).st_size for r, fd in fds.extra.items()}) \
                 if kind else None
-            jail_kwargs: dict[str, Any] = {"fsize": fsize, "env": env,
+            jail_kwargs: dict[str, Any] = {"fsize": fsize, "relay": relay, "env": env,
                                            "cwd": _REPO_ROOT}
             launcher = None
             if method == "zygote":

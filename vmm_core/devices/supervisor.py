@@ -283,7 +283,10 @@ class Supervisor(threading.Thread):
         kind, args = {"hang": ("hang", {}), "slow": ("stall_ms", {"ms": ms}),
                       "crash-in-request": ("crash_in_request", {}),
                       "bad-reply": ("garbage_response", {}),
-                      "seccomp": ("syscall", {"name": "socket"})}[action]
+                      "seccomp": ("syscall", {"name": "socket"}),
+                      "flood-acks": ("flood_acks", {"count": 50_000}),
+                      "flood-frames": ("flood_frames", {"mib": 512}),
+                      "fill-doorbell": ("fill_doorbell", {})}[action]
         try:
             fault = msg.Fault(kind, args)
         except LocalProtocolError:
@@ -417,6 +420,9 @@ class Supervisor(threading.Thread):
 
     def _handshake_step(self, hs: Handshake, m: msg.Message) -> None:
         b, proc = hs.backend, hs.proc
+        if isinstance(m, msg.Log):  # a device may log while it starts
+            b.device_log(m.level, m.text)
+            return
         if isinstance(m, msg.ErrorReport):
             self._abort_handshake(hs, f"device {proc.name} refused to start: {m.code}: "
                                       f"{escape(m.text)}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import select
 import shutil
+import time
 from typing import Any
 
 from ipc_protocol import messages as msg
@@ -38,6 +39,7 @@ class DeviceLab:
         self.control = ControlServer(self.rundir)
         self.memory = create_guest_memory(ram_mib << 20)
         self.procs: list[DeviceProcess] = []
+        self.logs: list[tuple[str, str, str]] = []
         self._eventfds: list[int] = []
 
     def eventfds(self, kind: str) -> tuple[int, list[int]]:
@@ -72,12 +74,19 @@ class DeviceLab:
 
     def request(self, proc: DeviceProcess, message: msg.Message,
                 timeout: float = 2.0) -> msg.Message | None:
-        """Send a control message and return the device's answer (None if none came in time)."""
+        """Send a control message and return the device's answer (None if none came in time);
+        the device's `Log` records meanwhile are kept in `self.logs`."""
         self.control.send(proc.identity, message)
-        try:
-            return self.control.recv(timeout, peer=proc.identity)[1]
-        except TransportTimeout:
-            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                reply = self.control.recv(max(0.0, deadline - time.monotonic()),
+                                          peer=proc.identity)[1]
+            except TransportTimeout:
+                return None
+            if not isinstance(reply, msg.Log):
+                return reply
+            self.logs.append((proc.name, reply.level, reply.text))
 
     def stop(self, proc: DeviceProcess) -> int:
         """Shut one device down (politely, then SIGKILL); its exit status."""

@@ -1,0 +1,101 @@
+"""The test bed itself: UML boots, runs shell and Python guest scripts, reports, and leaves nothing.
+
+Every test boots a real user-mode Linux (about 2-3 s each here).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+import pytest
+
+from vmm_core.testing.uml import UmlBed, UmlError, UmlTimeout, kernel_version, processes_in_namespace
+
+pytestmark = pytest.mark.linux
+
+
+def _uml_processes_of_ours() -> list[int]:
+    """linux.uml processes descending from this test process."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() != "linux.uml":
+                    continue
+            pid = int(entry)
+            for _ in range(8):
+                with open(f"/proc/{pid}/stat") as f:
+                    pid = int(f.read().rsplit(")", 1)[1].split()[1])
+                if pid == me:
+                    found.append(int(entry))
+                    break
+                if pid <= 1:
+                    break
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_shell_script_runs_on_the_read_only_host_root(uml_host, tmp_path):
+    a, b = random.randrange(1000), random.randrange(1000)
+    token = os.urandom(8).hex()
+    with UmlBed() as bed:
+        run = bed.run(f"""
+            echo "UML-RESULT sum=$((A + B)) kernel=$(uname -r) pid1=$(cat /proc/1/comm)"
+            grep -q '^root / hostfs ro' /proc/mounts && echo "UML-RESULT root=ro"
+            touch /etc/bulkhead-uml-probe 2>/dev/null || echo "UML-RESULT etc_write=refused"
+            printf %s "$TOKEN" > "$UML_OUT/token"
+            echo scratch > "$TMPDIR/f" && echo "UML-RESULT scratch=$(cat "$TMPDIR/f")"
+            echo "UML-RESULT cwd=$(pwd)"
+            """, env={"A": str(a), "B": str(b), "TOKEN": token}, timeout=60)
+        run.check()
+        with open(os.path.join(bed.out_dir, "token")) as f:
+            assert f.read() == token  # written by the guest through the read-write hostfs mount
+        assert run.results["cwd"] == bed.out_dir
+    assert run.results["sum"] == str(a + b)
+    assert run.results["kernel"] == kernel_version()
+    assert run.results["pid1"] == "init.sh"
+    assert run.results["root"] == "ro"
+    assert run.results["etc_write"] == "refused"
+    assert run.results["scratch"] == "scratch"
+    assert not os.path.exists("/etc/bulkhead-uml-probe")
+    assert not os.path.exists(bed.dir)
+    assert run.pid_namespace and processes_in_namespace(run.pid_namespace) == []
+
+
+def test_python_guest_script_and_a_failing_status(uml_host):
+    data = os.urandom(4096)
+    with UmlBed() as bed:
+        with open(os.path.join(bed.out_dir, "in.bin"), "wb") as f:
+            f.write(data)
+        run = bed.run("""
+import hashlib, os, sys
+with open(os.path.join(os.environ["UML_OUT"], "in.bin"), "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+print(f"UML-RESULT sha256={digest} mem_kib={os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // 1024}")
+sys.exit(int(os.environ["STATUS"]))
+""", python=True, env={"STATUS": "3"}, timeout=60)
+    assert run.guest_status == 3, run.explain()
+    with pytest.raises(UmlError, match="guest run failed"):
+        run.check()
+    assert run.results["sha256"] == hashlib.sha256(data).hexdigest()
+    # mem=256M: the guest sees a little less (the kernel's own image and reservations).
+    assert 200 * 1024 < int(run.results["mem_kib"]) <= 256 * 1024
+
+
+def test_time_limit_kills_uml_and_all_its_helpers(uml_host):
+    before = {e for e in os.listdir("/dev/shm") if e.startswith("bulkhead-uml-mem-")}
+    with UmlBed() as bed:
+        with pytest.raises(UmlTimeout) as caught:
+            bed.run("sleep 1000 & sleep 1000 & echo UML-RESULT started=1; sleep 1000", timeout=8)
+    run = caught.value.run
+    assert run.timed_out and run.results == {"started": "1"}, run.explain()
+    assert run.uml_pid is not None and not os.path.exists(f"/proc/{run.uml_pid}")
+    assert processes_in_namespace(run.pid_namespace) == []
+    assert _uml_processes_of_ours() == []
+    # the memory file's private directory is gone
+    assert {e for e in os.listdir("/dev/shm") if e.startswith("bulkhead-uml-mem-")} <= before

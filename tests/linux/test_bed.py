@@ -13,7 +13,7 @@ import pytest
 
 from vmm_core.testing.uml import UmlBed, UmlError, UmlTimeout, kernel_version, processes_in_namespace
 
-pytestmark = pytest.mark.linux
+pytestmark = [pytest.mark.linux, pytest.mark.root]  # root: UML runs in a PID namespace
 
 
 def _uml_processes_of_ours() -> list[int]:
@@ -99,3 +99,14 @@ def test_time_limit_kills_uml_and_all_its_helpers(uml_host):
     assert _uml_processes_of_ours() == []
     # the memory file's private directory is gone
     assert {e for e in os.listdir("/dev/shm") if e.startswith("bulkhead-uml-mem-")} <= before
+
+
+def test_kernel_panic_ends_the_boot_at_once(uml_host):
+    with UmlBed() as bed:
+        run = bed.run("echo UML-RESULT before=1; echo c > /proc/sysrq-trigger; sleep 1000", timeout=60)
+    assert run.panic is not None and "sysrq triggered crash" in run.panic, run.explain()
+    assert run.results == {"before": "1"} and run.guest_status is None
+    assert run.duration < 30
+    with pytest.raises(UmlError, match="guest run failed"):
+        run.check()
+    assert processes_in_namespace(run.pid_namespace) == []

@@ -17,7 +17,7 @@ import pytest
 
 from vmm_core.testing.uml import UmlBed
 
-pytestmark = pytest.mark.linux
+pytestmark = [pytest.mark.linux, pytest.mark.root]  # root: UML runs in a PID namespace
 
 MIB = 1 << 20
 SECTOR = 512

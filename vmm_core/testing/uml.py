@@ -26,8 +26,8 @@ What the guest sees (facts in /work/shared/VHOST_USER.md):
 
 Processes: UML forks helper processes of its own (I/O helpers, one host process per guest address
 space) that survive a SIGKILL of the main process.  So the bed starts
-`setpriv --pdeathsig KILL unshare --pid --fork --kill-child=SIGKILL linux.uml ...` (plus
-`--user --map-root-user` when not root): UML's main process is the init of a PID namespace the bed
+`setpriv --pdeathsig KILL unshare --pid --fork --kill-child=SIGKILL linux.uml ...` (as root:
+in a user namespace host root's setuid tools would lose their privilege): UML's main process is the init of a PID namespace the bed
 created, and when it dies the kernel kills every other process in it.  On timeout the bed signals
 only processes it started, through pidfds (the UML main process, then the `unshare` launcher), and
 before returning it checks that no process is left in that namespace.  The parent-death signal
@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from jail.pidfd import ProcessRef, open_ref
+from vmm_core.errors import BulkheadError
 
 UML_BINARY = "linux.uml"
 UML_MODULES = "/usr/lib/uml/modules"
@@ -67,11 +68,13 @@ SHM = "/dev/shm"
 _RESULT = re.compile(r"^UML-RESULT (.*)$")
 _EXIT = re.compile(r"^UML-EXIT status=(\d+)\s*$")
 _BED_ERROR = re.compile(r"^UML-BED-ERROR (.*)$")
+_PANIC = "Kernel panic - not syncing"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class UmlError(Exception):
-    """The test bed could not do what was asked; the message says what and what to do."""
+class UmlError(BulkheadError):
+    """The test bed could not do what was asked; the first line says what and what to do, the
+    rest (if any) is the guest's console for a post-mortem."""
 
 
 class UmlTimeout(UmlError):
@@ -171,8 +174,13 @@ def load_order(modules: list[str], deps: dict[str, list[str]]) -> list[str]:
 
 @functools.cache
 def _pid_namespace_flags() -> tuple[str, ...]:
-    """The `unshare` flags that give UML a PID namespace of its own here."""
-    flags = ("--pid", "--fork") if os.geteuid() == 0 else ("--user", "--map-root-user", "--pid", "--fork")
+    """The `unshare` flags that give UML a PID namespace of its own (root only, see below)."""
+    if os.geteuid() != 0:
+        # In a user namespace host root's files stat as nobody, so the guest's setuid mount(8)
+        # runs with euid 65534 and refuses to mount proc: the bed needs real root.
+        raise UmlError("the UML bed needs root: it gives UML a PID namespace without a user "
+                       "namespace (which would break setuid tools on the hostfs root)")
+    flags = ("--pid", "--fork")
     probe = subprocess.run(["unshare", *flags, "true"], capture_output=True, text=True, timeout=30,
                            stdin=subprocess.DEVNULL)
     if probe.returncode != 0:
@@ -221,6 +229,7 @@ class UmlRun:
     uml_pid: int | None = None      # UML's main process on the host (gone now)
     pid_namespace: str | None = None
     timed_out: bool = False
+    panic: str | None = None          # the kernel's panic line (UML hangs after one: killed)
     results: dict[str, str] = field(default_factory=dict)
     guest_status: int | None = None  # exit status of the guest script; None if it never finished
     bed_error: str | None = None     # the init script's own failure (mount, insmod, device)
@@ -236,12 +245,12 @@ class UmlRun:
 
     def explain(self) -> str:
         return (f"UML exit {self.returncode}, guest status {self.guest_status}, "
-                f"bed error {self.bed_error}, {self.duration:.1f} s\n--- console\n{self.output[-8000:]}"
+                f"bed error {self.bed_error}, panic {self.panic}, {self.duration:.1f} s\n--- console\n{self.output[-8000:]}"
                 f"\n--- stderr\n{self.stderr[-2000:]}")
 
     def check(self) -> "UmlRun":
         """self if the guest script ran and exited 0; `UmlError` with the console otherwise."""
-        if self.bed_error or self.guest_status != 0:
+        if self.bed_error or self.panic or self.guest_status != 0:
             raise UmlError(f"guest run failed\n{self.explain()}")
         return self
 
@@ -452,7 +461,8 @@ class UmlBed:
         `env` reaches the guest script as environment variables.  `on_line` is called, from a
         reader thread, with every console line as it arrives (for measurements timed by guest
         markers).  Raises `UmlTimeout` if the guest is still running after `timeout` seconds
-        (everything is reaped first), `UmlError` if something was left behind."""
+        (everything is reaped first), `UmlError` if something was left behind or UML did not
+        start.  A kernel panic ends the boot at once (`UmlRun.panic`; `check()` fails)."""
         for key in env or {}:
             if not _NAME.match(key):
                 raise UmlError(f"environment name {key!r} is not a shell identifier")
@@ -474,67 +484,104 @@ class UmlBed:
                                  self.out_dir, scratch))
         os.chmod(init, 0o755)
 
+        # uml_dir: UML's per-instance directory (mconsole socket, pid file) goes into the run's
+        # directory instead of ~/.uml, where it would outlive a killed UML.
         cmdline = [f"mem={self.mem_mib}M", "root=/dev/root", "rootfstype=hostfs", "rootflags=/",
-                   "ro", f"init={init}", "con=null", "con0=fd:0,fd:1", *self.kernel_args]
+                   "ro", f"init={init}", "con=null", "con0=fd:0,fd:1", f"uml_dir={run_dir}",
+                   *self.kernel_args]
         cmdline += [f"virtio_uml.device={d.socket}:{d.kind.virtio_id}:{i}"
                     for i, d in enumerate(self.devices)]
         memdir = tempfile.mkdtemp(prefix="bulkhead-uml-mem-", dir=SHM)
         argv = ["setpriv", "--pdeathsig", "KILL", "unshare", *_pid_namespace_flags(),
                 "--kill-child=SIGKILL", _which(UML_BINARY) or UML_BINARY, *cmdline]
-        lines: list[str] = []
-        start = time.monotonic()
         try:
-            with open(os.path.join(run_dir, "stderr.txt"), "w+") as err:
-                # stdin is a pipe kept open (UML polls its console's input; /dev/null cannot be).
-                proc = subprocess.Popen(argv, cwd=run_dir, env={**os.environ, "TMPDIR": memdir},
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                        process_group=0)
-                launched = _Launched(proc)
-                reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines, on_line),
-                                          daemon=True)
-                reader.start()
-                timed_out = False
-                try:
-                    launched.find_uml(min(timeout, 10.0))
-                    try:
-                        proc.wait(max(0.0, timeout - (time.monotonic() - start)))
-                    except subprocess.TimeoutExpired:
-                        timed_out = True
-                finally:
-                    left = launched.stop()
-                    reader.join(10)
-                    proc.stdin.close()
-                    proc.stdout.close()
-                err.seek(0)
-                stderr = err.read()
+            boot = _boot(argv, run_dir, {**os.environ, "TMPDIR": memdir, "HOME": run_dir},
+                         timeout, on_line)
         finally:
             shutil.rmtree(memdir, ignore_errors=True)
-        output = "".join(lines)
-        run = UmlRun(returncode=None if timed_out else proc.returncode, output=output,
-                     stderr=stderr, out_dir=self.out_dir, duration=time.monotonic() - start,
-                     uml_pid=launched.uml.pid if launched.uml else None,
-                     pid_namespace=launched.ns, timed_out=timed_out, results=parse_results(output))
+        output = "".join(boot.lines)
+        run = UmlRun(returncode=boot.returncode, output=output, stderr=boot.stderr,
+                     out_dir=self.out_dir, duration=boot.duration, uml_pid=boot.uml_pid,
+                     pid_namespace=boot.ns, timed_out=boot.timed_out, panic=boot.panic,
+                     results=parse_results(output))
         for line in output.splitlines():
             if m := _EXIT.match(line.rstrip("\r")):
                 run.guest_status = int(m.group(1))
             elif m := _BED_ERROR.match(line.rstrip("\r")):
                 run.bed_error = m.group(1).strip()
-        if left:
-            raise UmlError(f"processes {left} were left in UML's PID namespace (killed now)\n"
+        if boot.left:
+            raise UmlError(f"processes {boot.left} were left in UML's PID namespace (killed now)\n"
                            f"{run.explain()}")
-        if timed_out:
+        if boot.timed_out:
             raise UmlTimeout(f"guest still running after {timeout:.0f} s (killed)\n{run.explain()}", run)
-        if launched.ns is None and proc.returncode != 0:
-            raise UmlError(f"UML did not start (exit {proc.returncode}): {stderr.strip()[-2000:]}")
+        if boot.ns is None and boot.returncode != 0:
+            raise UmlError(f"UML did not start (exit {boot.returncode}): {boot.stderr.strip()[-2000:]}")
         return run
 
 
-def _read_lines(stream, sink: list[str], on_line: Callable[[str], None] | None) -> None:
-    for raw in stream:
-        line = raw.decode(errors="replace")
-        sink.append(line)
-        if on_line is not None:
-            on_line(line.rstrip("\r\n"))
+@dataclass
+class _Boot:
+    lines: list[str]
+    returncode: int | None = None
+    stderr: str = ""
+    duration: float = 0.0
+    uml_pid: int | None = None
+    ns: str | None = None
+    timed_out: bool = False
+    panic: str | None = None
+    left: list[int] = field(default_factory=list)
+
+
+def _boot(argv: list[str], cwd: str, env: dict[str, str], timeout: float,
+          on_line: Callable[[str], None] | None) -> _Boot:
+    """Run the launcher until UML exits, panics (UML then hangs: killed) or `timeout` passes;
+    reap everything.  Every console line goes to `on_line` as it arrives."""
+    boot = _Boot(lines=[])
+    panicked = threading.Event()
+
+    def read(stream) -> None:
+        for raw in stream:
+            line = raw.decode(errors="replace")
+            boot.lines.append(line)
+            if _PANIC in line and boot.panic is None:
+                boot.panic = line.strip()
+                panicked.set()
+            if on_line is not None:
+                on_line(line.rstrip("\r\n"))
+
+    start = time.monotonic()
+    with open(os.path.join(cwd, "stderr.txt"), "w+") as err:
+        # stdin is a pipe kept open (UML polls its console's input; /dev/null cannot be polled).
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, process_group=0)
+        launched = _Launched(proc)
+        reader = threading.Thread(target=read, args=(proc.stdout,), daemon=True)
+        reader.start()
+        try:
+            launched.find_uml(min(timeout, 10.0))
+            deadline = start + timeout
+            while proc.poll() is None:
+                if panicked.is_set():
+                    time.sleep(0.5)          # the rest of the panic message
+                    break
+                if time.monotonic() >= deadline:
+                    boot.timed_out = True
+                    break
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+        finally:
+            boot.left = launched.stop()
+            reader.join(10)
+            proc.stdin.close()
+            proc.stdout.close()
+        err.seek(0)
+        boot.stderr = err.read()
+    killed = boot.timed_out or boot.panic is not None
+    boot.returncode = None if killed else proc.returncode
+    boot.duration = time.monotonic() - start
+    boot.uml_pid = launched.uml.pid if launched.uml else None
+    boot.ns = launched.ns
+    return boot
 
 
 # --- block backends ------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import select
 
 import pytest
 
-from vmm_core.testing.uml import UmlBed, UmlError, UmlTimeout, kernel_version, processes_in_namespace
+from vmm_core.testing.uml import UmlBed, UmlError, UmlTimeout, kernel_version
 
 pytestmark = [pytest.mark.linux, pytest.mark.root]  # root: UML runs in a PID namespace
 
@@ -40,6 +41,31 @@ def _uml_processes_of_ours() -> list[int]:
     return found
 
 
+class UmlWatch:
+    """At a console marker, pidfds on every UML process of ours (main, helpers, guest address
+    spaces); afterwards, which of them are still running."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+        self.fds: list[int] = []
+
+    def __call__(self, line: str) -> None:
+        if line.startswith(self.marker) and not self.fds:
+            for pid in _uml_processes_of_ours():
+                try:
+                    self.fds.append(os.pidfd_open(pid))
+                except ProcessLookupError:
+                    pass
+
+    def running(self) -> int:
+        """How many watched processes have not exited (a pidfd turns readable when it has)."""
+        try:
+            return sum(1 for fd in self.fds if not select.select([fd], [], [], 0)[0])
+        finally:
+            for fd in self.fds:
+                os.close(fd)
+
+
 def test_shell_script_runs_on_the_read_only_host_root(uml_host, tmp_path):
     a, b = random.randrange(1000), random.randrange(1000)
     token = os.urandom(8).hex()
@@ -64,7 +90,7 @@ def test_shell_script_runs_on_the_read_only_host_root(uml_host, tmp_path):
     assert run.results["scratch"] == "scratch"
     assert not os.path.exists("/etc/bulkhead-uml-probe")
     assert not os.path.exists(bed.dir)
-    assert run.pid_namespace and processes_in_namespace(run.pid_namespace) == []
+    assert _uml_processes_of_ours() == []
 
 
 def test_python_guest_script_and_a_failing_status(uml_host):
@@ -89,24 +115,29 @@ sys.exit(int(os.environ["STATUS"]))
 
 def test_time_limit_kills_uml_and_all_its_helpers(uml_host):
     before = {e for e in os.listdir("/dev/shm") if e.startswith("bulkhead-uml-mem-")}
+    watch = UmlWatch("UML-RESULT started=1")
     with UmlBed() as bed:
         with pytest.raises(UmlTimeout) as caught:
-            bed.run("sleep 1000 & sleep 1000 & echo UML-RESULT started=1; sleep 1000", timeout=8)
+            bed.run("sleep 1000 & sleep 1000 & echo UML-RESULT started=1; sleep 1000", timeout=8,
+                    on_line=watch)
     run = caught.value.run
     assert run.timed_out and run.results == {"started": "1"}, run.explain()
-    assert run.uml_pid is not None and not os.path.exists(f"/proc/{run.uml_pid}")
-    assert processes_in_namespace(run.pid_namespace) == []
+    # main, its I/O helpers, and one host process per guest address space (init, 3 x sleep)
+    assert len(watch.fds) >= 5
+    assert watch.running() == 0
     assert _uml_processes_of_ours() == []
     # the memory file's private directory is gone
     assert {e for e in os.listdir("/dev/shm") if e.startswith("bulkhead-uml-mem-")} <= before
 
 
 def test_kernel_panic_ends_the_boot_at_once(uml_host):
+    watch = UmlWatch("UML-RESULT before=1")
     with UmlBed() as bed:
-        run = bed.run("echo UML-RESULT before=1; echo c > /proc/sysrq-trigger; sleep 1000", timeout=60)
+        run = bed.run("echo UML-RESULT before=1; echo c > /proc/sysrq-trigger; sleep 1000",
+                      timeout=60, on_line=watch)
     assert run.panic is not None and "sysrq triggered crash" in run.panic, run.explain()
     assert run.results == {"before": "1"} and run.guest_status is None
     assert run.duration < 30
     with pytest.raises(UmlError, match="guest run failed"):
         run.check()
-    assert processes_in_namespace(run.pid_namespace) == []
+    assert watch.fds and watch.running() == 0

@@ -327,16 +327,20 @@ def _ppid(pid: int) -> int | None:
         return None
 
 
-def processes_in_namespace(ns: str) -> list[int]:
-    """Pids of live processes whose PID namespace is `ns` (a `pid:[inode]` link text)."""
+def _processes_in(ns: tuple[int, int]) -> list[int]:
+    """Pids of live processes in the PID namespace `ns` ((st_dev, st_ino) of its nsfs file).
+
+    Only meaningful while the caller holds that namespace open: a namespace's inode number is
+    reused once it is gone (by anyone's next namespace)."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.readlink(f"/proc/{entry}/ns/pid") == ns:
-                    found.append(int(entry))
+                st = os.stat(f"/proc/{entry}/ns/pid")
             except OSError:
                 continue
+            if (st.st_dev, st.st_ino) == ns:
+                found.append(int(entry))
     return found
 
 
@@ -354,29 +358,31 @@ class _Launched:
         self.proc = proc
         self.launcher = ProcessRef(proc.pid)
         self.uml: ProcessRef | None = None
-        self.ns: str | None = None
+        self.ns: str | None = None        # "pid:[inode]", for reports
+        self._ns_fd = -1                  # holds the namespace (and so its inode number) alive
 
     def find_uml(self, timeout: float) -> None:
-        """Hold UML's main process by pidfd and note its PID namespace."""
+        """Hold UML's main process by pidfd and its PID namespace by an nsfs fd."""
+        ours = os.stat("/proc/self/ns/pid").st_ino
         deadline = time.monotonic() + timeout
         while self.uml is None and self.proc.poll() is None and time.monotonic() < deadline:
             for pid in _children(self.proc.pid):
                 ref = open_ref(pid)
-                # Opened after reading the pid: still the launcher's child, so the right process.
-                if ref is not None and _ppid(pid) == self.proc.pid:
-                    try:
-                        self.ns = os.readlink(f"/proc/{pid}/ns/pid")
-                    except OSError:
-                        ref.close()
-                        continue
-                    if self.ns == os.readlink("/proc/self/ns/pid"):  # not unshared yet
-                        ref.close()
-                        self.ns = None
-                        continue
-                    self.uml = ref
-                    return
-                if ref is not None:
+                if ref is None:
+                    continue
+                try:
+                    ns_fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
                     ref.close()
+                    continue
+                # Both opened after reading the pid, and it is still the launcher's child: the
+                # pidfd and the namespace are that child's.
+                if _ppid(pid) == self.proc.pid and os.fstat(ns_fd).st_ino != ours:
+                    self.uml, self._ns_fd = ref, ns_fd
+                    self.ns = f"pid:[{os.fstat(ns_fd).st_ino}]"
+                    return
+                os.close(ns_fd)
+                ref.close()
             time.sleep(0.005)
 
     def stop(self) -> list[int]:
@@ -389,15 +395,18 @@ class _Launched:
             self.launcher.send(signal.SIGKILL)   # --kill-child then takes UML down
             self.proc.wait()
         left: list[int] = []
-        if self.ns is not None:
+        if self._ns_fd >= 0:
+            st = os.fstat(self._ns_fd)
             deadline = time.monotonic() + 5
-            while (left := processes_in_namespace(self.ns)) and time.monotonic() < deadline:
+            while (left := _processes_in((st.st_dev, st.st_ino))) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            for pid in left:  # ours: they live in the namespace we created
+            for pid in left:  # ours: they live in the namespace we created (and still hold)
                 ref = open_ref(pid)
                 if ref is not None:
                     ref.send(signal.SIGKILL)
                     ref.close()
+            os.close(self._ns_fd)
+            self._ns_fd = -1
         for ref in (self.uml, self.launcher):
             if ref is not None:
                 ref.close()

@@ -141,3 +141,21 @@ def test_kernel_panic_ends_the_boot_at_once(uml_host):
     with pytest.raises(UmlError, match="guest run failed"):
         run.check()
     assert watch.fds and watch.running() == 0
+
+
+def test_a_failing_line_callback_fails_the_run_without_stalling_the_console(uml_host):
+    seen: list[str] = []
+
+    def on_line(line: str) -> None:
+        seen.append(line)
+        if line.startswith("UML-RESULT n=1"):
+            raise RuntimeError("measurement broke")
+
+    with UmlBed() as bed:
+        with pytest.raises(UmlError, match="measurement broke"):
+            # more than a pipe's worth after the failure: the console must still be drained, or
+            # UML blocks writing it and the run ends in a timeout instead
+            bed.run("echo UML-RESULT n=1; seq 1 30000; echo UML-RESULT n=2", timeout=60,
+                    on_line=on_line)
+    assert seen[-1] == "UML-RESULT n=1"  # not called again after it failed
+    assert _uml_processes_of_ours() == []

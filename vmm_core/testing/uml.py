@@ -500,9 +500,9 @@ class UmlBed:
                    *self.kernel_args]
         cmdline += [f"virtio_uml.device={d.socket}:{d.kind.virtio_id}:{i}"
                     for i, d in enumerate(self.devices)]
-        memdir = tempfile.mkdtemp(prefix="bulkhead-uml-mem-", dir=SHM)
         argv = ["setpriv", "--pdeathsig", "KILL", "unshare", *_pid_namespace_flags(),
                 "--kill-child=SIGKILL", _which(UML_BINARY) or UML_BINARY, *cmdline]
+        memdir = tempfile.mkdtemp(prefix="bulkhead-uml-mem-", dir=SHM)
         try:
             boot = _boot(argv, run_dir, {**os.environ, "TMPDIR": memdir, "HOME": run_dir},
                          timeout, on_line)
@@ -523,6 +523,8 @@ class UmlBed:
                            f"{run.explain()}")
         if boot.timed_out:
             raise UmlTimeout(f"guest still running after {timeout:.0f} s (killed)\n{run.explain()}", run)
+        if boot.callback_error is not None:
+            raise UmlError(f"the on_line callback failed: {boot.callback_error!r}") from boot.callback_error
         if boot.ns is None and boot.returncode != 0:
             raise UmlError(f"UML did not start (exit {boot.returncode}): {boot.stderr.strip()[-2000:]}")
         return run
@@ -539,6 +541,7 @@ class _Boot:
     timed_out: bool = False
     panic: str | None = None
     left: list[int] = field(default_factory=list)
+    callback_error: Exception | None = None
 
 
 def _boot(argv: list[str], cwd: str, env: dict[str, str], timeout: float,
@@ -555,8 +558,11 @@ def _boot(argv: list[str], cwd: str, env: dict[str, str], timeout: float,
             if _PANIC in line and boot.panic is None:
                 boot.panic = line.strip()
                 panicked.set()
-            if on_line is not None:
-                on_line(line.rstrip("\r\n"))
+            if on_line is not None and boot.callback_error is None:
+                try:
+                    on_line(line.rstrip("\r\n"))
+                except Exception as e:  # noqa: BLE001 - re-raised by run(); keep draining UML
+                    boot.callback_error = e
 
     start = time.monotonic()
     with open(os.path.join(cwd, "stderr.txt"), "w+") as err:

@@ -5,10 +5,11 @@ aio=io_uring with an iothread; Bulkhead's backend is one more entry there) serve
 file to one UML guest (/dev/vda, /dev/vdb, ...; `locking=off`, as the daemons share it).  The
 guest runs each job on each backend in turn, round after round, the backend order rotated every
 round; a job is `direct=1`, time-based.  Printed per job and backend: the median over rounds of
-IOPS (with +-% = half the range over rounds, relative to the median), bandwidth and the backend's CPU time per request (utime+stime of its processes from
-/proc/<pid>/stat, sampled when the guest prints the job's begin and end markers), then the ratios
-to the first backend.  UML is one vCPU whose own overhead dominates small requests (it caps QD32
-near QD1 here): compare backends at QD1 and 1 MiB first.
+IOPS (with +-% = half the range over rounds, relative to the median), bandwidth and the backend's
+CPU time per request (utime+stime of its processes from /proc/<pid>/stat, sampled when the guest
+prints the job's begin and end markers), then the ratios to the first backend.  UML is one vCPU
+whose own overhead dominates small requests (it caps QD32 near QD1 here): compare backends at QD1
+and 1 MiB first, and by CPU per request.
 
     .venv/bin/python benchmarks/linux_blk.py [--runtime 5] [--rounds 3] [--backends qsd-threads,...]
 """

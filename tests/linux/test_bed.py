@@ -102,7 +102,8 @@ def test_python_guest_script_and_a_failing_status(uml_host):
 import hashlib, os, sys
 with open(os.path.join(os.environ["UML_OUT"], "in.bin"), "rb") as f:
     digest = hashlib.sha256(f.read()).hexdigest()
-print(f"UML-RESULT sha256={digest} mem_kib={os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // 1024}")
+mem_kib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 1024
+print(f"UML-RESULT sha256={digest} mem_kib={mem_kib}")
 sys.exit(int(os.environ["STATUS"]))
 """, python=True, env={"STATUS": "3"}, timeout=60)
     assert run.guest_status == 3, run.explain()

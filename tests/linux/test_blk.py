@@ -46,10 +46,13 @@ def test_guest_sees_the_disk_its_size_and_its_data(make_blk_backend, tmp_path):
         run = bed.run(f"""
             set -e
             dev=$UML_DEV_disk; name=${{dev#/dev/}}
-            echo "UML-RESULT dev=$dev bytes=$(blockdev --getsize64 $dev) sectors=$(cat /sys/block/$name/size) ro=$(cat /sys/block/$name/ro) lbs=$(cat /sys/block/$name/queue/logical_block_size)"
+            q=/sys/block/$name
+            echo "UML-RESULT dev=$dev bytes=$(blockdev --getsize64 $dev) sectors=$(cat $q/size)"
+            echo "UML-RESULT ro=$(cat $q/ro) lbs=$(cat $q/queue/logical_block_size)"
             for r in {reads}; do
                 s=${{r%:*}}; n=${{r#*:}}
-                echo "UML-RESULT read_$s=$(dd if=$dev bs=512 skip=$s count=$n iflag=direct status=none | sha256sum | cut -d' ' -f1)"
+                sum=$(dd if=$dev bs=512 skip=$s count=$n iflag=direct status=none | sha256sum)
+                echo "UML-RESULT read_$s=${{sum%% *}}"
             done
             head -c $(({guest_sectors} * 512)) /dev/urandom > $TMPDIR/w
             dd if=$TMPDIR/w of=$dev bs=512 seek={guest_offset // SECTOR} oflag=direct conv=notrunc status=none

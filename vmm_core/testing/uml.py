@@ -25,14 +25,16 @@ What the guest sees (facts in /work/shared/VHOST_USER.md):
   `UmlRun.guest_status` and the guest powers off (sysrq `o`).
 
 Processes: UML forks helper processes of its own (I/O helpers, one host process per guest address
-space) that survive a SIGKILL of the main process.  So the bed starts
-`setpriv --pdeathsig KILL unshare --pid --fork --kill-child=SIGKILL linux.uml ...` (as root:
-in a user namespace host root's setuid tools would lose their privilege): UML's main process is the init of a PID namespace the bed
-created, and when it dies the kernel kills every other process in it.  On timeout the bed signals
-only processes it started, through pidfds (the UML main process, then the `unshare` launcher), and
-before returning it checks that no process is left in that namespace.  The parent-death signal
-covers a test runner that dies itself.  The bed must be used from the thread that will outlive it
-(the parent-death signal follows the thread that spawned the process).
+space) that survive a SIGKILL of its main process.  So the bed starts
+`setpriv --pdeathsig KILL unshare --pid --fork --kill-child=SIGKILL linux.uml ...`: UML's main
+process is the init of a PID namespace the bed created, and when it dies the kernel kills every
+other process in it.  On timeout or kernel panic the bed signals only processes it started,
+through pidfds (UML's main process, then the `unshare` launcher), and before returning it checks,
+holding the namespace open, that nothing is left in it.  The parent-death signal covers a test
+runner that dies itself; it follows the thread that spawned the process, so use the bed from a
+thread that outlives it.  UML's own ~/.uml/<umid> directory goes into the run's directory
+(`uml_dir=`).  Root is needed: in a user namespace host root's files stat as nobody, and the
+guest's setuid mount(8) would refuse to mount proc.
 
 Traps: a backend that does not accept a second connection cannot serve a second `run` of the
 same bed (UML never reconnects either: a backend restart means a new boot); `mem=` is also a
@@ -245,7 +247,8 @@ class UmlRun:
 
     def explain(self) -> str:
         return (f"UML exit {self.returncode}, guest status {self.guest_status}, "
-                f"bed error {self.bed_error}, panic {self.panic}, {self.duration:.1f} s\n--- console\n{self.output[-8000:]}"
+                f"bed error {self.bed_error}, panic {self.panic}, {self.duration:.1f} s\n"
+                f"--- console\n{self.output[-8000:]}"
                 f"\n--- stderr\n{self.stderr[-2000:]}")
 
     def check(self) -> "UmlRun":
@@ -447,10 +450,13 @@ class UmlBed:
             if not self.keep:
                 shutil.rmtree(self.dir, ignore_errors=True)
 
-    def add_device(self, name: str, kind: str, socket_path: str) -> Device:
-        """A vhost-user device served by someone else's backend listening on `socket_path`."""
+    def _check_name(self, name: str) -> None:
         if not _NAME.match(name) or any(d.name == name for d in self.devices):
             raise UmlError(f"device name {name!r} must be unique and a shell identifier")
+
+    def add_device(self, name: str, kind: str, socket_path: str) -> Device:
+        """A vhost-user device served by someone else's backend listening on `socket_path`."""
+        self._check_name(name)
         if kind not in DEVICE_KINDS:
             raise UmlError(f"unknown device kind {kind!r}; one of {sorted(DEVICE_KINDS)}")
         dev = Device(name, DEVICE_KINDS[kind], socket_path)
@@ -459,6 +465,7 @@ class UmlBed:
 
     def add_blk(self, name: str, backend: "BlkBackend", image: str) -> Device:
         """Start `backend` on `image` now (stopped when the bed closes) and attach it as blk."""
+        self._check_name(name)   # before anything is started
         socket_path = backend.start(image)
         self._stack.callback(backend.stop)
         return self.add_device(name, "blk", socket_path)

@@ -7,14 +7,19 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 
-APT_PACKAGES=(build-essential libcap-dev libseccomp-dev acpica-tools)
+APT_PACKAGES=(build-essential libcap-dev libseccomp-dev acpica-tools
+    # the user-mode Linux test bed (tests/linux, benchmarks/linux_blk.py): the UML kernel and its
+    # modules, qemu-storage-daemon, and the tools the guest and the host checks run
+    user-mode-linux kmod fio qemu-system-common e2fsprogs iperf3 socat iproute2 liburing-dev)
 
 log() { printf '[dev.sh] %s\n' "$*" >&2; }
 
 setup_apt() {
-    local missing=()
+    # One dpkg-query for all of them; a package it does not know is simply absent from its output.
+    local installed missing=() p
+    installed="$(dpkg-query -W -f='${Package} ${Status}\n' "${APT_PACKAGES[@]}" 2>/dev/null || true)"
     for p in "${APT_PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+        grep -qx "$p install ok installed" <<<"$installed" || missing+=("$p")
     done
     if ((${#missing[@]})); then
         log "installing Debian packages: ${missing[*]}"

@@ -314,7 +314,8 @@ class MmioDevice:
                     self._notify_locked(i)
             self.signal_used()
 
-    def signal_used(self) -> None:
+    def signal_used(self, queue_index: int | None = None) -> None:
+        # One interrupt line for every queue (§4.2.2 InterruptStatus): the index does not matter.
         self.interrupt_status |= INT_USED_BUFFER
         self.notify()
 

@@ -6,7 +6,9 @@ the socket.  For each frontend that connects (UML's virtio_uml, QEMU's vhost-use
 test double) it accepts the connection and hands the connected fd, with the resources, to a
 **fresh jailed device process** (`device_procs.vhost_user.main` through `jail.sandbox.spawn`:
 namespaces, the `vhost_user_<device>` seccomp policy, no capabilities).  One frontend at a time:
-a second one is accepted and closed at once (it sees EOF, not a hang).  When the device process
+one that connects while another is served waits up to `BUSY_GRACE` seconds for it to leave (a
+frontend that reconnects at once is served next), then is closed (it sees EOF, not a hang).
+When the device process
 ends -- the frontend left, broke the protocol, or the process was killed -- the launcher reports
 how and waits for the next frontend (`--once`: exits instead).
 
@@ -25,6 +27,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 from jail.errors import JailError
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 KINDS = ("blk", "console", "rng")
 SECTOR = 512
 EXIT_OK, EXIT_DEVICE_FAILED = 0, 1
+BUSY_GRACE = 2.0  # seconds a frontend may wait for the one being served to leave
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ def open_disk(path: str, readonly: bool) -> int:
     except OSError as err:
         hint = {errno.ENOENT: f"; create one with `truncate -s 64M {path}`",
                 errno.ELOOP: " (a symbolic link: give the image's real path)",
+                errno.EISDIR: " (a directory: give a raw image file)",
                 errno.EACCES: " (permission denied: check its mode, or add ,readonly)"}
         raise BulkheadError(f"--disk {path}: cannot open it: {err.strerror}"
                             f"{hint.get(err.errno or 0, '')}") from None
@@ -224,37 +229,56 @@ class Launcher:
         assert self.listener is not None
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        waiting: socket.socket | None = None  # a frontend that came while another was served
         while self.stopping is None:
-            ready = select.select([self.listener, self._wake_r], [], [])[0]
-            if self.listener not in ready:
-                continue
-            conn, _ = self.listener.accept()
+            if waiting is None:
+                ready = select.select([self.listener, self._wake_r], [], [])[0]
+                if self.listener not in ready:
+                    continue
+                conn, _ = self.listener.accept()
+            else:
+                conn, waiting = waiting, None
             self.frontends += 1
             try:
                 proc = self.start_device(conn)
             finally:
                 conn.close()  # the device process has its own copy
             self.say(f"frontend {self.frontends} connected, served by jailed pid {proc.pid}")
-            code = self._supervise(proc)
+            code, waiting = self._supervise(proc)
             if self.cfg.once or self.stopping is not None:
+                if waiting is not None:
+                    waiting.close()
                 return code
         return EXIT_OK
 
-    def _supervise(self, proc: JailedProcess) -> int:
-        """Wait for the device process to end; turn away other frontends meanwhile."""
+    def _supervise(self, proc: JailedProcess) -> tuple[int, socket.socket | None]:
+        """Wait for the device process to end.  A frontend that connects meanwhile waits up to
+        BUSY_GRACE seconds (a frontend reconnecting just after leaving is served next); longer,
+        or a third one, is turned away: closed, so it sees EOF rather than a hang."""
         assert self.listener is not None
         launcher_fd = os.pidfd_open(proc.launcher.pid)  # our child, not yet reaped
+        waiting: socket.socket | None = None
+        waiting_since = 0.0
         try:
             while True:
-                ready = select.select([launcher_fd, self.listener, self._wake_r], [], [])[0]
+                timeout = None if waiting is None else \
+                    max(0.0, waiting_since + BUSY_GRACE - time.monotonic())
+                ready = select.select([launcher_fd, self.listener, self._wake_r], [], [], timeout)[0]
                 if self.listener in ready:
-                    extra, _ = self.listener.accept()
-                    extra.close()
-                    self.say("turned away a second frontend: one frontend at a time")
+                    conn, _ = self.listener.accept()
+                    if waiting is None:
+                        waiting, waiting_since = conn, time.monotonic()
+                    else:
+                        conn.close()
+                        self.say("turned away a frontend: one frontend at a time")
                 if self._wake_r in ready and self.stopping is not None:
                     proc.kill()  # through its pidfds: the device, then its jail launcher
                 if launcher_fd in ready:
                     break
+                if waiting is not None and time.monotonic() >= waiting_since + BUSY_GRACE:
+                    waiting.close()
+                    waiting = None
+                    self.say("turned away a frontend: one frontend at a time")
             how = proc.wait()
         finally:
             os.close(launcher_fd)
@@ -264,7 +288,7 @@ class Launcher:
                 proc.status_fd = -1
         ok = how.code == 0 and how.violation is None
         self.say(f"frontend {self.frontends} done: device process {how}")
-        return EXIT_OK if ok else EXIT_DEVICE_FAILED
+        return (EXIT_OK if ok else EXIT_DEVICE_FAILED), waiting
 
     def close(self) -> None:
         if self.listener is not None:

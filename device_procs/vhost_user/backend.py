@@ -322,7 +322,7 @@ class VhostUserBackend:
         served = [r for r in self.rings if r.queue is not None]
         try:
             for ring in self.rings:  # every programmed ring must still be inside the table
-                if ring.addr is not None and ring.size is not None:
+                if ring.addr is not None:
                     self._translate(ring, table.regions)
         except VhostUserError:
             memory.close()
@@ -338,9 +338,10 @@ class VhostUserBackend:
             old.close()
 
     def _translate(self, ring: Ring, regions: Sequence[vu.MemoryRegion]) -> tuple[int, int, int]:
-        """Guest addresses of the ring's descriptor table, available and used rings."""
-        assert ring.addr is not None and ring.size is not None
-        n = ring.size
+        """Guest addresses of the ring's descriptor table, available and used rings (for a ring
+        whose size is not known yet, at least their one-entry forms must be in the table)."""
+        assert ring.addr is not None
+        n = ring.size or 1
         out = []
         for name, addr, length in (("descriptor table", ring.addr.desc, DESC_SIZE * n),
                                    ("available ring", ring.addr.avail, 6 + 2 * n),
@@ -369,7 +370,14 @@ class VhostUserBackend:
         # §2.7: a split queue's size is a power of two; it may not exceed the device's maximum.
         if n == 0 or n & (n - 1) or n > ring.max_size:
             raise VhostUserError(f"ring {ring.index} size {n} is not a power of two up to {ring.max_size}")
-        ring.size, ring.saved = n, None
+        previous, ring.size = ring.size, n
+        if ring.addr is not None:  # rings programmed before their size: they must still fit
+            try:
+                self._translate(ring, self.table)
+            except VhostUserError:
+                ring.size = previous
+                raise
+        ring.saved = None
 
     def _set_vring_addr(self, msg: vu.Message, fds: list[int]) -> None:
         addr: vu.VringAddr = msg.payload  # type: ignore[assignment]
@@ -384,8 +392,7 @@ class VhostUserBackend:
         previous = ring.addr
         ring.addr = addr
         try:
-            if ring.size is not None:
-                self._translate(ring, self.table)
+            self._translate(ring, self.table)
         except VhostUserError:
             ring.addr = previous
             raise

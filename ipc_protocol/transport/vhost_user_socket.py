@@ -79,6 +79,8 @@ class VhostUserSocket:
                     n - len(data), socket.CMSG_SPACE(_ANC_FDS * _FD_SIZE), socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 continue
+            except ConnectionResetError:
+                raise PeerGone("the vhost-user peer reset the connection") from None
             bad_cmsg = False
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

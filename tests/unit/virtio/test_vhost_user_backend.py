@@ -417,6 +417,17 @@ def test_hostile_ring_programming_is_refused(blk: Bench) -> None:
     assert blk.backend.rings[0].queue is None
 
 
+def test_a_ring_programmed_before_its_size_must_still_fit(blk: Bench) -> None:
+    blk.handshake()
+    blk.mem_table()
+    near_end = USER + MEM - 16 * 16  # a 16-entry descriptor table fits, a 256-entry one does not
+    refused(blk, R.SET_VRING_ADDR, vu.VringAddr(0, 0, 1 << 50, USER + 0x3000, USER + 0x2000, 0))
+    blk.send(R.SET_VRING_ADDR, vu.VringAddr(0, 0, near_end, USER + 0x3000, USER + 0x2000, 0))
+    refused(blk, R.SET_VRING_NUM, vu.VringState(0, 256))
+    blk.send(R.SET_VRING_NUM, vu.VringState(0, 16), need_reply=True)
+    assert blk.replies[-1].payload.value == 0
+
+
 def test_hostile_memory_tables_are_refused_and_their_fds_closed(blk: Bench) -> None:
     blk.handshake()
     small = os.memfd_create("small")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Annotated, ClassVar, Union
 
 from .errors import LocalProtocolError, RemoteProtocolError
-from .messages import U8, U16, U32, U64, Flag, Int, _field_checks, _Invalid
+from .messages import U8, U16, U32, U64, Flag, Int, _field_checks, _Invalid, apply_field_checks
 
 # -- header ---------------------------------------------------------------------------------------
 
@@ -200,11 +200,7 @@ class Payload:
     """Base of the payload types; subclasses are frozen dataclasses with `Annotated` limits."""
 
     def __post_init__(self) -> None:
-        for name, check in _field_checks(type(self)).items():
-            try:
-                object.__setattr__(self, name, check.check(getattr(self, name)))
-            except _Invalid as err:
-                raise LocalProtocolError(f"{type(self).__name__}.{name}: {err}") from None
+        apply_field_checks(self)
         self.validate()
 
     def validate(self) -> None:

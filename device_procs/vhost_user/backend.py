@@ -370,14 +370,7 @@ class VhostUserBackend:
         # §2.7: a split queue's size is a power of two; it may not exceed the device's maximum.
         if n == 0 or n & (n - 1) or n > ring.max_size:
             raise VhostUserError(f"ring {ring.index} size {n} is not a power of two up to {ring.max_size}")
-        previous, ring.size = ring.size, n
-        if ring.addr is not None:  # rings programmed before their size: they must still fit
-            try:
-                self._translate(ring, self.table)
-            except VhostUserError:
-                ring.size = previous
-                raise
-        ring.saved = None
+        self._reprogram(ring, size=n)
 
     def _set_vring_addr(self, msg: vu.Message, fds: list[int]) -> None:
         addr: vu.VringAddr = msg.payload  # type: ignore[assignment]
@@ -389,13 +382,21 @@ class VhostUserBackend:
             raise VhostUserError(f"unknown vring address flags {addr.flags:#x}")
         if not self.table:
             raise VhostUserError("SET_VRING_ADDR before SET_MEM_TABLE: nothing to translate it with")
-        previous = ring.addr
-        ring.addr = addr
-        try:
-            self._translate(ring, self.table)
-        except VhostUserError:
-            ring.addr = previous
-            raise
+        self._reprogram(ring, addr=addr)
+
+    def _reprogram(self, ring: Ring, **changes: object) -> None:
+        """Apply new ring size or addresses, unless the ring would then leave the memory table
+        (whichever of SET_VRING_NUM and SET_VRING_ADDR comes first); a new ring starts at its base."""
+        previous = {name: getattr(ring, name) for name in changes}
+        for name, value in changes.items():
+            setattr(ring, name, value)
+        if ring.addr is not None:
+            try:
+                self._translate(ring, self.table)
+            except VhostUserError:
+                for name, value in previous.items():
+                    setattr(ring, name, value)
+                raise
         ring.saved = None
 
     def _set_vring_base(self, msg: vu.Message, fds: list[int]) -> None:

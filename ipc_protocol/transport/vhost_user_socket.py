@@ -23,6 +23,7 @@ import time
 
 from ..errors import PeerGone, RemoteProtocolError, TransportTimeout
 from .. import vhost_user as vu
+from .fds import fds_from_ancdata
 
 _FD_SIZE = array.array("i").itemsize
 # Room for more fds than any message may carry, so an excess is counted and refused; beyond this
@@ -81,13 +82,8 @@ class VhostUserSocket:
                 continue
             except ConnectionResetError:
                 raise PeerGone("the vhost-user peer reset the connection") from None
-            bad_cmsg = False
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    usable = len(payload) - len(payload) % _FD_SIZE
-                    fds.extend(array.array("i", payload[:usable]))
-                else:
-                    bad_cmsg = True
+            got, bad_cmsg = fds_from_ancdata(ancdata)
+            fds.extend(got)
             if flags & socket.MSG_CTRUNC:
                 raise RemoteProtocolError("vhost-user message carried more fds than any message may")
             if bad_cmsg:

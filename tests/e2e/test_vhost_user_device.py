@@ -74,6 +74,13 @@ class DeviceCli:
     def frontend(self, queues: int = 1, **kw) -> VhostUserFrontend:
         return VhostUserFrontend(dial(self.socket), queues=queues, **kw)
 
+    def session(self, queues: int = 1, **kw) -> VhostUserFrontend:
+        """A frontend with the handshake and the driver's initialisation done."""
+        fe = self.frontend(queues, **kw)
+        fe.handshake()
+        fe.driver.init()
+        return fe
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.ref.send(signal.SIGTERM)
@@ -130,9 +137,7 @@ def random_io(frontend: VhostUserFrontend, image: bytearray, rounds: int, seed: 
 
 def test_blk_data_integrity_in_a_jailed_process(blk_cli: DeviceCli, image: Path) -> None:
     expected = bytearray(image.read_bytes())
-    with blk_cli.frontend() as fe:
-        fe.handshake()
-        fe.driver.init()
+    with blk_cli.session() as fe:
         pid = blk_cli.device_pid(1)
         assert_jailed(pid)
         random_io(fe, expected, rounds=150, seed=1)
@@ -158,9 +163,7 @@ def test_readonly_image_refuses_writes(tmp_path: Path, image: Path) -> None:
 
 def test_a_returning_frontend_gets_a_fresh_jailed_process(blk_cli: DeviceCli, image: Path) -> None:
     expected = bytearray(image.read_bytes())
-    with blk_cli.frontend() as fe:
-        fe.handshake()
-        fe.driver.init()
+    with blk_cli.session() as fe:
         random_io(fe, expected, rounds=20, seed=2)
         first = blk_cli.device_pid(1)
         bases = fe.stop()  # clean stop: GET_VRING_BASE
@@ -176,9 +179,7 @@ def test_a_returning_frontend_gets_a_fresh_jailed_process(blk_cli: DeviceCli, im
 
 def test_killed_backend_the_launcher_serves_the_next_frontend(blk_cli: DeviceCli, image: Path) -> None:
     expected = bytearray(image.read_bytes())
-    with blk_cli.frontend() as fe:
-        fe.handshake()
-        fe.driver.init()
+    with blk_cli.session() as fe:
         random_io(fe, expected, rounds=10, seed=4)
         victim = ProcessRef(blk_cli.device_pid(1))
         assert victim.send(signal.SIGKILL)
@@ -200,9 +201,7 @@ def test_inflight_request_is_resubmitted_after_a_backend_crash(tmp_path: Path) -
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so the launcher's open does not block
     cli = DeviceCli(tmp_path, "console", "--output", str(fifo), "-v")
     try:
-        with cli.frontend(queues=2) as fe:
-            fe.handshake()
-            fe.driver.init()
+        with cli.session(queues=2) as fe:
             data = os.urandom(512 << 10)  # far more than a pipe holds
             tx = fe.driver.queue(1)
             head = tx.add([data], [])
@@ -287,25 +286,19 @@ def test_a_hostile_frontend_ends_only_its_own_process(blk_cli: DeviceCli) -> Non
             fe.handshake()
             attack(fe)
             blk_cli.wait_line(rf"frontend {n} done: device process exited with status 1")
-    with blk_cli.frontend() as fe:
-        fe.handshake()
-        fe.driver.init()
+    with blk_cli.session() as fe:
         assert fe.driver.blk_read(0, 512).status == VIRTIO_BLK_S_OK
 
 
 def test_console_and_rng_devices(tmp_path: Path) -> None:
     out = tmp_path / "console.txt"
     console = DeviceCli(tmp_path, "console", "--output", str(out), "--once")
-    with console.frontend(queues=2, user_offset=0) as fe:  # UML-style addresses
-        fe.handshake()
-        fe.driver.init()
+    with console.session(queues=2, user_offset=0) as fe:  # UML-style addresses
         fe.driver.console_write(b"hello from a jailed console\n")
     assert console.proc.wait(10) == 0
     assert out.read_bytes() == b"hello from a jailed console\n"
     rng = DeviceCli(tmp_path, "rng", "--once")
-    with rng.frontend() as fe:
-        fe.handshake()
-        fe.driver.init()
+    with rng.session() as fe:
         assert_jailed(rng.device_pid(1))
         chunks = [fe.driver.rng_read(4096) for _ in range(8)]
         assert all(len(c) == 4096 for c in chunks) and len(set(chunks)) == 8

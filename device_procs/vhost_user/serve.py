@@ -21,8 +21,6 @@ import logging
 import os
 import select
 import socket
-from typing import Callable
-
 from ipc_protocol import vhost_user as vu
 from ipc_protocol.errors import PeerGone, ProtocolError
 from ipc_protocol.transport.vhost_user_socket import VhostUserSocket
@@ -49,12 +47,10 @@ def describe(err: BaseException) -> str:
 class Server:
     """Serves one connected frontend for `backend`; `run()` until it leaves."""
 
-    def __init__(self, backend: VhostUserBackend, conn: socket.socket,
-                 extra: dict[int, Callable[[], None]] | None = None) -> None:
+    def __init__(self, backend: VhostUserBackend, conn: socket.socket) -> None:
         self.backend = backend
         self.conn = VhostUserSocket(conn, vu.Channel.FRONTEND, incoming="requests")
         self.channel: VhostUserSocket | None = None
-        self.extra = dict(extra or {})  # more fds to watch (console input): fd -> handler
         self._generation = -1
         self._poller = select.poll()
         self._kicks: dict[int, int] = {}
@@ -76,7 +72,7 @@ class Server:
             self.channel = VhostUserSocket(sock, vu.Channel.BACKEND, incoming="replies")
         self._kicks = b.kick_fds()
         self._poller = select.poll()
-        for fd in (self.conn.fileno(), *self.extra, *self._kicks):
+        for fd in (self.conn.fileno(), *self._kicks):
             self._poller.register(fd, select.POLLIN)
         if self.channel is not None:
             self._poller.register(self.channel.fileno(), select.POLLIN)
@@ -96,8 +92,6 @@ class Server:
                         self._on_channel()
                     elif fd in self._kicks and events & _READABLE:
                         self._on_kick(fd)
-                    elif fd in self.extra:
-                        self.extra[fd]()
                 if self.backend.polling:
                     self.backend.poll_rings()
         except PeerGone as err:

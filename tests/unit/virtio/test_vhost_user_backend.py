@@ -561,6 +561,26 @@ def test_split_batch_is_repaired_on_recovery() -> None:
         region.recover(1, 8)
 
 
+def test_driver_rechecks_the_used_index_after_publishing_used_event(blk: Bench) -> None:
+    """A backend completing concurrently (qemu-storage-daemon) may add a used element after the
+    driver read the used idx but before it could see the new used_event -- and then not
+    interrupt for it: `get_used` must look again after publishing (virtqueue_enable_cb)."""
+    (q,) = blk.up(features=VIRTIO_F_EVENT_IDX)
+    first = q.add([blk_header(0, 0)], [512, 1])
+    second = q.add([blk_header(0, 1)], [512, 1])
+    blk.kick(0)  # both complete; now pretend the second completed "late":
+    assert q.used_idx() == 2
+    blk.memory.write_u16(q.used + 2, 1)
+    publish = q.set_used_event
+
+    def publish_then_device_completes(value: int) -> None:
+        publish(value)
+        blk.memory.write_u16(q.used + 2, 2)  # the device's idx store races the driver
+
+    q.set_used_event = publish_then_device_completes  # type: ignore[method-assign]
+    assert [c.head for c in q.get_used()] == [first, second]
+
+
 # -- the real serve loop over a socketpair, driven by the frontend double ----------------------------
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Union
+from typing import Annotated, ClassVar
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .messages import U8, U16, U32, U64, Flag, Int, _field_checks, _Invalid, apply_field_checks
@@ -470,10 +470,6 @@ class Raw(Payload):
     @classmethod
     def decode(cls, data: bytes) -> Payload:
         return cls(data)
-
-
-AnyPayload = Union[Empty, U64Value, VringState, VringAddr, VringFd, MemoryTable, Config,
-                   Inflight, Log, Raw]
 
 
 # -- what each request carries -------------------------------------------------------------------

@@ -30,7 +30,7 @@ import fcntl
 import logging
 import mmap
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from device_procs.virtio.device import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC,
@@ -161,11 +161,6 @@ class Ring:
 
     def fds(self) -> list[int]:
         return [fd for fd in (self.kick_fd, self.call_fd, self.err_fd) if fd is not None]
-
-
-@dataclass
-class _Refusal:
-    reason: str
 
 
 class VhostUserBackend:

@@ -1,8 +1,8 @@
 """`bulkhead device blk|console|rng --socket PATH`: one of our virtio devices as a vhost-user backend.
 
-The launcher (this process, unjailed) opens the host resources once -- the image (O_NOFOLLOW,
-a regular file whose size is a positive multiple of 512), the console output -- and listens on
-the socket.  For each frontend that connects (UML's virtio_uml, QEMU's vhost-user-*-pci, the
+The launcher (this process, unjailed) opens the host resources once, as `bulkhead run` does
+(`vmm_core.devices.resources`: the image O_NOFOLLOW, a regular file of whole 512-byte sectors,
+OFD-locked; the console output a regular file or stdout), and listens on the socket.  For each frontend that connects (UML's virtio_uml, QEMU's vhost-user-*-pci, the
 test double) it accepts the connection and hands the connected fd, with the resources, to a
 **fresh jailed device process** (`device_procs.vhost_user.main` through `jail.sandbox.spawn`:
 namespaces, the `vhost_user_<device>` seccomp policy, no capabilities).  One frontend at a time:
@@ -18,7 +18,6 @@ The launcher signals only the processes it started, through pidfds (`JailedProce
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import select
@@ -34,12 +33,13 @@ from jail.errors import JailError
 from jail.options import JailOptions
 from jail.sandbox import JailedProcess, spawn
 
+from ipc_protocol import kinds
+
+from .devices.resources import open_image, open_output
 from .errors import BulkheadError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("blk", "console", "rng")
-SECTOR = 512
 EXIT_OK, EXIT_DEVICE_FAILED = 0, 1
 BUSY_GRACE = 2.0  # seconds a frontend may wait for the one being served to leave
 
@@ -81,11 +81,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "  linux.uml ... virtio_uml.device=/tmp/vda.sock:2\n"
                "  bulkhead device console --socket /tmp/hvc.sock --output console.txt\n"
                "  bulkhead device rng --socket /tmp/rng.sock --once\n")
-    kinds = device.add_subparsers(dest="device_kind", required=True, parser_class=type(device))
+    verbs = device.add_subparsers(dest="device_kind", required=True, parser_class=type(device))
     for kind, text in (("blk", "virtio-blk on a raw image"),
                        ("console", "virtio-console port 0, output to a file or stdout"),
                        ("rng", "virtio-rng from the host CSPRNG")):
-        p = kinds.add_parser(kind, help=text)
+        p = verbs.add_parser(kind, help=text)
         p.add_argument("--socket", required=True, metavar="PATH",
                        help="the vhost-user socket to listen on (created; a stale one is replaced)")
         if kind == "blk":
@@ -102,43 +102,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # -- host resources, opened once outside the jail -------------------------------------------------
-
-def open_disk(path: str, readonly: bool) -> int:
-    """The image fd; refuses symlinks, anything but a regular file, and odd sizes."""
-    # O_NONBLOCK: a FIFO named as an image must not block us before the check refuses it.
-    flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-    try:
-        fd = os.open(path, flags)
-    except OSError as err:
-        hint = {errno.ENOENT: f"; create one with `truncate -s 64M {path}`",
-                errno.ELOOP: " (a symbolic link: give the image's real path)",
-                errno.EISDIR: " (a directory: give a raw image file)",
-                errno.EACCES: " (permission denied: check its mode, or add ,readonly)"}
-        raise BulkheadError(f"--disk {path}: cannot open it: {err.strerror}"
-                            f"{hint.get(err.errno or 0, '')}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise BulkheadError(f"--disk {path} is not a regular file: give a raw image file")
-        if st.st_size <= 0 or st.st_size % SECTOR:
-            raise BulkheadError(f"--disk {path}: its size {st.st_size} is not a positive multiple "
-                                f"of {SECTOR} bytes; resize it with `truncate -s 64M {path}`")
-        os.set_blocking(fd, True)  # our own description: the image is read by the device process
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def open_output(path: str | None) -> int:
-    if path is None:
-        return os.dup(sys.stdout.fileno())
-    try:
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                       0o600)
-    except OSError as err:
-        raise BulkheadError(f"--output {path}: cannot open it: {err.strerror}") from None
-
+# The image and the console output are opened as for `bulkhead run` (vmm_core.devices.resources:
+# O_NOFOLLOW, fstat checks with one-line errors, an OFD lock on the image).
 
 def listen(path: str) -> socket.socket:
     """Listen on `path`; a stale socket (nobody listening) is replaced, anything else refused."""
@@ -188,9 +153,10 @@ class Launcher:
         cfg = self.cfg
         if cfg.kind == "blk":
             assert cfg.disk is not None
-            self.resources["disk"] = open_disk(cfg.disk, cfg.readonly)
+            self.resources["disk"] = open_image(cfg.disk, cfg.readonly, f"--disk {cfg.disk}")
         elif cfg.kind == "console":
-            self.resources["output"] = open_output(cfg.output)
+            output = cfg.output or "stdout"
+            self.resources["output"] = open_output(output, f"--output {output}")
         self.listener = listen(cfg.socket_path)
         what = ""
         if cfg.kind == "blk":
@@ -210,9 +176,10 @@ class Launcher:
 
     def start_device(self, conn: socket.socket) -> JailedProcess:
         fds = [conn.fileno(), *self.resources.values()]
-        options = JailOptions(seccomp=self.cfg.seccomp)
-        spec = options.spec_for(self.name, f"vhost_user_{self.cfg.kind}", keep_fds=fds,
-                                disk_fd=self.resources.get("disk"))
+        kind = kinds.kind(self.cfg.kind)
+        sizes = {role: os.fstat(fd).st_size for role, fd in self.resources.items()}
+        spec = JailOptions(seccomp=self.cfg.seccomp).spec_for(
+            self.name, f"vhost_user_{kind.policy_name}", keep_fds=fds, fsize=kind.fsize_limit(sizes))
         try:
             return spawn(spec, self._argv(conn.fileno()), pass_fds=fds, stdin=subprocess.DEVNULL)
         except JailError as err:

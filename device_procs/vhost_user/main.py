@@ -5,8 +5,8 @@ once per frontend connection.  Its life, in order:
 
 1. inherit its fds from the launcher: the connected vhost-user socket (accepted outside the jail:
    device policies forbid accept) and the host resources (the disk image, the console output);
-2. build the device (blk reopens its image through /proc/self/fd while /proc still exists),
-   wrap the socket, create, seal and map the inflight memfd;
+2. build the device on duplicates of those fds (it never opens a path), wrap the socket,
+   create, seal and map the inflight memfd;
 3. **enter the jail** (the marked call site) -- before reading a single frontend byte;
 4. serve the frontend until it leaves (`serve.Server`), then exit: 0 when it disconnected,
    1 when it broke the protocol or the device failed.
@@ -46,19 +46,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def build_device(args: argparse.Namespace) -> VirtioDevice:
+    """The device, on duplicates of the launcher's fds (which are closed here)."""
+    spec: dict = {"type": args.device_type}
+    fds: dict[str, int] = {}
     if args.device_type == "blk":
         if args.disk_fd is None:
             raise DeviceSpecError("blk needs --disk-fd")
-        try:  # our own open file description, with our own flags
-            return create_device({"type": "blk", "path": f"/proc/self/fd/{args.disk_fd}",
-                                  "readonly": args.readonly})
-        finally:
-            os.close(args.disk_fd)
-    if args.device_type == "console":
+        spec["readonly"] = args.readonly
+        fds["disk"] = args.disk_fd
+    elif args.device_type == "console":
         if args.output_fd is None:
             raise DeviceSpecError("console needs --output-fd")
-        return create_device({"type": "console", "fd": args.output_fd})
-    return create_device({"type": "rng"})
+        fds["output"] = args.output_fd
+    try:
+        return create_device(spec, fds)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def _set_title(device_type: str) -> None:
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SETUP
 
     # ---- JAIL ENTRY POINT ---------------------------------------------------------------------
-    # Everything is imported, the image is reopened, the inflight memfd exists; nothing from the
+    # Everything is imported, the device holds its fds, the inflight memfd exists; nothing from the
     # frontend has been read.  enter_jail: tmpfs root + pivot_root, capabilities dropped,
     # rlimits, no_new_privs, seccomp (kill by default).  From here on, every fd comes from the
     # frontend over the socket, and nothing can be opened.

@@ -69,14 +69,20 @@ _fallocate.restype = ctypes.c_int
 class RawImage:
     """The backend: a raw image file opened once, before the jail."""
 
-    def __init__(self, path: str, readonly: bool) -> None:
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-        try:
-            self.fd = os.open(path, flags)
-        except OSError as e:
-            raise DeviceSpecError(f"blk: cannot open image {path!r}: {e.strerror}") from None
+    def __init__(self, image: str | int, readonly: bool) -> None:
+        """`image`: an fd the core opened (duplicated: the caller keeps its own), or a path
+        (tests and tools; the jailed device never opens one)."""
+        if isinstance(image, int):
+            self.fd = os.dup(image)
+            self.path = f"fd {image}"
+        else:
+            flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+            try:
+                self.fd = os.open(image, flags)
+            except OSError as e:
+                raise DeviceSpecError(f"blk: cannot open image {image!r}: {e.strerror}") from None
+            self.path = image
         self.readonly = readonly
-        self.path = path
         self.capacity = os.fstat(self.fd).st_size // SECTOR_SIZE  # in 512-byte sectors
         self.can_punch = True
 
@@ -173,13 +179,13 @@ class BlkDevice(VirtioDevice):
     device_type = VIRTIO_ID_BLOCK
     queue_max_sizes = [QUEUE_SIZE]
 
-    def __init__(self, path: str, *, readonly: bool = False, serial: str = "") -> None:
+    def __init__(self, image: str | int, *, readonly: bool = False, serial: str = "") -> None:
         super().__init__()
         serial_bytes = serial.encode()
         if len(serial_bytes) > VIRTIO_BLK_ID_BYTES:
             raise DeviceSpecError(f"blk: serial {serial!r} is longer than {VIRTIO_BLK_ID_BYTES} bytes")
         self.serial = serial_bytes
-        self.backend = RawImage(path, readonly)
+        self.backend = RawImage(image, readonly)
         self.readonly = readonly
         self.device_features = (COMMON_FEATURES | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE
                                 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_DISCARD
@@ -187,6 +193,11 @@ class BlkDevice(VirtioDevice):
         self.counters.update(requests=0, reads=0, writes=0, flushes=0, discards=0,
                              write_zeroes=0, get_id=0, bytes_read=0, bytes_written=0,
                              errors=0, unsupported=0, malformed=0)
+
+    @classmethod
+    def from_spec(cls, spec: dict, fds: dict[str, int]) -> "BlkDevice":
+        return cls(fds.get("disk", spec.get("path", "")), readonly=spec.get("readonly", False),
+                   serial=spec.get("serial") or "")
 
     def config_bytes(self) -> bytes:
         """struct virtio_blk_config (§5.2.4) up to write_zeroes_may_unmap, padded."""

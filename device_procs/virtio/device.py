@@ -69,6 +69,11 @@ class VirtioDevice(abc.ABC):
         self.broken = False
         self.counters: dict[str, int] = {"chains": 0, "interrupts": 0, "queue_errors": 0}
 
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], fds: dict[str, int]) -> "VirtioDevice":
+        """Build from a checked spec and the host fds by role (see `create_device`)."""
+        return cls()
+
     # -- contract with the transport ----------------------------------------------------------
     @property
     def features(self) -> int:

@@ -193,13 +193,13 @@ def test_killed_backend_the_launcher_serves_the_next_frontend(blk_cli: DeviceCli
 
 
 def test_inflight_request_is_resubmitted_after_a_backend_crash(tmp_path: Path) -> None:
-    """A console write blocks in the jailed process (its output is a full FIFO): the chain is in
-    flight, recorded in the inflight buffer the frontend holds.  The process is killed; the next
-    one, given the buffer back, writes it again and completes it."""
-    fifo = tmp_path / "out.fifo"
-    os.mkfifo(fifo)
-    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so the launcher's open does not block
-    cli = DeviceCli(tmp_path, "console", "--output", str(fifo), "-v")
+    """A console write blocks in the jailed process (its output, the launcher's stdout, is a pipe
+    nobody reads): the chain is in flight, recorded in the inflight buffer the frontend holds.
+    The process is killed; the next one, given the buffer back, writes it again and completes it."""
+    cli = DeviceCli(tmp_path, "console", "-v")  # output: stdout, a pipe to this test
+    assert cli.proc.stdout is not None
+    reader = cli.proc.stdout.fileno()
+    os.set_blocking(reader, False)  # our own end of our own pipe
     try:
         with cli.session(queues=2) as fe:
             data = os.urandom(512 << 10)  # far more than a pipe holds
@@ -208,35 +208,26 @@ def test_inflight_request_is_resubmitted_after_a_backend_crash(tmp_path: Path) -
             tx.kick()
             inflight_fd, desc = fe.inflight
             buf = mmap.mmap(inflight_fd, desc.mmap_size)
-            region = len(buf) // 2
-            entry = region + REGION_HEADER.size + DESC_STATE.size * head  # queue 1's region
+            entry = len(buf) // 2 + REGION_HEADER.size + DESC_STATE.size * head  # queue 1's region
             deadline = time.monotonic() + 10
             while buf[entry] != 1:  # the backend took the chain
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             assert tx.used_idx() == 0
-            pid = cli.device_pid(1)
-            victim = ProcessRef(pid)
+            victim = ProcessRef(cli.device_pid(1))
             victim.send(signal.SIGKILL)
             victim.close()
             cli.wait_line(r"frontend 1 done: device process killed by SIGKILL")
-            while True:  # what the dead process managed to write: not part of the check
-                try:
-                    if not os.read(reader, 1 << 16):
-                        break
-                except BlockingIOError:
-                    break
+            drain(reader)  # what the dead process managed to write: not part of the check
             got = bytearray()
             stop = threading.Event()
 
-            def drain() -> None:
+            def keep_draining() -> None:
                 while not stop.is_set():
-                    try:
-                        got.extend(os.read(reader, 1 << 16))
-                    except BlockingIOError:
-                        time.sleep(0.005)
+                    got.extend(drain(reader))
+                    time.sleep(0.005)
 
-            t = threading.Thread(target=drain)
+            t = threading.Thread(target=keep_draining)
             t.start()
             try:
                 # Tell the new backend the chain was already taken (base = avail idx): only the
@@ -248,21 +239,25 @@ def test_inflight_request_is_resubmitted_after_a_backend_crash(tmp_path: Path) -
             finally:
                 stop.set()
                 t.join()
-            while True:  # the tail may still sit in the pipe when the chain completes
-                try:
-                    chunk = os.read(reader, 1 << 16)
-                except BlockingIOError:
-                    break
-                if not chunk:
-                    break
-                got.extend(chunk)
+            got.extend(drain(reader))  # the tail may still sit in the pipe when the chain completes
             assert [c.head for c in done] == [head]
             assert bytes(got[-len(data):]) == data
             cli.wait_line(r"resubmitting 1 chains in flight")
             buf.close()
     finally:
         assert cli.stop() == 143, "\n".join(cli.lines)
-        os.close(reader)
+
+
+def drain(fd: int) -> bytes:
+    out = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return bytes(out)
+        if not chunk:
+            return bytes(out)
+        out += chunk
 
 
 HOSTILE = {
@@ -317,16 +312,17 @@ def test_one_frontend_at_a_time(blk_cli: DeviceCli) -> None:
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["blk", "--disk", "{tmp}/missing.img"], "No such file"),
-    (["blk", "--disk", "{tmp}"], "a directory"),
-    (["blk", "--disk", "{tmp}/odd.img"], "multiple of 512"),
-    (["blk", "--disk", "{tmp}/empty.img"], "multiple of 512"),
+    (["blk", "--disk", "{tmp}/missing.img"], "no such file"),
+    (["blk", "--disk", "{tmp}"], "is a directory"),
+    (["blk", "--disk", "{tmp}/odd.img"], "512-byte sectors"),
+    (["blk", "--disk", "{tmp}/empty.img"], "smaller than one 512-byte sector"),
     (["blk", "--disk", "{tmp}/link.img"], "symbolic link"),
     (["blk", "--disk", "{tmp}/odd.img,sparse"], "unknown option"),
     (["blk", "--disk", "{tmp}/good.img", "--socket-is-file"], "is not a socket"),
+    (["console", "--output", "{tmp}"], "is a directory"),
     (["net"], "invalid choice"),
 ], ids=["missing", "directory", "odd-size", "empty", "symlink", "bad-option", "not-a-socket",
-        "unknown-device"])
+        "output-directory", "unknown-device"])
 def test_bad_input_is_one_line_and_status_2(tmp_path: Path, args: list[str], needle: str) -> None:
     (tmp_path / "odd.img").write_bytes(b"x" * 1000)
     (tmp_path / "empty.img").write_bytes(b"")

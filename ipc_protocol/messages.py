@@ -146,11 +146,18 @@ class Message:
     TAG: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        for name, check in _field_checks(type(self)).items():
-            try:
-                object.__setattr__(self, name, check.check(getattr(self, name)))
-            except _Invalid as err:
-                raise LocalProtocolError(f"{type(self).__name__}.{name}: {err}") from None
+        apply_field_checks(self)
+
+
+def apply_field_checks(obj: object) -> None:
+    """Check (and normalise) every field of frozen dataclass `obj` against its `Annotated`
+    limit; a violation is the caller's bug: `LocalProtocolError`.  Also used by the vhost-user
+    payloads (`ipc_protocol.vhost_user`)."""
+    for name, check in _field_checks(type(obj)).items():
+        try:
+            object.__setattr__(obj, name, check.check(getattr(obj, name)))
+        except _Invalid as err:
+            raise LocalProtocolError(f"{type(obj).__name__}.{name}: {err}") from None
 
 
 _REGISTRY: dict[str, type[Message]] = {}

@@ -22,6 +22,8 @@ CONSTANT_NAMES: tuple[str, ...] = (
     # fcntl commands and flags
     "F_GETFD", "F_SETFD", "F_GETFL", "F_SETFL", "F_DUPFD", "F_DUPFD_CLOEXEC", "F_GETLK",
     "F_SETLK", "F_OFD_SETLK", "F_OFD_GETLK", "FD_CLOEXEC", "O_NONBLOCK",
+    # *at() flags (fstat of an fd is newfstatat(fd, "", AT_EMPTY_PATH) in glibc)
+    "AT_EMPTY_PATH",
     # generic and tty ioctl requests
     "FIONBIO", "FIOCLEX", "FIONCLEX", "FIONREAD", "TCGETS", "TCSETS", "TIOCGWINSZ",
     # futex operations (with and without FUTEX_PRIVATE_FLAG)

@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("-v", "--verbose", action="count", default=0)
     from .cli_control import add_parsers
     add_parsers(sub, _positive_int)
+    from .vhost_device import add_parser as add_device_parser
+    add_device_parser(sub)
     for verb in ("ps", "stats", "stop", "fault"):
         sub.choices[verb].add_argument("-v", "--verbose", action="count", default=0)
     return parser
@@ -337,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
             from .chaos import run_chaos
             return run_chaos(args.count, args.interval_ms, args.device, args.seed, jitter=args.jitter,
                              fault=args.fault)
+        if args.verb == "device":
+            from .vhost_device import run_device
+            return run_device(args)
         if args.verb in ("ps", "stats", "stop", "fault"):
             from .cli_control import run_verb
             return run_verb(args)

@@ -167,19 +167,24 @@ class DriverQueue:
 
     def get_used(self) -> list[Completion]:
         """Collect used elements added since the last call, freeing their descriptors."""
-        out = []
-        idx = self.used_idx()
-        while self.last_used != idx:
-            slot = self.last_used % self.size
-            head, length = struct.unpack_from("<II", self.memory.read(self.used + 4 + 8 * slot, 8))
-            self.last_used = (self.last_used + 1) & 0xFFFF
-            descs, buffers = self.in_flight.pop(head, ([], []))
-            self.free.extend(descs)
-            out.append(Completion(head, length, buffers))
-        # Ask to be interrupted on the next used buffer (§2.7.10), as Linux does.
-        if self.driver.negotiated & VIRTIO_F_EVENT_IDX:
+        out: list[Completion] = []
+        while True:
+            idx = self.used_idx()
+            while self.last_used != idx:
+                slot = self.last_used % self.size
+                head, length = struct.unpack_from("<II", self.memory.read(self.used + 4 + 8 * slot, 8))
+                self.last_used = (self.last_used + 1) & 0xFFFF
+                descs, buffers = self.in_flight.pop(head, ([], []))
+                self.free.extend(descs)
+                out.append(Completion(head, length, buffers))
+            if not self.driver.negotiated & VIRTIO_F_EVENT_IDX:
+                return out
+            # Ask to be interrupted on the next used buffer (§2.7.10), as Linux does -- then look
+            # again: a device completing concurrently may have added one before it could see the
+            # new used_event, and would not interrupt for it (virtqueue_enable_cb's re-check).
             self.set_used_event(self.last_used)
-        return out
+            if self.used_idx() == self.last_used:
+                return out
 
     def wait_used(self, count: int = 1, timeout: float = 5.0) -> list[Completion]:
         """Collect at least `count` completions, polling until `timeout` seconds pass."""
@@ -283,14 +288,7 @@ class VirtioDriver:
         if max_size == 0:
             raise DriverError(f"queue {index} does not exist")
         size = max_size if size is None else size
-        n = max(size, 1)
-        desc = self.arena.alloc(DESC_SIZE * n, 4096) if desc is None else desc
-        avail = self.arena.alloc(6 + 2 * n, 2) if avail is None else avail
-        used = self.arena.alloc(6 + USED_ELEM_SIZE * n, 4096) if used is None else used
-        self.arena.floor = self.arena.pos  # buffers may wrap, the rings stay
-        for gpa, length in ((desc, DESC_SIZE * n), (avail, 6 + 2 * n), (used, 6 + USED_ELEM_SIZE * n)):
-            if self.memory.check(gpa, length):
-                self.memory.write(gpa, bytes(length))
+        desc, avail, used = self.alloc_rings(size, desc, avail, used)
         self.write_reg(regs.QUEUE_NUM, size)
         for low, value in ((regs.QUEUE_DESC_LOW, desc), (regs.QUEUE_DRIVER_LOW, avail),
                            (regs.QUEUE_DEVICE_LOW, used)):
@@ -301,6 +299,19 @@ class VirtioDriver:
         q = DriverQueue(self, index, max(size, 1), desc, avail, used)
         self.queues[index] = q
         return q
+
+    def alloc_rings(self, size: int, desc: int | None = None, avail: int | None = None,
+                    used: int | None = None) -> tuple[int, int, int]:
+        """Place (unless given) and zero the three rings of a `size`-entry queue (§2.7.14)."""
+        n = max(size, 1)
+        desc = self.arena.alloc(DESC_SIZE * n, 4096) if desc is None else desc
+        avail = self.arena.alloc(6 + 2 * n, 2) if avail is None else avail
+        used = self.arena.alloc(6 + USED_ELEM_SIZE * n, 4096) if used is None else used
+        self.arena.floor = self.arena.pos  # buffers may wrap, the rings stay
+        for gpa, length in ((desc, DESC_SIZE * n), (avail, 6 + 2 * n), (used, 6 + USED_ELEM_SIZE * n)):
+            if self.memory.check(gpa, length):
+                self.memory.write(gpa, bytes(length))
+        return desc, avail, used
 
     def driver_ok(self) -> None:
         self.set_status(regs.DRIVER_OK)

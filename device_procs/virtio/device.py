@@ -33,10 +33,13 @@ COMMON_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_I
 
 
 class Interrupt(Protocol):
-    """How a device reaches the driver; the transport implements it (`MmioDevice`)."""
+    """How a device reaches the driver; the transport implements it (`MmioDevice`, and
+    `VhostUserBackend` for vhost-user)."""
 
-    def signal_used(self) -> None:
-        """Used buffers were added: set InterruptStatus bit 0 and notify the guest."""
+    def signal_used(self, queue_index: int | None = None) -> None:
+        """Used buffers were added to queue `queue_index`: notify the driver.  virtio-mmio has
+        one interrupt for all queues (InterruptStatus bit 0) and ignores the index; vhost-user
+        has a call fd per queue.  None: every queue (a transport that cannot tell)."""
 
     def signal_config(self) -> None:
         """The config space changed: bump ConfigGeneration, set bit 1 and notify."""
@@ -125,7 +128,7 @@ class VirtioDevice(abc.ABC):
         try:
             used = self.drain_queue(index, queue)
             if used and queue.needs_notification():
-                self.signal_used()
+                self.signal_used(index)
             return used
         except (QueueError, GuestMemoryError) as e:
             self.counters["queue_errors"] += 1
@@ -148,10 +151,10 @@ class VirtioDevice(abc.ABC):
             if not queue.enable_notification():
                 return used
 
-    def signal_used(self) -> None:
+    def signal_used(self, queue_index: int | None = None) -> None:
         if self.interrupt is not None:
             self.counters["interrupts"] += 1
-            self.interrupt.signal_used()
+            self.interrupt.signal_used(queue_index)
 
     @abc.abstractmethod
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:

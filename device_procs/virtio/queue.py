@@ -166,12 +166,18 @@ class Queue:
 
     def pop(self) -> DescriptorChain | None:
         """Consume and parse the next available chain, or None if the ring is empty."""
+        head = self.take()
+        return None if head is None else self.parse_chain(head)
+
+    def take(self) -> int | None:
+        """Consume the next available head without parsing its chain (None if the ring is
+        empty); a transport that tracks chains in flight (vhost-user) hooks in here."""
         if not self.pending():
             return None
         slot = self.next_avail % self.size
         head = _U16.unpack_from(self._avail, 4 + 2 * slot)[0]
         self.next_avail = (self.next_avail + 1) & 0xFFFF
-        return self.parse_chain(head)
+        return head
 
     def enable_notification(self) -> bool:
         """Ask for a kick on the next available buffer; True if more arrived meanwhile.

@@ -48,6 +48,21 @@ def _close_all(fds: Sequence[int]) -> None:
             pass
 
 
+def fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> tuple[list[int], bool]:
+    """The fds in recvmsg's control data, and whether anything else was there (which the
+    caller refuses, after closing the fds)."""
+    fd_size = array.array("i").itemsize
+    fds: list[int] = []
+    other = False
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % fd_size
+            fds.extend(array.array("i", data[:usable]))
+        else:
+            other = True
+    return fds, other
+
+
 def recv_fds(sock: socket.socket, timeout: float | None = None,
              max_fds: int = MAX_FDS) -> tuple[bytes, list[int]]:
     """Receive one message and its fds.
@@ -64,14 +79,7 @@ def recv_fds(sock: socket.socket, timeout: float | None = None,
     fd_size = array.array("i").itemsize
     msg, ancdata, flags, _ = sock.recvmsg(MAX_PAYLOAD, socket.CMSG_SPACE(max_fds * fd_size),
                                           socket.MSG_CMSG_CLOEXEC)
-    fds: list[int] = []
-    bad_cmsg = False
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % fd_size
-            fds.extend(array.array("i", data[:usable]))
-        else:
-            bad_cmsg = True
+    fds, bad_cmsg = fds_from_ancdata(ancdata)
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or bad_cmsg:
         _close_all(fds)
         raise RemoteProtocolError("fd message was truncated or carried unexpected control data")

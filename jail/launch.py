@@ -139,8 +139,9 @@ def _child(spec: dict[str, Any], argv: list[str], to_parent: int, from_parent: i
         # 0, 1, 2 become /dev/null: a device must neither read the operator's terminal nor
         # write (or punch holes) into the core's log file; it speaks through its channel.
         null = os.open("/dev/null", os.O_RDWR)
+        log_fd = spec.get("log_fd")
         for std in (0, 1, 2):
-            os.dup2(null, std)
+            os.dup2(log_fd if std and isinstance(log_fd, int) and log_fd >= 0 else null, std)
         os.close(null)
         keep = sorted({0, 1, 2, status_fd, from_parent, *spec["keep_fds"], *(b["fd"] for b in binds)})
         lo = 0

@@ -104,6 +104,9 @@ class JailSpec:
     # The launcher relays the device's control channel (jail/relay.py):
     # {"downstream": ipc endpoint the device connects to, "upstream": the core's, "identity"}.
     relay: dict[str, str] | None = None
+    # Where the device's stdout/stderr go: None = /dev/null; else the write end of a pipe whose
+    # reader escapes what arrives (a device never gets the operator's terminal or log file).
+    log_fd: int | None = None
 
     def policy_path(self) -> Path:
         p = Path(self.policy)
@@ -151,7 +154,7 @@ def launch_spec(spec: JailSpec, status_fd: int, pass_fds: Sequence[int] = ()) ->
             "uid": spec.uid, "gid": spec.gid, "hostname": f"bulkhead-{spec.device}"[:64],
             "binds": [asdict(b) for b in spec.binds], "cgroup_procs": list(spec.cgroup_procs),
             "keep_fds": sorted({*spec.keep_fds, *pass_fds}), "config": config,
-            "relay": spec.relay}
+            "relay": spec.relay, "log_fd": spec.log_fd}
 
 
 def launcher_argv(spec: JailSpec, argv: Sequence[str], status_fd: int,

@@ -36,6 +36,7 @@ from jail.sandbox import JailedProcess, spawn
 from ipc_protocol import kinds
 
 from .devices.resources import open_image, open_output
+from .devices.untrusted import escape
 from .errors import BulkheadError
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,8 @@ class Launcher:
         self.frontends = 0
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.stopping: int | None = None  # the signal that asked us to stop
+        self._device_log = -1  # read end of the serving device's stderr
+        self._log_buf = b""
 
     def say(self, text: str) -> None:
         print(f"bulkhead device {self.cfg.kind}: {text}", file=sys.stderr, flush=True)
@@ -180,10 +183,37 @@ class Launcher:
         sizes = {role: os.fstat(fd).st_size for role, fd in self.resources.items()}
         spec = JailOptions(seccomp=self.cfg.seccomp).spec_for(
             self.name, f"vhost_user_{kind.policy_name}", keep_fds=fds, fsize=kind.fsize_limit(sizes))
+        log_r, log_w = os.pipe2(os.O_CLOEXEC)
+        spec.log_fd = log_w
+        spec.keep_fds.append(log_w)
         try:
-            return spawn(spec, self._argv(conn.fileno()), pass_fds=fds, stdin=subprocess.DEVNULL)
+            proc = spawn(spec, self._argv(conn.fileno()), pass_fds=[*fds, log_w],
+                         stdin=subprocess.DEVNULL)
         except JailError as err:
+            os.close(log_r)
             raise BulkheadError(f"cannot start the jailed device process: {err}") from None
+        finally:
+            os.close(log_w)
+        self._device_log = log_r
+        self._log_buf = b""
+        return proc
+
+    def _relay_log(self, final: bool = False) -> None:
+        """The device's stderr, one escaped line at a time (it may write anything)."""
+        if self._device_log < 0:
+            return
+        while select.select([self._device_log], [], [], 0)[0]:
+            chunk = os.read(self._device_log, 4096)
+            if not chunk:
+                final = True
+                break
+            self._log_buf = (self._log_buf + chunk)[-65536:]
+            *lines, self._log_buf = self._log_buf.split(b"\n")
+            for line in lines[-20:]:  # a flood keeps only its last lines
+                self.say("device: " + escape(line.decode(errors="replace")))
+        if final:
+            os.close(self._device_log)
+            self._device_log = -1
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = signum
@@ -230,7 +260,12 @@ class Launcher:
             while True:
                 timeout = None if waiting is None else \
                     max(0.0, waiting_since + BUSY_GRACE - time.monotonic())
-                ready = select.select([launcher_fd, self.listener, self._wake_r], [], [], timeout)[0]
+                watched = [launcher_fd, self.listener, self._wake_r]
+                if self._device_log >= 0:
+                    watched.append(self._device_log)
+                ready = select.select(watched, [], [], timeout)[0]
+                if self._device_log in ready:
+                    self._relay_log()
                 if self.listener in ready:
                     conn, _ = self.listener.accept()
                     if waiting is None:
@@ -247,6 +282,7 @@ class Launcher:
                     waiting = None
                     self.say("turned away a frontend: one frontend at a time")
             how = proc.wait()
+            self._relay_log(final=True)
         finally:
             os.close(launcher_fd)
             proc.release()

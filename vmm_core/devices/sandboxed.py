@@ -35,6 +35,7 @@ from .resources import DeviceResources
 from .spawn import DeviceFds, DeviceProcess, spawn_device
 from .spec import DeviceSpec
 from .stats import DeviceCounters, LatencyReservoir, percentile
+from .untrusted import escape
 
 if TYPE_CHECKING:
     from ..memory import GuestMemory
@@ -202,7 +203,6 @@ class SandboxedBackend:
 
     def device_log(self, level: str, text: str) -> None:
         """A device's own log line: escaped, and at most DEVICE_LOG_BUDGET a second."""
-        from .supervisor import escape
         now = time.monotonic()
         start, count = self._log_window
         if now - start >= 1.0:

@@ -42,6 +42,7 @@ from ..vcpu import StopReason, StopRequest
 from . import lifecycle as lc
 from .options import DeviceOptions
 from .spawn import HANDSHAKE_TIMEOUT, DeviceProcess, DeviceStartError
+from .untrusted import escape
 from .zygote import Zygote, ZygoteError
 
 if TYPE_CHECKING:
@@ -69,12 +70,6 @@ def describe_exit(status: int | None) -> str:
         except ValueError:
             return f"killed by signal {-status}"
     return f"exited with status {status}"
-
-
-def escape(text: str, limit: int = 500) -> str:
-    """A device's words, safe for one log line: no newlines or escape sequences survive."""
-    out = text[:limit].encode("unicode_escape", errors="replace").decode("ascii", errors="replace")
-    return out + ("…" if len(text) > limit else "")
 
 
 @dataclass

@@ -13,13 +13,14 @@ playing the guest, with the host loop of `HostFds`.  Every address lives in a na
   valid segments of at most the MSS with correct checksums computed by the kernel;
 - the net seccomp policy (jail_configs/net.toml) holds while the device serves the tap;
 - the core's tap opener: netns=new, refusing a non-tap name, attaching to a persistent tap.
+
+Namespaces come from the `netns` fixture (tests/e2e/conftest.py, vmm_core/testing/netns.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import select
 import socket
 import struct
@@ -28,6 +29,7 @@ import time
 from typing import Callable, Iterator
 
 import pytest
+
 
 from device_procs.testing import packets as pk
 from device_procs.testing.local import LocalHarness
@@ -40,6 +42,7 @@ from vmm_core.devices.tap import (SIOCETHTOOL, NetNamespace, TapError, _ifreq_io
                                   interface_kind, open_tap)
 from vmm_core.memory import create_guest_memory
 from vmm_core.netsetup import NetPlan, run
+from vmm_core.testing.netns import sh
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
@@ -50,51 +53,6 @@ FAR_IP = "10.200.0.1"     # the peer namespace's end of the veth (netsetup's lin
 BASIC = COMMON_FEATURES | nh.VIRTIO_NET_F_MAC | nh.VIRTIO_NET_F_MTU | nh.VIRTIO_NET_F_STATUS
 CSUM_TSO = (nh.VIRTIO_NET_F_CSUM | nh.VIRTIO_NET_F_GUEST_CSUM | nh.VIRTIO_NET_F_HOST_TSO4
             | nh.VIRTIO_NET_F_GUEST_TSO4)
-PREFIX = "bh-test-"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only, on a positive pid
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def _remove_stale_namespaces() -> None:
-    """Namespaces left by a test process that was killed (its pid is gone)."""
-    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    for name in re.findall(rf"^({PREFIX}(\d+)-\d+)", listing, re.M):
-        if int(name[1]) > 1 and not _pid_alive(int(name[1])):
-            subprocess.run(["ip", "netns", "del", name[0]], capture_output=True)
-
-
-@pytest.fixture
-def netns() -> Iterator[Callable[[], str]]:
-    """Makes `ip netns` namespaces for the test; all are deleted at the end, pass or fail."""
-    _remove_stale_namespaces()
-    made: list[str] = []
-
-    def make() -> str:
-        name = f"{PREFIX}{os.getpid()}-{len(made)}"
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        made.append(name)
-        sh(name, "ip link set lo up")
-        # No IPv6 chatter (router solicitations, MLD) in what the guest receives.
-        sh(name, "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")
-        return name
-
-    yield make
-    for name in reversed(made):
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-
-
-def sh(ns: str, command: str) -> str:
-    done = subprocess.run(["ip", "netns", "exec", ns, *command.split()], capture_output=True, text=True)
-    assert done.returncode == 0, f"{command}: {done.stderr}"
-    return done.stdout
 
 
 def link_mac(ns: str, name: str) -> bytes:

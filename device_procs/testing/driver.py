@@ -422,7 +422,8 @@ class VirtioDriver:
             while self._net_rx:
                 first = self._net_rx[0].writable_data(self.memory)[:self._net_rx[0].length]
                 # A num_buffers of 0 (a device bug) is read as 1, so that the test sees the header.
-                nbufs = max(int.from_bytes(first[10:12], "little"), 1) if len(first) >= 12 else 1
+                nbufs = int.from_bytes(first[10:12], "little") if len(first) >= NET_HEADER_SIZE else 1
+                nbufs = max(nbufs, 1)
                 if len(self._net_rx) < nbufs:
                     break
                 parts = [c.writable_data(self.memory)[:c.length] for c in self._net_rx[:nbufs]]

@@ -73,6 +73,11 @@ def ipv4(src: str, dst: str, proto: int, payload: bytes, ident: int = 1, ttl: in
     return header[:10] + struct.pack("!H", checksum(header)) + header[12:] + payload
 
 
+def ip_frame(dst_mac: bytes, src_mac: bytes, src: str, dst: str, proto: int, payload: bytes) -> bytes:
+    """An Ethernet frame carrying an IPv4 packet."""
+    return ethernet(dst_mac, src_mac, ETH_P_IP, ipv4(src, dst, proto, payload))
+
+
 def pseudo_header_sum(src: str, dst: str, proto: int, length: int) -> int:
     return ones_sum(ip4(src) + ip4(dst) + struct.pack("!BBH", 0, proto, length))
 
@@ -95,7 +100,8 @@ def udp(src: str, dst: str, sport: int, dport: int, payload: bytes, *, partial: 
 def tcp(src: str, dst: str, sport: int, dport: int, seq: int, ack: int, flags: int, payload: bytes,
         *, window: int = 65535, partial: bool = False) -> bytes:
     """A TCP segment with no options; `partial` as for `udp` (csum_offset 16)."""
-    seg = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, (TCP_HLEN // 4) << 4, flags, window, 0, 0) + payload
+    offset = (TCP_HLEN // 4) << 4
+    seg = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, offset, flags, window, 0, 0) + payload
     pseudo = pseudo_header_sum(src, dst, IPPROTO_TCP, len(seg))
     csum = pseudo if partial else checksum(seg, pseudo)
     return seg[:16] + struct.pack("!H", csum) + seg[18:]

@@ -36,7 +36,6 @@ import logging
 import os
 import select
 import struct
-import time
 from collections import deque
 from typing import Any, Callable
 
@@ -52,7 +51,7 @@ from .net_header import (GUEST_GSO, HEADER_SIZE, MAX_GSO_FRAME, NUM_BUFFERS_OFFS
                          VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, NetHeader,
                          check_rx, check_tx, feature_error, max_plain_frame, tap_offloads)
 from .queue import DescriptorChain, Queue, slice_views
-from .rate_limiter import Clock, RateLimiter
+from .rate_limiter import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +129,7 @@ class NetDevice(VirtioDevice):
 
     def __init__(self, tap_fd: int, mac: bytes, *, mtu: int = 1500, owns_fd: bool = True,
                  set_offload: Callable[[int], None] | None = None,
-                 tx_limiter: RateLimiter | None = None, rx_limiter: RateLimiter | None = None,
-                 clock: Clock = time.monotonic_ns) -> None:
+                 tx_limiter: RateLimiter | None = None, rx_limiter: RateLimiter | None = None) -> None:
         super().__init__()
         if len(mac) != 6:
             raise DeviceSpecError("net: a MAC address is 6 bytes")
@@ -147,7 +145,6 @@ class NetDevice(VirtioDevice):
         self._set_offload = set_offload or self._tunsetoffload
         self.tx_limiter = tx_limiter
         self.rx_limiter = rx_limiter
-        self.clock = clock
         self.device_features = OFFERED
         self.link_up = True
         self.offloads: int | None = None  # last TUNSETOFFLOAD value applied

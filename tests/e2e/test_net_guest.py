@@ -69,7 +69,8 @@ def _child(tap_fd: int, mtu: int, kernel: str, serial: str) -> int:
     # The two seams the CLI wiring fills: the kind's queue count and its device factory.
     manager.QUEUE_COUNTS["net"] = 2
     real_create = virtio.create_device
-    virtio.create_device = lambda spec: NetDevice.from_spec(spec) if spec.get("type") == "net" else real_create(spec)
+    virtio.create_device = lambda spec: (NetDevice.from_spec(spec) if spec.get("type") == "net"
+                                         else real_create(spec))
 
     spec = DeviceSpec("net", "net0", {"tap_fd": os.dup(tap_fd), "mac": GUEST_MAC, "mtu": mtu})
     config = VmConfig(kernel=kernel, cmdline=f"gk.tests=virtio-net gk.net={GUEST_NET}", mem_mib=64,

@@ -145,7 +145,7 @@ def test_arp_and_icmp_echo_with_the_kernel(netns, guests, features):
     assert peer_mac == link_mac(ns, "bhtap0")
     payload = bytes(range(256)) * 4
     request = pk.icmp_echo(0x4242, 7, payload)
-    g.send(pk.ethernet(peer_mac, GUEST_MAC, pk.ETH_P_IP, pk.ipv4(GUEST_IP, PEER_IP, pk.IPPROTO_ICMP, request)))
+    g.send(pk.ip_frame(peer_mac, GUEST_MAC, GUEST_IP, PEER_IP, pk.IPPROTO_ICMP, request))
 
     def is_reply(h: bytes, f: bytes) -> bool:
         ip = pk.parse_ipv4(f)
@@ -217,7 +217,8 @@ def test_transmit_checksum_offload_and_tso_end_to_end(netns, guests):
     run(plan.up())
     in_namespace(g.ns, lambda: no_offloads(plan.veth_ns))
     peer = NetNamespace.open(peer_ns)
-    capture = in_namespace(peer, lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003)))
+    eth_p_all = socket.htons(0x0003)
+    capture = in_namespace(peer, lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, eth_p_all))
     peer.close()
     try:
         capture.bind((plan.veth_host, 0))
@@ -242,8 +243,7 @@ def test_transmit_checksum_offload_and_tso_end_to_end(netns, guests):
         datagram = pk.udp(GUEST_IP, FAR_IP, 4000, 9999, b"partial checksum" * 8, partial=True)
         csum_hdr = NetHeader(flags=nh.VIRTIO_NET_HDR_F_NEEDS_CSUM, csum_start=34,
                              csum_offset=pk.UDP_CSUM_OFFSET).pack()
-        g.send(pk.ethernet(gateway, GUEST_MAC, pk.ETH_P_IP, pk.ipv4(GUEST_IP, FAR_IP, pk.IPPROTO_UDP, datagram)),
-               csum_hdr)
+        g.send(pk.ip_frame(gateway, GUEST_MAC, GUEST_IP, FAR_IP, pk.IPPROTO_UDP, datagram), csum_hdr)
         (udp,) = captured(lambda ip: ip.proto == pk.IPPROTO_UDP, 1)
         assert udp.payload[8:] == b"partial checksum" * 8 and udp.l4_checksum_ok()
 
@@ -252,9 +252,9 @@ def test_transmit_checksum_offload_and_tso_end_to_end(netns, guests):
         segment = pk.tcp(GUEST_IP, FAR_IP, 40000, 5555, 1000, 0, pk.TCP_ACK | pk.TCP_PSH, data, partial=True)
         tso_hdr = NetHeader(flags=nh.VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type=nh.VIRTIO_NET_HDR_GSO_TCPV4,
                             hdr_len=54, gso_size=1000, csum_start=34, csum_offset=pk.TCP_CSUM_OFFSET).pack()
-        g.send(pk.ethernet(gateway, GUEST_MAC, pk.ETH_P_IP, pk.ipv4(GUEST_IP, FAR_IP, pk.IPPROTO_TCP, segment)),
-               tso_hdr)
-        segs = captured(lambda ip: ip.proto == pk.IPPROTO_TCP and ip.payload[:2] == struct.pack("!H", 40000), 20)
+        g.send(pk.ip_frame(gateway, GUEST_MAC, GUEST_IP, FAR_IP, pk.IPPROTO_TCP, segment), tso_hdr)
+        ours = struct.pack("!H", 40000)  # the source port
+        segs = captured(lambda ip: ip.proto == pk.IPPROTO_TCP and ip.payload[:2] == ours, 20)
         assert len(segs) == 20
         assert all(s.l4_checksum_ok() and pk.checksum(s.header) == 0 for s in segs)
         assert all(len(s.payload) - pk.TCP_HLEN <= 1000 for s in segs)
@@ -284,8 +284,7 @@ def test_net_policy_holds_while_serving_a_tap(netns):
             g = Guest(ns, OFFERED)
             seccomp.install(policy, "trap", report_w)
             peer = g.resolve(PEER_IP)
-            g.send(pk.ethernet(peer, GUEST_MAC, pk.ETH_P_IP,
-                               pk.ipv4(GUEST_IP, PEER_IP, pk.IPPROTO_ICMP, pk.icmp_echo(1, 1, b"jail"))))
+            g.send(pk.ip_frame(peer, GUEST_MAC, GUEST_IP, PEER_IP, pk.IPPROTO_ICMP, pk.icmp_echo(1, 1, b"jail")))
             g.recv_until(lambda h, f: (ip := pk.parse_ipv4(f)) is not None and ip.proto == pk.IPPROTO_ICMP)
             g.driver.reset()
             g.driver.init(BASIC)

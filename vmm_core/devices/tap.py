@@ -34,6 +34,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+from device_procs.virtio.errors import DeviceSpecError
+from device_procs.virtio.net import parse_mac
+
 from ..errors import ConfigError
 
 T = TypeVar("T")
@@ -326,7 +329,8 @@ class NetOptions:
     mtu: int | None = None
     on_crash: str | None = None
 
-    def device_spec(self, tap_fd: int, mtu: int, rate_limiter: dict[str, Any] | None = None) -> dict[str, Any]:
+    def device_spec(self, tap_fd: int, mtu: int,
+                    rate_limiter: dict[str, Any] | None = None) -> dict[str, Any]:
         """The `device_procs` spec of the device, once the core has opened the tap."""
         spec: dict[str, Any] = {"type": "net", "tap_fd": tap_fd, "mac": self.mac, "mtu": mtu}
         if rate_limiter:
@@ -348,7 +352,10 @@ def parse_net(text: str, index: int, vm_name: str) -> NetOptions:
     tap = fields.get("tap", f"bhtap{index}")
     check_ifname(tap)
     mac = fields.get("mac") or default_mac(vm_name, index)
-    _check_mac(mac, text)
+    try:
+        parse_mac(mac)  # the device's own check, so that a bad MAC fails here and not in it
+    except DeviceSpecError as e:
+        raise TapError(f"--net {text}: {e}") from None
     mtu = None
     if "mtu" in fields:
         try:
@@ -361,15 +368,3 @@ def parse_net(text: str, index: int, vm_name: str) -> NetOptions:
     if on_crash is not None and on_crash not in ("restart", "fail", "stop-vm"):
         raise TapError(f"--net {text}: on-crash must be restart, fail or stop-vm")
     return NetOptions(tap, fields.get("netns") or None, mac, mtu, on_crash)
-
-
-def _check_mac(mac: str, text: str) -> None:
-    parts = mac.split(":")
-    try:
-        octets = [int(p, 16) for p in parts if len(p) == 2]
-    except ValueError:
-        octets = []
-    if len(octets) != 6 or len(parts) != 6:
-        raise TapError(f"--net {text}: mac {mac!r} is not six hex octets like 52:54:00:12:34:56")
-    if octets[0] & 1:
-        raise TapError(f"--net {text}: mac {mac} is a multicast address; use a unicast one")

@@ -208,13 +208,19 @@ def blk_with_limiter(memory, image, clock, **buckets):
     return h
 
 
-def test_blk_throttles_and_resumes_on_the_timer(memory, image, clock):
+def blk_reads(h, count: int):
+    """Queue `count` one-sector reads and kick once; the queue."""
     from device_procs.virtio import blk as b
-    h = blk_with_limiter(memory, image, clock, ops=(2, 1000))
     q = h.driver.queue(0)
-    for sector in range(3):
+    for sector in range(count):
         q.add([b.HEADER.pack(b.VIRTIO_BLK_T_IN, 0, sector)], [512, 1])
     q.kick()
+    return q
+
+
+def test_blk_throttles_and_resumes_on_the_timer(memory, image, clock):
+    h = blk_with_limiter(memory, image, clock, ops=(2, 1000))
+    q = blk_reads(h, 3)
     assert len(q.get_used()) == 2  # the third waits for an op token
     dev = h.device
     assert dev.counters["throttled"] == 1 and 0 in dev.held
@@ -237,10 +243,7 @@ def test_blk_bandwidth_counts_data_bytes(memory, image, clock):
     d = h.driver
     assert d.blk_read(0, 4096).status == 0
     assert d.blk_flush() == 0  # no data: free of bandwidth
-    q = d.queue(0)
-    from device_procs.virtio import blk as b
-    q.add([b.HEADER.pack(b.VIRTIO_BLK_T_IN, 0, 0)], [512, 1])
-    q.kick()
+    q = blk_reads(h, 1)
     assert q.get_used() == []
     clock.advance_ms(125)  # 512 bytes at 4096 B/s
     assert h.mmio.on_timer(clock.now)
@@ -248,12 +251,8 @@ def test_blk_bandwidth_counts_data_bytes(memory, image, clock):
 
 
 def test_blk_reset_drops_a_held_request(memory, image, clock):
-    from device_procs.virtio import blk as b
     h = blk_with_limiter(memory, image, clock, ops=(1, 1000))
-    q = h.driver.queue(0)
-    for sector in range(2):
-        q.add([b.HEADER.pack(b.VIRTIO_BLK_T_IN, 0, sector)], [512, 1])
-    q.kick()
+    blk_reads(h, 2)
     assert 0 in h.device.held
     h.driver.reset()
     assert h.device.held == {} and h.mmio.next_deadline_ns() is None

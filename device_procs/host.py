@@ -6,13 +6,13 @@ child); never a fork of the threaded core.  Its life, in order:
 
 1. parse argv; set the process title; arm PR_SET_PDEATHSIG so it dies with the core;
 2. receive its fds over the bootstrap socket (SCM_RIGHTS bundle: guest memory, ring memfd,
-   doorbells, irqfd, one kick eventfd per queue, optional disk image), then close that socket;
+   doorbells, irqfd, one kick eventfd per queue, the host resources its kind declares (disk image, console output, ...)), then close that socket;
 3. connect the ZeroMQ control channel, send `Hello`, wait for `Configure` — its arrival also
    proves the connection is up, so no reconnect is ever needed from inside the jail;
 4. map guest memory, build the device (opening its files), close every fd it no longer needs;
 5. **enter the jail** (the marked call site below) — before touching any guest-controlled data
    (only when started through the jail launcher, i.e. `$BULKHEAD_JAIL` is set);
-6. send `Ack` and serve: request-ring doorbell, kick eventfds and control socket in one poll.
+6. send `Ready` (with the device's features) and serve: request-ring doorbell, kick eventfds and control socket in one poll.
 
 The serve loop is single-threaded and plain receive -> match -> reply (crosvm's child loop).
 """
@@ -40,6 +40,7 @@ from ipc_protocol.transport import fds as fdpass
 from ipc_protocol.transport.shm_ring import RingEndpoint, ShmRings, drain_eventfd
 from ipc_protocol.transport.zmq_channel import ControlClient
 from ipc_protocol.guest_memory import GuestMemory, RegionSpec
+from ipc_protocol.kinds import KINDS
 
 log = logging.getLogger("device_procs.host")
 
@@ -58,9 +59,12 @@ SYSCALL_FAULTS = {"open_passwd": "open_passwd", "socket": "socket", "execve": "e
 DeviceFactory = Callable[[dict[str, Any], GuestMemory, Callable[[], None]], Any]
 
 
-def virtio_factory(spec: dict[str, Any], memory: GuestMemory, notify: Callable[[], None]) -> Any:
+def virtio_factory(spec: dict[str, Any], memory: GuestMemory, notify: Callable[[], None],
+                   fds: dict[str, int] | None = None) -> Any:
+    """The production factory: the kind's device behind the virtio-mmio transport; `fds` are
+    the host resources the core opened, by role (the device never opens a path)."""
     from device_procs.virtio import MmioDevice, create_device
-    return MmioDevice(create_device(spec), memory, notify)
+    return MmioDevice(create_device(spec, fds), memory, notify)
 
 
 def load_factory(path: str | None) -> DeviceFactory:
@@ -177,16 +181,20 @@ class DeviceHost:
         for i, _ in kicks:
             fds.pop(f"kick{i}")
         spec = dict(config.spec)
-        disk_fd = fds.pop("disk", None)
-        if disk_fd is not None:
-            # Open by the inherited fd rather than a path the jail will hide.
-            spec["path"] = f"/proc/self/fd/{disk_fd}"
+        # The host resources the kind declares (blk "disk", console "output", ...): the device
+        # works on duplicates, so ours are closed once it is built.
+        kind = KINDS.get(spec.get("type", ""))
+        resources = {r.role: fds.pop(r.role) for r in (kind.resources if kind else ())
+                     if r.role in fds}
         self.spin_us = config.spin_us
         try:
-            self.device = self.factory(spec, self.memory, self._notify)
+            if self.factory is virtio_factory:
+                self.device = virtio_factory(spec, self.memory, self._notify, resources)
+            else:
+                self.device = self.factory(spec, self.memory, self._notify)
         finally:
-            if disk_fd is not None:
-                os.close(disk_fd)  # the device opened its own description of the file
+            for fd in resources.values():
+                os.close(fd)
         for role, fd in fds.items():  # anything unexpected: not ours to keep
             log.warning("closing unexpected fd role %r", role)
             os.close(fd)
@@ -290,20 +298,13 @@ class DeviceHost:
         return None
 
     def _activate(self, m: msg.Activate) -> None:
-        """Resume a predecessor's transport state (see `MmioDevice.restore`)."""
-        state = self.device.state()
-        for index, size, ready, desc, driver, device in m.queues:
-            if index < len(state["queues"]):
-                state["queues"][index] = {"size": size, "ready": bool(ready), "desc": desc,
-                                          "driver": driver, "device": device}
-        state.update(status=m.status, driver_features=m.driver_features,
-                     device_features_sel=m.device_features_sel,
-                     driver_features_sel=m.driver_features_sel, queue_sel=m.queue_sel,
-                     interrupt_status=0)
-        self.device.restore(state)
-        for offset, size, value in m.config:
-            self.device.write(0x100 + offset, value.to_bytes(size, "little"))
+        """Resume a predecessor's transport state (the core's shadow; see `MmioDevice`)."""
+        self.device.restore_wire(m.transport_wire())
         self.device.kick_all()
+
+    def device_features(self) -> int:
+        transport = getattr(self.device, "transport", None)
+        return transport.device_features if transport is not None else 0
 
     def _stats(self) -> dict[str, int]:
         out = dict(self.counters)
@@ -413,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_ERROR
 
         # ---- JAIL ENTRY POINT -------------------------------------------------------------------
-        # Everything is imported, every fd we keep is open (the disk was reopened through
-        # /proc/self/fd above, while /proc still existed), the control connection is proven up.
+        # Everything is imported, every fd we keep is open (the host resources were duplicated
+        # by the device above), the control connection is proven up.
         # Nothing guest-controlled has been read yet.  enter_jail: tmpfs root + pivot_root,
         # capabilities dropped, rlimits, no_new_privs, seccomp on every thread (TSYNC: libzmq's
         # I/O threads too).  Not sandbox's two-phase entry: Configure (what to open) arrives over
@@ -429,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_ERROR
         # -----------------------------------------------------------------------------------------
 
-        control.send(msg.Ack(config.request_id))
+        control.send(msg.Ready(config.request_id, host.device_features()))
         return host.serve()
     except ProtocolError as err:
         log.error("control channel: %s", err)

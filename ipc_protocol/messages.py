@@ -13,7 +13,7 @@ Conversation (see `device_procs.host` for the child's side)::
 
     child -> core   Hello(version, name, device_type, pid)
     core  -> child  Configure(request_id, spec, memory, ...)      (or ErrorReport + close)
-    child -> core   Ack(request_id)                  device built, jail entered, ring served
+    child -> core   Ready(request_id, device_features)  device built, jail entered, ring served
     core  -> child  Stats / Heartbeat / Reset / Activate / Fault / Shutdown at any time
     child -> core   StatsReply / HeartbeatAck / Ack / ErrorReport
 
@@ -31,6 +31,8 @@ from typing import Annotated, Any, ClassVar
 import msgpack
 
 from .errors import LocalProtocolError, RemoteProtocolError
+from .kinds import KINDS, TEST_KIND_NAME
+from .virtio_mmio import MAX_QUEUES
 
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 0
@@ -132,7 +134,7 @@ U8, U16, U32 = Int(0, 0xFF), Int(0, 0xFFFF), Int(0, 0xFFFF_FFFF)
 U64 = Int(0, 0xFFFF_FFFF_FFFF_FFFF)
 PID = Int(1, 0x3FFF_FFFF)
 NAME = Text(32)
-DEVICE_TYPES = Text(16, frozenset({"blk", "rng", "console", "test"}))
+DEVICE_TYPES = Text(16, frozenset({*KINDS, TEST_KIND_NAME}))
 SPEC_VALUE = (Flag(), Int(-(1 << 63), (1 << 63) - 1), Text(4096))
 
 
@@ -206,10 +208,9 @@ class Configure(Message):
 class Activate(Message):
     """Core -> child: resume the transport state a predecessor reached (restart after a crash).
 
-    Carries the proxy's shadow of what the driver programmed: the child restores it (queues resume
-    at the used index found in guest memory) and re-checks every queue.  `queues` rows are
-    (index, size, ready, desc, driver, device); `config` rows are config-space writes
-    (offset from 0x100, size, value), applied in order after the restore."""
+    The body is the core's shadow (`virtio_mmio.TransportState.to_wire()`): the child loads it
+    (queues resume at the used index found in guest memory) and re-checks every queue.  `queues`
+    rows are (index, size, ready, desc, driver, device), one per queue of the device."""
 
     request_id: Annotated[int, U32]
     status: Annotated[int, U8]
@@ -217,8 +218,16 @@ class Activate(Message):
     device_features_sel: Annotated[int, U32]
     driver_features_sel: Annotated[int, U32]
     queue_sel: Annotated[int, U32]
-    queues: Annotated[tuple, Rows(64, (U16, U32, Int(0, 1), U64, U64, U64))]
-    config: Annotated[tuple, Rows(256, (U32, Int(1, 8), U64))]
+    queues: Annotated[tuple, Rows(MAX_QUEUES, (U16, U32, Int(0, 1), U64, U64, U64))]
+
+    def transport_wire(self) -> dict[str, Any]:
+        """The `TransportState.to_wire()` form of this message's body."""
+        return {f: getattr(self, f) for f in ("status", "driver_features", "device_features_sel",
+                                              "driver_features_sel", "queue_sel", "queues")}
+
+    @classmethod
+    def from_transport(cls, request_id: int, wire: dict[str, Any]) -> "Activate":
+        return cls(request_id, **wire)
 
 
 @_message
@@ -233,6 +242,15 @@ class Ack(Message):
     """Child -> core: the request `request_id` (Configure, Activate, Reset) is done."""
 
     request_id: Annotated[int, U32]
+
+
+@_message
+class Ready(Message):
+    """Child -> core, the answer to Configure: the device is built and jailed, and offers
+    `device_features` (the core's transport shadow negotiates against them)."""
+
+    request_id: Annotated[int, U32]
+    device_features: Annotated[int, U64]
 
 
 @_message
@@ -261,6 +279,18 @@ class Shutdown(Message):
     """Core -> child: stop serving and exit with status 0."""
 
     reason: Annotated[str, Text(200)]
+
+
+LOG_LEVELS = frozenset({"debug", "info", "warning", "error"})
+
+
+@_message
+class Log(Message):
+    """Child -> core: a log record.  A jailed device's stdout and stderr are /dev/null: it
+    speaks through its channel, and the core logs what it says (escaped, rate-limited)."""
+
+    level: Annotated[str, Text(8, LOG_LEVELS)]
+    text: Annotated[str, Text(1000)]
 
 
 @_message

@@ -166,8 +166,9 @@ __CONSTS__
 
 uint32_t bh_act_errno(uint32_t err) { return SCMP_ACT_ERRNO(err); }
 
-/* SIGSYS reporter: async-signal-safe only (write, _exit).  Writes one line
- * "sigsys <nr> <arch>\n" to the fd given at install time, then ends the whole process. */
+/* SIGSYS reporter: async-signal-safe only (write, sigaction, raise, _exit).  Writes one line
+ * "sigsys <nr> <arch>\n" to the fd given at install time, then ends the whole process *by
+ * SIGSYS*: the core only believes a report from a process the kernel says SIGSYS ended. */
 static int bh_report_fd = -1;
 
 static size_t bh_fmt_uint(char *out, unsigned long v) {
@@ -188,6 +189,17 @@ static void bh_sigsys_handler(int sig, siginfo_t *info, void *uctx) {
     n += bh_fmt_uint(line + n, (unsigned long)info->si_arch);
     line[n++] = '\n';
     if (bh_report_fd >= 0) { ssize_t r = write(bh_report_fd, line, n); (void)r; }
+    {
+        struct sigaction dfl;
+        sigset_t set;
+        memset(&dfl, 0, sizeof dfl);
+        dfl.sa_handler = SIG_DFL;
+        sigaction(SIGSYS, &dfl, NULL);
+        sigemptyset(&set);
+        sigaddset(&set, SIGSYS);
+        sigprocmask(SIG_UNBLOCK, &set, NULL);
+        raise(SIGSYS);
+    }
     _exit(128 + SIGSYS);
 }
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ipc_protocol.errors import BulkheadError
 
-class JailError(Exception):
+
+class JailError(BulkheadError):
     """A jail could not be built or entered (namespaces, mounts, capabilities, seccomp, cgroups).
 
     The device process must not serve a guest after this: it exits and the core reports the text.

@@ -97,15 +97,13 @@ class JailOptions:
         raise JailError(f"jail must be True, False, a dict or JailOptions, not {type(jail).__name__}")
 
     def spec_for(self, name: str, device_type: str, keep_fds: Sequence[int] = (),
-                 disk_fd: int | None = None) -> JailSpec:
-        """The `JailSpec` of device `name` (policy and rlimits follow the device type)."""
+                 fsize: int | None = None) -> JailSpec:
+        """The `JailSpec` of device `name` (the policy follows the device type; `fsize`: the
+        RLIMIT_FSIZE its kind asks for, e.g. the image size for blk, so writes past the image's
+        end fail instead of growing the host file)."""
         uid, gid = default_vm_ids()
         policy = self.policy or (device_type if (CONFIG_DIR / f"{device_type}.toml").exists()
                                  else "common_device")  # test devices: the common rules only
-        fsize = None
-        if disk_fd is not None:
-            # Writes past the image's end fail (EFBIG/SIGXFSZ) instead of growing the host file.
-            fsize = max(1, os.fstat(disk_fd).st_size)
         return JailSpec(device=name, policy=policy, seccomp_mode=self.seccomp,
                         uid=self.uid if self.uid is not None else uid,
                         gid=self.gid if self.gid is not None else gid,
@@ -188,10 +186,10 @@ class LauncherPopen:
 
 
 def jailed_popen(options: JailOptions, name: str, device_type: str, argv: Sequence[str],
-                 bootstrap_fd: int, *, disk_fd: int | None = None, env: dict[str, str] | None = None,
+                 bootstrap_fd: int, *, fsize: int | None = None, env: dict[str, str] | None = None,
                  cwd: str | None = None, start: LauncherStart | None = None) -> LauncherPopen:
     """Start `argv` (the device host) through the jail launcher, keeping only `bootstrap_fd`;
     `start`: fork the launcher from the zygote instead (see `sandbox.spawn`)."""
-    spec = options.spec_for(name, device_type, keep_fds=[bootstrap_fd], disk_fd=disk_fd)
+    spec = options.spec_for(name, device_type, keep_fds=[bootstrap_fd], fsize=fsize)
     proc = spawn(spec, argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, start=start)
     return LauncherPopen(proc, options.seccomp)

@@ -268,6 +268,10 @@ class JailedProcess:
                 result = JailExit(None, int(rest), result.violation, result.error)
             elif kind == "error" and result.error is None:  # the first error is the cause
                 result = JailExit(result.code, result.signal, result.violation, rest)
+        if result.violation is not None and result.signal != signal.SIGSYS:
+            # A report the kernel does not back (the device did not die by SIGSYS): a
+            # compromised device may write anything on its status pipe.
+            result = JailExit(result.code, result.signal, None, result.error)
         self._exit = result
         return result
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 
@@ -50,6 +51,69 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    from .devices.options import MAX_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"{text} must be above 0 and at most {MAX_TIMEOUT:g} s")
+    return value
+
+
+def _milliseconds(text: str) -> int:
+    value = _positive_int(text)
+    if value > 60_000:
+        raise argparse.ArgumentTypeError(f"{value} ms is more than a minute: give at most 60000")
+    return value
+
+
+def _spin_us(text: str) -> int:
+    from .devices.options import MAX_RING_SPIN_US
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_RING_SPIN_US:
+        raise argparse.ArgumentTypeError(f"{value}: give 0 to {MAX_RING_SPIN_US} microseconds")
+    return value
+
+
+def _jail_id(text: str) -> int:
+    from jail.options import MAX_JAIL_ID, valid_jail_id
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not valid_jail_id(value):
+        raise argparse.ArgumentTypeError(
+            f"{value}: choose an unprivileged id from 1 to {MAX_JAIL_ID} (the jail also uses the "
+            "next id up), not 0, 65533 or 65534")
+    return value
+
+
+def _vm_name(text: str) -> str:
+    from .registry import valid_name
+    if text and not valid_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: use 1-32 ASCII letters, digits, '-' or '_'")
+    return text
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    """One flag per device kind, from its declaration (`ipc_protocol.kinds`)."""
+    from ipc_protocol.kinds import KINDS
+    for k in KINDS.values():
+        keys = ",".join(f.name + ("=..." if f.type is not bool else "") for f in k.fields)
+        if not k.fields:
+            p.add_argument(f"--{k.flag}", action="append_const", const="", default=[],
+                           dest=k.flag, help=k.help)
+            continue
+        short = f"{k.shorthand.upper()}[,...]|" if k.shorthand else ""
+        p.add_argument(f"--{k.flag}", action="append", default=[], dest=k.flag,
+                       metavar=f"{short}{keys},id=NAME,on-crash=POLICY", help=k.help)
+
+
 def default_guest_path() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return os.path.join(root, "guest_kit", "build", "testguest.elf")
@@ -63,34 +127,30 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
     p.add_argument("--mem", type=_positive_int, default=256, metavar="MIB", help="guest RAM in MiB (default 256)")
     p.add_argument("--vcpus", type=_positive_int, default=1, metavar="N", help="number of vCPUs (default 1)")
     p.add_argument("--serial", default="stdout", metavar="stdout|FILE", help="where COM1 output goes")
-    p.add_argument("--name", default="", metavar="NAME",
+    p.add_argument("--name", default="", metavar="NAME", type=_vm_name,
                    help="a name for the VM, for `bulkhead ps|stats|stop|fault` (default vm<pid>)")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                    help="stop the VM after this long (exit 143)")
-    p.add_argument("--disk", action="append", default=[], metavar="PATH[,readonly]",
-                   help="a raw disk image as virtio-blk (repeatable)")
-    p.add_argument("--rng", action="store_true", help="a virtio-rng device fed by the host CSPRNG")
-    p.add_argument("--console", metavar="PATH|stdout",
-                   help="a virtio-console whose port 0 writes to PATH, or to the terminal")
+    _add_device_args(p)
     p.add_argument("--no-sandbox", action="store_true",
                    help="run the virtio devices inside the core process (the baseline for benchmarks)")
     p.add_argument("--on-device-crash", choices=("restart", "fail", "stop-vm"), default="restart",
                    help="what a device failure does (default restart; per device with "
                         "--disk PATH,on-crash=POLICY)")
-    p.add_argument("--device-timeout-ms", type=_positive_int, default=500, metavar="MS",
+    p.add_argument("--device-timeout-ms", type=_milliseconds, default=500, metavar="MS",
                    help="how long a vCPU waits for a device register read before the device is "
                         "declared failed (default 500)")
     p.add_argument("--max-restarts", type=_positive_int, default=100, metavar="N",
                    help="with restart: after N failures within --restart-window the device fails "
                         "instead (default 100)")
-    p.add_argument("--restart-window", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--restart-window", type=_seconds, default=30.0, metavar="SECONDS",
                    help="window for --max-restarts (default 30)")
-    p.add_argument("--heartbeat-timeout-ms", type=_positive_int, default=500, metavar="MS",
+    p.add_argument("--heartbeat-timeout-ms", type=_milliseconds, default=500, metavar="MS",
                    help="a device that leaves a heartbeat (sent every 250 ms) unanswered this long "
                         "is failed with cause `heartbeat timeout` (default 500)")
     p.add_argument("--allow-faults", action="store_true",
                    help="testing only: let `bulkhead fault` inject faults into this VM's devices")
-    p.add_argument("--ring-spin-us", type=int, default=100, metavar="US",
+    p.add_argument("--ring-spin-us", type=_spin_us, default=100, metavar="US",
                    help="how long the core and each device busy-wait on the register ring before "
                         "sleeping on its eventfd (default 100; 0 = always sleep)")
     p.add_argument("--spawn-method", choices=("zygote", "exec"), default="zygote",
@@ -99,9 +159,9 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
     p.add_argument("--seccomp", choices=("kill", "trap", "log", "off"), default="kill",
                    help="seccomp action on a syscall outside a device's policy (default kill; "
                         "trap names the syscall in the log)")
-    p.add_argument("--jail-uid", type=int, metavar="UID",
+    p.add_argument("--jail-uid", type=_jail_id, metavar="UID",
                    help="host uid the device processes run as (default 0x70000000 + core pid)")
-    p.add_argument("--jail-gid", type=int, metavar="GID", help="host gid (default as --jail-uid)")
+    p.add_argument("--jail-gid", type=_jail_id, metavar="GID", help="host gid (default as --jail-uid)")
     p.add_argument("--no-jail", action="store_true",
                    help="debugging only: device processes without namespaces, seccomp or dropped caps")
     p.add_argument("--cgroup-memory-mib", type=_positive_int, metavar="MIB",
@@ -162,12 +222,14 @@ DEMO_DISK_BYTES = 8 << 20
 
 
 def _config_from_args(args: argparse.Namespace, scratch: str):
-    from .devices.manager import DeviceSpec, parse_console, parse_disk
+    from ipc_protocol.kinds import KINDS
+    from .devices.options import DeviceOptions, SupervisionPolicy
+    from .devices.spec import check_unique, parse_device_arg
     from .vm import VmConfig
     kernel = args.kernel
     cmdline = args.cmdline
     vcpus = args.vcpus
-    disks, rng, console = list(args.disk), args.rng, args.console
+    given = {k.flag: list(getattr(args, k.flag)) for k in KINDS.values()}
     if args.verb == "demo":
         kernel = kernel or default_guest_path()
         if not os.path.exists(kernel):
@@ -175,47 +237,40 @@ def _config_from_args(args: argparse.Namespace, scratch: str):
                                 "(./dev.sh demo does it for you)")
         if vcpus == 1:
             vcpus = 2
-        if not disks:
+        if not given["disk"]:
             disk = os.path.join(scratch, "demo-disk.img")
             with open(disk, "wb") as f:
                 f.truncate(DEMO_DISK_BYTES)
-            disks = [disk]
-        rng = True
-        console = console or os.path.join(scratch, "demo-console.txt")
+            given["disk"] = [disk]
+        given["rng"] = given["rng"] or [""]
+        given["console"] = given["console"] or [os.path.join(scratch, "demo-console.txt")]
         if cmdline is None:
             cmdline = f"gk.tests={DEMO_TESTS},{DEMO_VIRTIO_TESTS}"
-    devices = [parse_disk(d, i) for i, d in enumerate(disks)]
-    if rng:
-        devices.append(DeviceSpec("rng", "rng0"))
-    if console:
-        devices.append(parse_console(console))
+    devices = [parse_device_arg(k, text, i) for k in KINDS.values()
+               for i, text in enumerate(given[k.flag])]
+    check_unique(devices)
     cmdline = cmdline or ""
     if args.hold and "gk.hold=" not in cmdline:
         cmdline += " gk.hold=1"
+    supervision = SupervisionPolicy(on_crash=args.on_device_crash,
+                                    device_timeout=args.device_timeout_ms / 1000,
+                                    heartbeat_timeout=args.heartbeat_timeout_ms / 1000,
+                                    max_restarts=args.max_restarts,
+                                    restart_window=args.restart_window)
+    options = DeviceOptions(sandbox=not args.no_sandbox, jail=_jail_options(args),
+                            spawn_method=args.spawn_method, ring_spin_us=args.ring_spin_us,
+                            allow_faults=args.allow_faults, supervision=supervision)
     return VmConfig(kernel=kernel, cmdline=cmdline.strip(), mem_mib=args.mem, vcpus=vcpus,
                     cgroup=_cgroup_limits(args),
                     serial=args.serial, initrd=args.initrd, name=args.name, devices=devices,
-                    sandbox=not args.no_sandbox,
-                    device_options={"on_device_crash": args.on_device_crash,
-                                    "device_timeout": args.device_timeout_ms / 1000,
-                                    "allow_faults": args.allow_faults,
-                                    "heartbeat_timeout": args.heartbeat_timeout_ms / 1000,
-                                    "max_restarts": args.max_restarts,
-                                    "restart_window": args.restart_window,
-                                    "ring_spin_us": max(0, args.ring_spin_us),
-                                    "spawn_options": {"jail": _jail_options(args),
-                                                      "spawn_method": args.spawn_method}})
+                    sandbox=not args.no_sandbox, device_options=options)
 
 
-def _jail_options(args: argparse.Namespace) -> bool | dict:
+def _jail_options(args: argparse.Namespace):
+    from jail.options import JailOptions
     if args.no_jail:
-        return False
-    jail: dict = {"seccomp": args.seccomp}
-    if args.jail_uid is not None:
-        jail["uid"] = args.jail_uid
-    if args.jail_gid is not None:
-        jail["gid"] = args.jail_gid
-    return jail
+        return None
+    return JailOptions(seccomp=args.seccomp, uid=args.jail_uid, gid=args.jail_gid)
 
 
 def _cgroup_limits(args: argparse.Namespace):
@@ -257,7 +312,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _report_demo(config) -> None:
     console = next((d for d in config.devices if d.kind == "console"), None)
-    if console is not None and os.path.exists(console.params["path"]):
+    if console is not None and console.params["path"] != "stdout" \
+            and os.path.exists(console.params["path"]):
         with open(console.params["path"], "rb") as f:
             text = f.read().decode(errors="replace").strip()
         print(f"[demo] virtio-console output: {text!r}", file=sys.stderr)

@@ -7,8 +7,7 @@ validated set), answer with one `Reply`.  ROUTER rather than REP: a client that 
 vanishes mid-request cannot wedge a REP state machine; every request is answered or dropped on
 its own.
 
-Device-control traffic is not done here: stats and faults go through `Supervisor.call`, because
-the supervisor thread owns every receive on the devices' control socket.
+It asks the devices only what `DeviceManager` offers (`ps`, `stats`, `inject_fault`).
 """
 
 from __future__ import annotations
@@ -28,14 +27,11 @@ from .errors import BulkheadError
 from .vcpu import StopReason, StopRequest
 
 if TYPE_CHECKING:
-    from .devices.supervisor import Supervisor
     from .vm import Machine
 
 log = logging.getLogger(__name__)
 
 CLIENT_TIMEOUT = 5.0     # seconds a CLI waits for the VM's answer
-STATS_WAIT = 0.5         # seconds the endpoint waits for fresh counters from the devices
-FAULT_WAIT = 2.0
 
 
 class ControlError(BulkheadError):
@@ -81,59 +77,27 @@ class ControlEndpoint(threading.Thread):
 
     # -- requests ----------------------------------------------------------------------------------
     def handle(self, req: cp.Request) -> cp.Reply:
+        devices = self.machine.devices
         if isinstance(req, cp.Ps):
-            return cp.Reply(True, body=self._summary(lambda b: b.describe()))
+            return cp.Reply(True, body=self._summary(devices.ps()))
         if isinstance(req, cp.GetStats):
-            self._refresh_counters()
-            return cp.Reply(True, body=self._summary(lambda b: b.stats()))
+            return cp.Reply(True, body=self._summary(devices.stats()))
         if isinstance(req, cp.Stop):
             self.machine.request_stop(StopRequest(StopReason.POWEROFF, "stopped by `bulkhead stop`"))
             return cp.Reply(True, body={"stopping": self.machine.name})
         if isinstance(req, cp.InjectFault):
-            return self._fault(req)
+            try:
+                text = devices.inject_fault(req.device, req.action, req.ms)
+            except BulkheadError as err:
+                return cp.Reply(False, f"VM {self.machine.name}: {err}")
+            except ProtocolError as err:
+                return cp.Reply(False, f"could not reach device {req.device}: {err}")
+            return cp.Reply(True, body={"done": text})
         return cp.Reply(False, f"unsupported request {req.TAG}")
 
-    def _summary(self, row) -> dict[str, Any]:
+    def _summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {"name": self.machine.name, "pid": os.getpid(),
-                "sandbox": self.machine.config.sandbox,
-                "devices": [row(s.backend) for s in self.machine.devices.slots]}
-
-    @property
-    def _supervisor(self) -> "Supervisor | None":
-        return self.machine.devices.supervisor
-
-    def _refresh_counters(self) -> None:
-        """Ask the devices for fresh counters and wait (briefly) for their answers."""
-        sup = self._supervisor
-        if sup is None or not sup.is_alive():
-            return
-        try:
-            sent = sup.call(sup.poll_stats).result(STATS_WAIT)
-        except Exception:  # noqa: BLE001 - stale counters are better than no answer
-            return
-        with sup.stats_cond:
-            sup.stats_cond.wait_for(
-                lambda: all(b.counters.last_request_id == rid or b.state != "running"
-                            for b, rid in sent.items()), STATS_WAIT)
-
-    def _fault(self, req: cp.InjectFault) -> cp.Reply:
-        slot = self.machine.devices.find(req.device)
-        if slot is None:
-            names = ", ".join(s.spec.name for s in self.machine.devices.slots) or "none"
-            return cp.Reply(False, f"VM {self.machine.name} has no device {req.device} (devices: {names})")
-        if not self.machine.config.device_options.get("allow_faults"):
-            return cp.Reply(False, f"VM {self.machine.name} refuses faults: start it with --allow-faults")
-        sup = self._supervisor
-        if sup is None:
-            return cp.Reply(False, f"device {req.device} runs inside the core (--no-sandbox): "
-                                   "faults need a device process")
-        try:
-            text = sup.call(lambda: sup.inject_fault(slot.backend, req.action, req.ms)).result(FAULT_WAIT)
-        except BulkheadError as err:
-            return cp.Reply(False, str(err))
-        except ProtocolError as err:
-            return cp.Reply(False, f"could not reach device {req.device}: {err}")
-        return cp.Reply(True, body={"done": text})
+                "sandbox": self.machine.devices.sandbox, "devices": rows}
 
     def close(self) -> None:
         self._closing.set()

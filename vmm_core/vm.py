@@ -9,8 +9,8 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import BinaryIO, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, BinaryIO, Callable, Mapping
 
 from ipc_protocol.transport.zmq_channel import make_runtime_dir
 
@@ -24,6 +24,7 @@ from .errors import BootError, ConfigError
 from .kvm import Kvm, Vcpu, Vm
 from .kvm._kvm_cffi import ffi, lib
 from .cgroups import CgroupLimits, join_vm_cgroup
+from .devices.options import DeviceOptions
 from .memory import GuestMemory, create_guest_memory
 from .registry import valid_name
 from .vcpu import StopReason, StopRequest, VcpuThread
@@ -45,7 +46,7 @@ class VmConfig:
     name: str = ""
     devices: list = field(default_factory=list)  # list[DeviceSpec]
     sandbox: bool = True
-    device_options: dict = field(default_factory=dict)
+    device_options: "DeviceOptions | Mapping[str, Any]" = field(default_factory=dict)
     cgroup: "CgroupLimits | None" = field(default_factory=lambda: CgroupLimits())
 
     def validate(self, max_vcpus: int = 254) -> None:
@@ -65,6 +66,13 @@ class VmConfig:
             raise ConfigError(f"--name {self.name!r}: use 1-32 letters, digits, '-' or '_'")
         if len(self.cmdline.encode()) >= layout.CMDLINE_MAX:
             raise ConfigError(f"--cmdline is {len(self.cmdline)} bytes; at most {layout.CMDLINE_MAX - 1}")
+
+
+def _device_options(config: VmConfig) -> DeviceOptions:
+    opts = config.device_options
+    if not isinstance(opts, DeviceOptions):
+        opts = DeviceOptions.from_mapping(opts)
+    return replace(opts, sandbox=False) if not config.sandbox else opts
 
 
 def _ignore_signal(signum, frame) -> None:  # pragma: no cover - only interrupts KVM_RUN
@@ -112,9 +120,14 @@ class Machine:
             self._timers: list[threading.Timer] = []
             self.irq_injections = 0
             from .platform import attach_legacy_devices  # wiring kept apart from KVM setup
-            attach_legacy_devices(self)
+            legacy = attach_legacy_devices(self)
+            self.serial, self.boot_progress = legacy.serial, legacy.boot_progress
             from .devices.manager import DeviceManager
-            self.devices = DeviceManager(self, sandbox=config.sandbox, options=config.device_options)
+            from .devices.ports import VmPorts
+            self.device_options = _device_options(config)
+            self.devices = DeviceManager(
+                VmPorts(self.vm, self.memory, self.mmio_bus, self.runtime_dir, self.request_stop),
+                self.device_options)
             self.add_cleanup(self.devices.close)
             for spec in config.devices:
                 self.devices.add(spec)
@@ -150,7 +163,10 @@ class Machine:
         if linux.is_linux_kernel(data):
             if not self.config.cmdline:
                 self.config.cmdline = DEFAULT_LINUX_CMDLINE
-            plan = linux.prepare_linux_boot(self, data)
+            plan = linux.prepare_linux_boot(
+                self.memory, data, kernel=self.config.kernel, cmdline=self.config.cmdline,
+                initrd_path=self.config.initrd, vcpus=self.config.vcpus,
+                virtio_slots=self.devices.acpi_slots())
             return "linux", plan.entry, plan.regs
         if is_elf(data):
             if self.config.initrd:

@@ -411,6 +411,11 @@ class VirtioDriver:
         readable = [header[:5], header[5:], frame] if split_header else [header + frame]
         return self.queue(1).submit([b for b in readable if b], [], timeout=timeout)
 
+    def net_ctrl(self, cls: int, command: int, data: bytes = b"") -> int:
+        """A control queue command (§5.1.6.5, queue 2): the device's ack byte."""
+        done = self.queue(2).submit([bytes([cls, command]) + data], [1])
+        return done.writable_data(self.memory)[0]
+
     def net_recv(self, count: int = 1, timeout: float = 0.0) -> list[tuple[bytes, bytes]]:
         """Frames the device delivered, as (12-byte header, frame); waits up to `timeout` for
         `count` of them.  With MRG_RXBUF a frame spans `num_buffers` used buffers."""

@@ -20,7 +20,10 @@ For a process host:
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import Any, Mapping
+
+from ipc_protocol.kinds import KINDS, DeviceKind
 
 from .blk import BlkDevice
 from .console import ConsoleDevice
@@ -33,64 +36,69 @@ from .rng import RngDevice
 __all__ = ["create_device", "MmioDevice", "VirtioDevice", "Interrupt", "Queue", "DescriptorChain",
            "QueueError", "DeviceSpecError", "VirtioError", "BlkDevice", "RngDevice", "ConsoleDevice"]
 
-# Allowed keys per device type: name -> (type, required).
-_SPEC_FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
-    "blk": {"path": (str, True), "readonly": (bool, False), "serial": (str, False)},
-    "rng": {},
-    "console": {"path": (str, False), "fd": (int, False), "input_path": (str, False),
-                "input_fd": (int, False)},
-}
+def _check_spec(spec: Any, fds: Mapping[str, int]) -> DeviceKind:
+    """The spec's kind, once every key is known and of its declared type (`ipc_protocol.kinds`).
 
-
-def _check_spec(spec: Any) -> dict[str, Any]:
+    A resource's field (blk `path`) may be absent when its fd is passed instead; the legacy
+    console keys `fd`/`input_fd` name fds the caller keeps."""
     if not isinstance(spec, dict):
         raise DeviceSpecError(f"device spec must be a dict, not {type(spec).__name__}")
-    kind = spec.get("type")
-    if kind not in _SPEC_FIELDS:
-        raise DeviceSpecError(f"device spec field 'type' is {kind!r}: expected one of "
-                              f"{', '.join(sorted(_SPEC_FIELDS))}")
-    fields = _SPEC_FIELDS[kind]
+    name = spec.get("type")
+    if name not in KINDS:
+        raise DeviceSpecError(f"device spec field 'type' is {name!r}: expected one of "
+                              f"{', '.join(sorted(KINDS))}")
+    k = KINDS[name]
+    fd_keys = _LEGACY_FD_KEYS.get(name, {})
     for key, value in spec.items():
         if key == "type":
             continue
-        if key not in fields:
-            raise DeviceSpecError(f"{kind} spec has unknown field {key!r}; known: "
-                                  f"{', '.join(sorted(fields)) or 'none'}")
-        want = fields[key][0]
+        if key in fd_keys:
+            if type(value) is not int or value < 0:
+                raise DeviceSpecError(f"{name} spec field {key!r} must be a non-negative fd")
+            continue
+        f = k.field_named(key)
+        if f is None:
+            known = [f.name for f in k.fields] + list(fd_keys)
+            raise DeviceSpecError(f"{name} spec has unknown field {key!r}; known: "
+                                  f"{', '.join(sorted(known)) or 'none'}")
         # bool is an int subclass; an fd given as True is still a mistake.
-        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise DeviceSpecError(f"{kind} spec field {key!r} must be {want.__name__}, "  # type: ignore[union-attr]
+        if type(value) is not f.type:
+            raise DeviceSpecError(f"{name} spec field {key!r} must be {f.type.__name__}, "
                                   f"not {type(value).__name__}")
-    for key, (_, required) in fields.items():
-        if required and key not in spec:
-            raise DeviceSpecError(f"{kind} spec is missing required field {key!r}")
-    return spec
+    given = set(fds) | {role for key, role in fd_keys.items() if key in spec}
+    for r in k.resources:
+        if r.required and r.role not in given and not spec.get(r.field):
+            raise DeviceSpecError(f"{name} spec is missing required field {r.field!r}")
+    for f in k.fields:
+        if f.required and f.name not in spec and not any(r.field == f.name and r.role in given
+                                                         for r in k.resources):
+            raise DeviceSpecError(f"{name} spec is missing required field {f.name!r}")
+    return k
 
 
-def create_device(spec: dict[str, Any]) -> VirtioDevice:
-    """Build a device from `spec`, opening its files now (before the process enters its jail).
+_LEGACY_FD_KEYS = {"console": {"fd": "output", "input_fd": "input"}}
+
+
+def implementation(k: DeviceKind) -> type[VirtioDevice]:
+    """The class a kind names (`module:Class`)."""
+    module_name, _, attr = k.implementation.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def create_device(spec: dict[str, Any], fds: Mapping[str, int] | None = None) -> VirtioDevice:
+    """Build a device from `spec`, before the process enters its jail.
+
+    `fds` maps a kind's resource roles (blk "disk", console "output"/"input") to fds the core
+    opened; the device works on duplicates and the caller keeps its own.  A resource without an
+    fd is opened from its spec field (tests and tools only: the core always passes fds).
 
     {"type": "blk", "path": str, "readonly": bool = False, "serial": str = ""}
     {"type": "rng"}
-    {"type": "console", "path": str | "fd": int, "input_path": str | "input_fd": int (optional)}
+    {"type": "console", "path": str, "input_path": str (optional)}
     """
-    spec = _check_spec(spec)
-    kind = spec["type"]
-    if kind == "blk":
-        if not spec["path"]:
-            raise DeviceSpecError("blk spec field 'path' is empty")
-        return BlkDevice(spec["path"], readonly=spec.get("readonly", False), serial=spec.get("serial", ""))
-    if kind == "rng":
-        return RngDevice()
-    if ("path" in spec) == ("fd" in spec):
-        raise DeviceSpecError("console spec needs exactly one of 'path' and 'fd' for its output")
-    if "input_path" in spec and "input_fd" in spec:
-        raise DeviceSpecError("console spec has both 'input_path' and 'input_fd'; give one")
-    if "fd" in spec:
-        if spec["fd"] < 0 or spec.get("input_fd", 0) < 0:
-            raise DeviceSpecError("console spec field 'fd'/'input_fd' must be a non-negative fd")
-        return ConsoleDevice(spec["fd"], spec.get("input_fd"), owns_fds=False)
-    device = ConsoleDevice.open(spec["path"], spec.get("input_path"))
-    if "input_fd" in spec:
-        device.input_fd = spec["input_fd"]
-    return device
+    fds = dict(fds or {})
+    k = _check_spec(spec, fds)
+    for key, role in _LEGACY_FD_KEYS.get(k.name, {}).items():
+        if key in spec:
+            fds[role] = spec[key]
+    return implementation(k).from_spec(spec, fds)

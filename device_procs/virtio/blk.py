@@ -70,14 +70,20 @@ _fallocate.restype = ctypes.c_int
 class RawImage:
     """The backend: a raw image file opened once, before the jail."""
 
-    def __init__(self, path: str, readonly: bool) -> None:
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-        try:
-            self.fd = os.open(path, flags)
-        except OSError as e:
-            raise DeviceSpecError(f"blk: cannot open image {path!r}: {e.strerror}") from None
+    def __init__(self, image: str | int, readonly: bool) -> None:
+        """`image`: an fd the core opened (duplicated: the caller keeps its own), or a path
+        (tests and tools; the jailed device never opens one)."""
+        if isinstance(image, int):
+            self.fd = os.dup(image)
+            self.path = f"fd {image}"
+        else:
+            flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+            try:
+                self.fd = os.open(image, flags)
+            except OSError as e:
+                raise DeviceSpecError(f"blk: cannot open image {image!r}: {e.strerror}") from None
+            self.path = image
         self.readonly = readonly
-        self.path = path
         self.capacity = os.fstat(self.fd).st_size // SECTOR_SIZE  # in 512-byte sectors
         self.can_punch = True
 
@@ -179,14 +185,14 @@ class BlkDevice(VirtioDevice):
     device_type = VIRTIO_ID_BLOCK
     queue_max_sizes = [QUEUE_SIZE]
 
-    def __init__(self, path: str, *, readonly: bool = False, serial: str = "",
+    def __init__(self, image: str | int, *, readonly: bool = False, serial: str = "",
                  rate_limiter: RateLimiter | None = None) -> None:
         super().__init__()
         serial_bytes = serial.encode()
         if len(serial_bytes) > VIRTIO_BLK_ID_BYTES:
             raise DeviceSpecError(f"blk: serial {serial!r} is longer than {VIRTIO_BLK_ID_BYTES} bytes")
         self.serial = serial_bytes
-        self.backend = RawImage(path, readonly)
+        self.backend = RawImage(image, readonly)
         self.readonly = readonly
         self.device_features = (COMMON_FEATURES | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE
                                 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_DISCARD
@@ -214,6 +220,13 @@ class BlkDevice(VirtioDevice):
 
     def on_timer(self, now_ns: int) -> bool:
         return self.process_queue(0) if 0 in self.held else False
+
+    @classmethod
+    def from_spec(cls, spec: dict, fds: dict[str, int]) -> "BlkDevice":
+        # `bandwidth` / `ops` (SIZE/REFILL_MS[/BURST]) once the blk kind declares them.
+        limiter = RateLimiter.from_fields(spec.get("bandwidth"), spec.get("ops"))
+        return cls(fds.get("disk", spec.get("path", "")), readonly=spec.get("readonly", False),
+                   serial=spec.get("serial") or "", rate_limiter=limiter)
 
     def config_bytes(self) -> bytes:
         """struct virtio_blk_config (§5.2.4) up to write_zeroes_may_unmap, padded."""

@@ -64,6 +64,26 @@ class ConsoleDevice(VirtioDevice):
                 raise DeviceSpecError(f"console: cannot open input {input_path!r}: {e.strerror}") from None
         return cls(out, inp)
 
+    @classmethod
+    def from_spec(cls, spec: dict, fds: dict[str, int]) -> "ConsoleDevice":
+        """Output and input from the core's fds (duplicated: the caller keeps its own), else
+        opened from the spec's paths."""
+        if "output" not in fds:
+            device = cls.open(spec["path"], spec.get("input_path") if "input" not in fds else None)
+            if "input" in fds:
+                device.input_fd = os.dup(fds["input"])
+            return device
+        out = os.dup(fds["output"])
+        inp = os.dup(fds["input"]) if "input" in fds else None
+        if inp is None and spec.get("input_path"):
+            try:
+                inp = os.open(spec["input_path"], os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as e:
+                os.close(out)
+                raise DeviceSpecError(f"console: cannot open input {spec['input_path']!r}: "
+                                      f"{e.strerror}") from None
+        return cls(out, inp)
+
     def config_bytes(self) -> bytes:
         return CONFIG.pack(0, 0, 1, 0)
 

@@ -78,6 +78,11 @@ class VirtioDevice(abc.ABC):
         # the used index, so the chain is popped again (see `Queue`).
         self.held: dict[int, DescriptorChain] = {}
 
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], fds: dict[str, int]) -> "VirtioDevice":
+        """Build from a checked spec and the host fds by role (see `create_device`)."""
+        return cls()
+
     # -- contract with the transport ----------------------------------------------------------
     @property
     def features(self) -> int:
@@ -89,15 +94,6 @@ class VirtioDevice(abc.ABC):
 
     def has_feature(self, bit_mask: int) -> bool:
         return bool(self.acked_features & bit_mask)
-
-    def check_features(self, value: int) -> str | None:
-        """Why the driver's feature set `value` is unacceptable, or None (§3.1.1 step 5-6).
-
-        The transport has checked that `value` is a subset of the offer with VERSION_1; a device
-        adds its own rules (dependencies between its feature bits) and the transport then leaves
-        FEATURES_OK clear.
-        """
-        return None
 
     def ack_features(self, value: int) -> None:
         """The driver's accepted subset; the transport has already checked it (§2.2.1)."""

@@ -1,9 +1,10 @@
 """The virtio-mmio transport, modern (Version 2) register file (VIRTIO 1.2 §4.2.2).
 
-`MmioDevice` is a `BusDevice`: it decodes register accesses once for every device, runs the
-device-status state machine (§2.1, §3.1), negotiates features and builds the queues at
-DRIVER_OK.  It also implements the `Interrupt` a device signals.  `state()`/`restore()` carry
-everything the driver programmed, so a crashed device process can be replaced unnoticed.
+`MmioDevice` is a `BusDevice`: it decodes register accesses once for every device and carries
+out what the shared `TransportState` rules decide (`ipc_protocol.virtio_mmio`): negotiating
+features, building the queues at DRIVER_OK, resetting.  It also implements the `Interrupt` a
+device signals.  `state()`/`restore()` carry everything the driver programmed, so a crashed
+device process can be replaced unnoticed; `restore_wire()` takes the core's copy (`Activate`).
 """
 
 from __future__ import annotations
@@ -13,82 +14,33 @@ import threading
 from typing import Any, Callable
 
 from ipc_protocol.guest_memory import GuestMemory
+# The register map lives in the shared leaf; the names are re-exported for device code and tests.
+from ipc_protocol.virtio_mmio import (ACKNOWLEDGE, CONFIG, CONFIG_GENERATION, DEVICE_FEATURES,  # noqa: F401
+                                      DEVICE_FEATURES_SEL, DEVICE_ID, DEVICE_NEEDS_RESET, DRIVER,
+                                      DRIVER_FEATURES, DRIVER_FEATURES_SEL, DRIVER_OK, FAILED,
+                                      FEATURES_OK, INT_CONFIG_CHANGE, INT_USED_BUFFER,
+                                      INTERRUPT_ACK, INTERRUPT_STATUS, MAGIC, MAGIC_VALUE,
+                                      MMIO_VERSION, QUEUE_DESC_HIGH, QUEUE_DESC_LOW,
+                                      QUEUE_DEVICE_HIGH, QUEUE_DEVICE_LOW, QUEUE_DRIVER_HIGH,
+                                      QUEUE_DRIVER_LOW, QUEUE_NOTIFY, QUEUE_NUM, QUEUE_NUM_MAX,
+                                      QUEUE_READY, QUEUE_RESET, QUEUE_SEL, SHM_BASE_HIGH,
+                                      SHM_BASE_LOW, SHM_LEN_HIGH, SHM_LEN_LOW, SHM_SEL, STATUS,
+                                      VENDOR_BKHD, VENDOR_ID, VERSION, Effect, QueueState,
+                                      TransportState)
 
-from .device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VirtioDevice
+from .device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VirtioDevice
 from .errors import QueueError
 from .queue import Queue
 
 log = logging.getLogger(__name__)
 
-# Register offsets (§4.2.2, table "MMIO Device Register Layout").
-MAGIC_VALUE = 0x000
-VERSION = 0x004
-DEVICE_ID = 0x008
-VENDOR_ID = 0x00C
-DEVICE_FEATURES = 0x010
-DEVICE_FEATURES_SEL = 0x014
-DRIVER_FEATURES = 0x020
-DRIVER_FEATURES_SEL = 0x024
-QUEUE_SEL = 0x030
-QUEUE_NUM_MAX = 0x034
-QUEUE_NUM = 0x038
-QUEUE_READY = 0x044
-QUEUE_NOTIFY = 0x050
-INTERRUPT_STATUS = 0x060
-INTERRUPT_ACK = 0x064
-STATUS = 0x070
-QUEUE_DESC_LOW = 0x080
-QUEUE_DESC_HIGH = 0x084
-QUEUE_DRIVER_LOW = 0x090
-QUEUE_DRIVER_HIGH = 0x094
-QUEUE_DEVICE_LOW = 0x0A0
-QUEUE_DEVICE_HIGH = 0x0A4
-SHM_SEL = 0x0AC
-SHM_LEN_LOW = 0x0B0
-SHM_LEN_HIGH = 0x0B4
-SHM_BASE_LOW = 0x0B8
-SHM_BASE_HIGH = 0x0BC
-QUEUE_RESET = 0x0C0
-CONFIG_GENERATION = 0x0FC
-CONFIG = 0x100
-
-MAGIC = 0x74726976  # "virt"
-MMIO_VERSION = 2
-VENDOR_BKHD = 0x44484B42  # "BKHD" little-endian
-
-# Device status bits (§2.1).
-ACKNOWLEDGE = 1
-DRIVER = 2
-DRIVER_OK = 4
-FEATURES_OK = 8
-DEVICE_NEEDS_RESET = 64
-FAILED = 128
-
-# InterruptStatus bits (§4.2.2).
-INT_USED_BUFFER = 1
-INT_CONFIG_CHANGE = 2
-
 STATE_VERSION = 1
 
-
-class QueueConfig:
-    """What the driver programmed for one queue (§4.2.2 Queue* registers)."""
-
-    __slots__ = ("max_size", "size", "ready", "desc", "driver", "device")
-
-    def __init__(self, max_size: int) -> None:
-        self.max_size = max_size
-        self.size = max_size  # QueueNum until written (Linux always writes it)
-        self.ready = False
-        self.desc = self.driver = self.device = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "ready": self.ready, "desc": self.desc,
-                "driver": self.driver, "device": self.device}
-
-
-def _set_half(value: int, data: int, high: bool) -> int:
-    return (value & 0xFFFFFFFF) | (data << 32) if high else (value & ~0xFFFFFFFF) | data
+_FIXED_REGISTERS = {MAGIC_VALUE: MAGIC, VERSION: MMIO_VERSION, VENDOR_ID: VENDOR_BKHD,
+                    # §4.2.2: no shared memory region -> length and base read as all ones
+                    SHM_LEN_LOW: 0xFFFFFFFF, SHM_LEN_HIGH: 0xFFFFFFFF,
+                    SHM_BASE_LOW: 0xFFFFFFFF, SHM_BASE_HIGH: 0xFFFFFFFF,
+                    QUEUE_RESET: 0}  # VIRTIO_F_RING_RESET is not offered
 
 
 class MmioDevice:
@@ -109,19 +61,26 @@ class MmioDevice:
         self.invalid_accesses = 0
         self.ignored_writes = 0
         self.needs_reset_reason: str | None = None
-        self._reset_transport()
-
-    def _reset_transport(self) -> None:
-        self.status = 0
-        self.device_features_sel = 0
-        self.driver_features_sel = 0
-        self.driver_features = 0
-        self.queue_sel = 0
+        self.transport = TransportState(list(device.queue_max_sizes), device.features)
         self.interrupt_status = 0
         self.config_generation = 0
-        self.shm_sel = 0
-        self.queues = [QueueConfig(n) for n in self.device.queue_max_sizes]
-        self.needs_reset_reason = None
+
+    # -- the transport state, by name (tests and the device host read these) -------------------
+    @property
+    def status(self) -> int:
+        return self.transport.status
+
+    @property
+    def driver_features(self) -> int:
+        return self.transport.driver_features
+
+    @property
+    def queues(self) -> list[QueueState]:
+        return self.transport.queues
+
+    @property
+    def needs_reset(self) -> bool:
+        return self.transport.needs_reset
 
     # -- BusDevice ----------------------------------------------------------------------------
     def read(self, offset: int, data: bytearray) -> None:
@@ -135,143 +94,40 @@ class MmioDevice:
                 value = 0
             data[:] = (value & 0xFFFFFFFF).to_bytes(4, "little")[:len(data)].ljust(len(data), b"\0")
 
-    def write(self, offset: int, data: bytes) -> None:
-        with self._lock:
-            if offset >= CONFIG:
-                self.device.write_config(offset - CONFIG, bytes(data))
-                return
-            if len(data) != 4 or offset % 4 or not self._write_register(
-                    offset, int.from_bytes(data, "little")):
-                self.invalid_accesses += 1
-
-    def _selected(self) -> QueueConfig | None:
-        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
-
     def _read_register(self, offset: int) -> int | None:
-        q = self._selected()
-        if offset == MAGIC_VALUE:
-            return MAGIC
-        if offset == VERSION:
-            return MMIO_VERSION
+        if offset in _FIXED_REGISTERS:
+            return _FIXED_REGISTERS[offset]
         if offset == DEVICE_ID:
             return self.device.device_type
-        if offset == VENDOR_ID:
-            return VENDOR_BKHD
-        if offset == DEVICE_FEATURES:
-            return (self.device.features >> (32 * self.device_features_sel)) & 0xFFFFFFFF \
-                if self.device_features_sel < 2 else 0
-        if offset == QUEUE_NUM_MAX:
-            # §4.2.2: 0 for a queue that is not available.
-            return q.max_size if q else 0
-        if offset == QUEUE_READY:
-            return int(q.ready) if q else 0
         if offset == INTERRUPT_STATUS:
             return self.interrupt_status
-        if offset == STATUS:
-            return self.status
-        if offset in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
-            return 0xFFFFFFFF  # §4.2.2: no shared memory region → length and base all ones
-        if offset == QUEUE_RESET:
-            return 0  # VIRTIO_F_RING_RESET is not offered
         if offset == CONFIG_GENERATION:
             return self.config_generation
-        return None  # write-only or unknown
+        return self.transport.read_register(offset)  # None: write-only or unknown
 
-    def _write_register(self, offset: int, value: int) -> bool:
-        """Apply a register write; False if the offset is not a writable register."""
-        if offset == DEVICE_FEATURES_SEL:
-            self.device_features_sel = value
-        elif offset == DRIVER_FEATURES_SEL:
-            self.driver_features_sel = value
-        elif offset == DRIVER_FEATURES:
-            # §3.1.1: features are written before FEATURES_OK; afterwards they are fixed.
-            if self.status & FEATURES_OK or self.driver_features_sel >= 2:
-                self.ignored_writes += 1
-            else:
-                self.driver_features = _set_half(self.driver_features, value,
-                                                 self.driver_features_sel == 1)
-        elif offset == QUEUE_SEL:
-            self.queue_sel = value
-        elif offset in (QUEUE_NUM, QUEUE_READY, QUEUE_DESC_LOW, QUEUE_DESC_HIGH, QUEUE_DRIVER_LOW,
-                        QUEUE_DRIVER_HIGH, QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH):
-            self._write_queue_register(offset, value)
-        elif offset == QUEUE_NOTIFY:
-            # Without VIRTIO_F_NOTIFICATION_DATA the value is the queue index (§4.2.2).
-            self._notify_locked(value & 0xFFFF)
-        elif offset == INTERRUPT_ACK:
-            self.interrupt_status &= ~value
-        elif offset == STATUS:
-            self._write_status(value & 0xFF)
-        elif offset == SHM_SEL:
-            self.shm_sel = value
-        elif offset == QUEUE_RESET:
-            self.ignored_writes += 1
-        else:
-            return False
-        return True
+    def write(self, offset: int, data: bytes) -> None:
+        with self._lock:
+            self._carry_out(self.transport.apply_write(offset, bytes(data)))
 
-    def _write_queue_register(self, offset: int, value: int) -> None:
-        q = self._selected()
-        # §4.2.3.2: queue setup happens before DRIVER_OK on a queue that is not ready; writes
-        # to a ready queue or a live device would change rings under the device: ignore them.
-        if q is None or self.status & (DRIVER_OK | FAILED) or self.needs_reset:
+    def _carry_out(self, w: Any) -> None:
+        effect = w.effect
+        if effect is Effect.INVALID:
+            self.invalid_accesses += 1
+        elif effect is Effect.IGNORED:
             self.ignored_writes += 1
-            return
-        if offset == QUEUE_READY:
-            q.ready = bool(value & 1)
-            return
-        if q.ready:
-            self.ignored_writes += 1
-            return
-        if offset == QUEUE_NUM:
-            q.size = value  # checked at DRIVER_OK: power of two, at most QueueNumMax
-        elif offset in (QUEUE_DESC_LOW, QUEUE_DESC_HIGH):
-            q.desc = _set_half(q.desc, value, offset == QUEUE_DESC_HIGH)
-        elif offset in (QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH):
-            q.driver = _set_half(q.driver, value, offset == QUEUE_DRIVER_HIGH)
-        else:
-            q.device = _set_half(q.device, value, offset == QUEUE_DEVICE_HIGH)
-
-    # -- status state machine (§2.1, §3.1.1) ----------------------------------------------------
-    def _write_status(self, value: int) -> None:
-        if value == 0:
-            self.reset()
-            return
-        old = self.status
-        # §2.1.2: the driver MUST NOT clear a status bit; DEVICE_NEEDS_RESET belongs to the device.
-        if old & ~value & ~DEVICE_NEEDS_RESET:
-            self.ignored_writes += 1
-            return
-        new = (value & ~DEVICE_NEEDS_RESET) | (old & DEVICE_NEEDS_RESET)
-        added = new & ~old
-        if added & FEATURES_OK and not self._features_acceptable():
-            # §2.2.2 / §3.1.1 step 6: leave FEATURES_OK clear; the driver reads it back and fails.
-            new &= ~FEATURES_OK
-            added &= ~FEATURES_OK
-        if added & FEATURES_OK:
-            self.device.ack_features(self.driver_features)
-        if added & DRIVER_OK and not new & FEATURES_OK:
-            # §3.1.1: DRIVER_OK only after FEATURES_OK.
-            new &= ~DRIVER_OK
-            added &= ~DRIVER_OK
-            self.ignored_writes += 1
-        self.status = new
-        if added & DRIVER_OK and not new & FAILED and not self.needs_reset:
+        elif effect is Effect.CONFIG_WRITE:
+            self.device.write_config(w.offset, w.data)
+        elif effect is Effect.NOTIFY:
+            self._notify_locked(w.value)
+        elif effect is Effect.INTERRUPT_ACK:
+            self.interrupt_status &= ~w.value
+        elif effect is Effect.RESET:
+            self._reset_locked()
+        elif effect is Effect.FEATURES_OK:
+            self.device.ack_features(self.transport.driver_features)
+        elif effect is Effect.DRIVER_OK:
+            self.device.ack_features(self.transport.driver_features)
             self._activate(resume=False)
-
-    def _features_acceptable(self) -> bool:
-        feats = self.driver_features
-        if feats & ~self.device.features:
-            log.info("driver acked features %#x the device does not offer", feats & ~self.device.features)
-            return False
-        if not feats & VIRTIO_F_VERSION_1:
-            log.info("driver did not ack VIRTIO_F_VERSION_1; legacy drivers are not supported")
-            return False
-        problem = self.device.check_features(feats)
-        if problem:
-            log.info("device refused features %#x: %s", feats, problem)
-            return False
-        return True
 
     def _activate(self, *, resume: bool) -> None:
         try:
@@ -281,8 +137,8 @@ class MmioDevice:
             return
         self.device.activate(self.memory, queues, self)
 
-    def _build_queue(self, c: QueueConfig, resume: bool) -> Queue:
-        feats = self.driver_features
+    def _build_queue(self, c: QueueState, resume: bool) -> Queue:
+        feats = self.transport.driver_features
         return Queue(self.memory, c.size, c.desc, c.driver, c.device, max_size=c.max_size,
                      event_idx=bool(feats & VIRTIO_F_EVENT_IDX),
                      indirect=bool(feats & VIRTIO_F_INDIRECT_DESC), resume=resume)
@@ -290,8 +146,14 @@ class MmioDevice:
     def reset(self) -> None:
         """Device reset (§2.4): back to the state right after power-on."""
         with self._lock:
-            self.device.reset()
-            self._reset_transport()
+            self.transport.reset()
+            self._reset_locked()
+
+    def _reset_locked(self) -> None:
+        self.device.reset()
+        self.interrupt_status = 0
+        self.config_generation = 0
+        self.needs_reset_reason = None
 
     # -- kicks and interrupts ------------------------------------------------------------------
     def queue_notify(self, index: int) -> bool:
@@ -342,7 +204,8 @@ class MmioDevice:
                 return False
             return self.device.on_timer(now_ns)
 
-    def signal_used(self) -> None:
+    def signal_used(self, queue_index: int | None = None) -> None:
+        """Used buffers were added (one interrupt line for every queue of an mmio device)."""
         self.interrupt_status |= INT_USED_BUFFER
         self.notify()
 
@@ -357,30 +220,28 @@ class MmioDevice:
             return
         log.warning("virtio device %d needs reset: %s", self.device.device_type, reason)
         self.needs_reset_reason = reason
-        self.status |= DEVICE_NEEDS_RESET
+        self.transport.mark_needs_reset()
         if self.status & DRIVER_OK:
             self.interrupt_status |= INT_CONFIG_CHANGE
             self.notify()
-
-    @property
-    def needs_reset(self) -> bool:
-        return bool(self.status & DEVICE_NEEDS_RESET)
 
     # -- persistence ----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """Everything the driver programmed, as plain ints/bools/lists (msgpack-able)."""
         with self._lock:
+            t = self.transport
             return {
                 "version": STATE_VERSION,
                 "device_type": self.device.device_type,
-                "status": self.status,
-                "driver_features": self.driver_features,
-                "device_features_sel": self.device_features_sel,
-                "driver_features_sel": self.driver_features_sel,
-                "queue_sel": self.queue_sel,
+                "status": t.status,
+                "driver_features": t.driver_features,
+                "device_features_sel": t.device_features_sel,
+                "driver_features_sel": t.driver_features_sel,
+                "queue_sel": t.queue_sel,
                 "interrupt_status": self.interrupt_status,
                 "config_generation": self.config_generation,
-                "queues": [c.to_dict() for c in self.queues],
+                "queues": [{"size": q.size, "ready": q.ready, "desc": q.desc, "driver": q.driver,
+                            "device": q.device} for q in t.queues],
             }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -390,24 +251,25 @@ class MmioDevice:
         the used idx found in guest memory (see `Queue`), so chains the old process had taken
         but not completed are processed again.  Call `kick_all()` once the notifier works.
         """
+        if state.get("version") != STATE_VERSION or state.get("device_type") != self.device.device_type:
+            raise ValueError("transport state is from another version or device type")
+        queues = state["queues"]
+        wire = {k: int(state[k]) for k in ("status", "driver_features", "device_features_sel",
+                                            "driver_features_sel", "queue_sel")}
+        wire["queues"] = tuple((i, int(q["size"]), int(bool(q["ready"])), int(q["desc"]),
+                                int(q["driver"]), int(q["device"])) for i, q in enumerate(queues))
+        self.restore_wire(wire, interrupt_status=int(state["interrupt_status"]),
+                          config_generation=int(state["config_generation"]))
+
+    def restore_wire(self, wire: dict[str, Any], *, interrupt_status: int = 0,
+                     config_generation: int = 0) -> None:
+        """Take over `TransportState.to_wire()` (the core's shadow, from `Activate`)."""
         with self._lock:
-            if state.get("version") != STATE_VERSION or state.get("device_type") != self.device.device_type:
-                raise ValueError("transport state is from another version or device type")
-            queues = state["queues"]
-            if len(queues) != len(self.queues):
-                raise ValueError(f"transport state has {len(queues)} queues, the device {len(self.queues)}")
-            self.device.reset()
-            self._reset_transport()
-            self.driver_features = int(state["driver_features"])
-            self.device_features_sel = int(state["device_features_sel"])
-            self.driver_features_sel = int(state["driver_features_sel"])
-            self.queue_sel = int(state["queue_sel"])
-            self.interrupt_status = int(state["interrupt_status"])
-            self.config_generation = int(state["config_generation"])
-            for c, saved in zip(self.queues, queues):
-                c.size, c.ready = int(saved["size"]), bool(saved["ready"])
-                c.desc, c.driver, c.device = int(saved["desc"]), int(saved["driver"]), int(saved["device"])
-            self.status = int(state["status"])
+            self._reset_locked()
+            self.transport.reset()
+            self.transport.load_wire(wire)
+            self.interrupt_status = interrupt_status
+            self.config_generation = config_generation
             if self.status & FEATURES_OK:
                 self.device.ack_features(self.driver_features)
             if self.status & DRIVER_OK and not self.status & (FAILED | DEVICE_NEEDS_RESET):

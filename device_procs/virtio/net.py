@@ -1,11 +1,12 @@
-"""virtio-net on a tap fd (VIRTIO 1.2 §5.1): receiveq 0, transmitq 1, no control queue.
+"""virtio-net on a tap fd (VIRTIO 1.2 §5.1): receiveq 0, transmitq 1, controlq 2.
 
 The device receives an open tap fd (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, TUNSETVNETHDRSZ 12,
 O_NONBLOCK: `vmm_core.devices.tap` makes it) and never opens anything itself.  Frames and their
 12-byte `virtio_net_hdr_v1` move between guest buffers and the tap with readv/writev, no copy
 and no header rewriting (`net_header` checks them); with MRG_RXBUF the device fills
 `num_buffers`.  The only ioctl is TUNSETOFFLOAD on that fd, at FEATURES_OK and reset, so the tap
-hands over only what the driver negotiated to receive.
+hands over only what the driver negotiated to receive.  The control queue (`net_ctrl`) takes
+the receive mode and MAC filter commands (CTRL_RX) and answers anything else VIRTIO_NET_ERR.
 
 Driven by the host loop (see `VirtioDevice`): `poll_fds()` asks for POLLIN on the tap only while
 the driver has posted receive buffers (none posted: the tap is not polled at all, and the next
@@ -43,13 +44,16 @@ from ipc_protocol.guest_memory import GuestMemory
 
 from .device import COMMON_FEATURES, VIRTIO_ID_NET, Interrupt, VirtioDevice
 from .errors import DeviceSpecError
+from .net_ctrl import ControlCommand, RxFilter, VIRTIO_NET_OK
 from .net_header import (GUEST_GSO, HEADER_SIZE, MAX_GSO_FRAME, NUM_BUFFERS_OFFSET, ETH_MAX_MTU,
-                         ETH_MIN_MTU, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM,
+                         ETH_MIN_MTU, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_RX,
+                         VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM,
                          VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
                          VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
                          VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC,
                          VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, NetHeader,
-                         check_rx, check_tx, feature_error, max_plain_frame, tap_offloads)
+                         check_rx, check_tx, effective_features, feature_error, max_plain_frame,
+                         tap_offloads)
 from .queue import DescriptorChain, Queue, slice_views
 from .rate_limiter import RateLimiter
 
@@ -57,7 +61,9 @@ log = logging.getLogger(__name__)
 
 RECEIVEQ = 0
 TRANSMITQ = 1
+CONTROLQ = 2
 QUEUE_SIZE = 256
+CONTROL_QUEUE_SIZE = 64
 
 # TUNSETOFFLOAD = _IOW('T', 208, unsigned int) from <linux/if_tun.h>; the jail policy pins the
 # same number by name (jail_configs/net.toml).
@@ -78,15 +84,17 @@ OFFERED = (COMMON_FEATURES | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET
            | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM
            | VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6 | VIRTIO_NET_F_HOST_ECN
            | VIRTIO_NET_F_HOST_UFO | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6
-           | VIRTIO_NET_F_GUEST_ECN | VIRTIO_NET_F_GUEST_UFO | VIRTIO_NET_F_MRG_RXBUF)
+           | VIRTIO_NET_F_GUEST_ECN | VIRTIO_NET_F_GUEST_UFO | VIRTIO_NET_F_MRG_RXBUF
+           | VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_CTRL_RX)
 
 COUNTERS = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "tx_eagain", "rx_buffers",
             "tx_dropped_no_header", "tx_dropped_runt", "tx_dropped_flags", "tx_dropped_csum",
             "tx_dropped_hdr_len", "tx_dropped_gso_type", "tx_dropped_gso_size",
             "tx_dropped_oversize", "tx_dropped_tap_error",
             "rx_dropped_runt", "rx_dropped_csum", "rx_dropped_oversize", "rx_dropped_gso_type",
-            "rx_dropped_too_big", "rx_bad_buffers", "rx_starved", "tap_errors", "offload_errors",
-            "throttled_tx", "throttled_rx")
+            "rx_dropped_too_big", "rx_dropped_filtered", "rx_bad_buffers", "rx_starved",
+            "tap_errors", "offload_errors", "throttled_tx", "throttled_rx",
+            "ctrl_ok", "ctrl_err", "ctrl_malformed", "feature_errors")
 
 
 def parse_mac(text: str) -> bytes:
@@ -125,7 +133,7 @@ class NetDevice(VirtioDevice):
     """A virtio-net device on `tap_fd`; see the module doc for what it does and why."""
 
     device_type = VIRTIO_ID_NET
-    queue_max_sizes = [QUEUE_SIZE, QUEUE_SIZE]
+    queue_max_sizes = [QUEUE_SIZE, QUEUE_SIZE, CONTROL_QUEUE_SIZE]
 
     def __init__(self, tap_fd: int, mac: bytes, *, mtu: int = 1500, owns_fd: bool = True,
                  set_offload: Callable[[int], None] | None = None,
@@ -148,6 +156,7 @@ class NetDevice(VirtioDevice):
         self.device_features = OFFERED
         self.link_up = True
         self.offloads: int | None = None  # last TUNSETOFFLOAD value applied
+        self.rx_filter = RxFilter(mac)
         self.counters.update({name: 0 for name in COUNTERS})
         self._clear_queues()
         self._bounce = bytearray(HEADER_SIZE + MAX_GSO_FRAME + 1)
@@ -163,39 +172,40 @@ class NetDevice(VirtioDevice):
 
     # -- spec -----------------------------------------------------------------------------------
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "NetDevice":
-        """{"type": "net", "tap_fd": int, "mac": "52:54:00:..", "mtu": int = 1500,
-        "rate_limiter": {"tx": LIMIT, "rx": LIMIT}} with LIMIT as in `RateLimiter.from_spec`.
-
-        The device owns `tap_fd` (closes it in `close()`); a core running it in-process hands it
-        a dup of its own."""
-        known = {"type", "tap_fd", "mac", "mtu", "rate_limiter"}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise DeviceSpecError(f"net spec has unknown field(s) {unknown}; known: "
-                                  f"{', '.join(sorted(known - {'type'}))}")
-        for key in ("tap_fd", "mac"):
-            if key not in spec:
-                raise DeviceSpecError(f"net spec is missing required field {key!r}")
-        fd, mtu = spec["tap_fd"], spec.get("mtu", 1500)
-        if type(fd) is not int or fd < 0:
-            raise DeviceSpecError(f"net spec field 'tap_fd' must be a non-negative int, not {fd!r}")
+    def from_spec(cls, spec: dict[str, Any], fds: dict[str, int]) -> "NetDevice":
+        """The tap comes as fd role "tap" (duplicated: the caller keeps its own); the spec has
+        "mac" (required: the core picks a stable one), "mtu" (the tap's, default 1500) and
+        optional "tx_bandwidth", "tx_ops", "rx_bandwidth", "rx_ops" (`BucketConfig.parse`:
+        SIZE/REFILL_MS[/BURST]).  Other keys (the core's "tap" name, "netns") are ignored."""
+        if "tap" not in fds:
+            raise DeviceSpecError("net: no tap fd was passed (the core opens the tap)")
+        if "mac" not in spec:
+            raise DeviceSpecError("net spec is missing required field 'mac'")
+        mtu = spec.get("mtu", 1500)
         if type(mtu) is not int:
             raise DeviceSpecError(f"net spec field 'mtu' must be an int, not {mtu!r}")
-        limits = spec.get("rate_limiter") or {}
-        if not isinstance(limits, dict) or set(limits) - {"tx", "rx"}:
-            raise DeviceSpecError("net spec field 'rate_limiter' must be a table with 'tx' and/or 'rx'")
-        return cls(fd, parse_mac(spec["mac"]), mtu=mtu,
-                   tx_limiter=RateLimiter.from_spec(limits.get("tx")),
-                   rx_limiter=RateLimiter.from_spec(limits.get("rx")))
+        mac = parse_mac(spec["mac"])
+        tx = RateLimiter.from_fields(spec.get("tx_bandwidth"), spec.get("tx_ops"), what="tx_")
+        rx = RateLimiter.from_fields(spec.get("rx_bandwidth"), spec.get("rx_ops"), what="rx_")
+        fd = os.dup(fds["tap"])
+        try:
+            return cls(fd, mac, mtu=mtu, tx_limiter=tx, rx_limiter=rx)
+        except BaseException:
+            os.close(fd)
+            raise
 
     # -- features and config (§5.1.3, §5.1.4) ----------------------------------------------------
-    def check_features(self, value: int) -> str | None:
-        return feature_error(value)
-
     def ack_features(self, value: int) -> None:
-        super().ack_features(value)
-        self._apply_offloads(tap_offloads(value))
+        # §5.1.3.1: a feature whose requirement the driver did not accept is treated as not
+        # negotiated (the shared transport cannot refuse FEATURES_OK per kind), so a broken set
+        # can only make the device do less: no offload the driver cannot complete.
+        effective = effective_features(value)
+        if effective != value:
+            self.counters["feature_errors"] += 1
+            log.info("net: %s; acting as if %#x were not negotiated", feature_error(value),
+                     value & ~effective)
+        super().ack_features(effective)
+        self._apply_offloads(tap_offloads(effective))
 
     def _apply_offloads(self, flags: int) -> None:
         if flags == self.offloads:
@@ -232,6 +242,7 @@ class NetDevice(VirtioDevice):
     def reset(self) -> None:
         super().reset()
         self._clear_queues()
+        self.rx_filter.reset()
         # The next driver may negotiate less: the tap must not keep offloads it cannot take.
         self._apply_offloads(0)
 
@@ -298,10 +309,18 @@ class NetDevice(VirtioDevice):
             return self._drain_rx(queue)
         if index == TRANSMITQ:
             return self._drain_tx(queue)
-        return False
+        return super().drain_queue(index, queue)  # the control queue: one chain at a time
 
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
-        raise AssertionError("net drains its queues itself")  # pragma: no cover
+        """A control queue request (§5.1.6.5): execute it and write the ack byte."""
+        cmd = ControlCommand.parse(chain)
+        if cmd.ack is None:
+            self.counters["ctrl_malformed"] += 1  # nowhere to answer: return it unused
+            return 0
+        ack = self.rx_filter.execute(cmd, self.acked_features)
+        cmd.ack[0] = ack
+        self.counters["ctrl_ok" if ack == VIRTIO_NET_OK else "ctrl_err"] += 1
+        return 1
 
     # -- transmit (§5.1.6.2) ---------------------------------------------------------------------
     def _drain_tx(self, queue: Queue) -> bool:
@@ -457,22 +476,26 @@ class NetDevice(VirtioDevice):
             return False
         # It spilled into the tail: it is placed by copying, now or once there are buffers.
         data = b"".join(bytes(v) for v in views) + bytes(self._bounce[:n - capacity])
-        if not self._accept_rx(data[:HEADER_SIZE], n):
+        if not self._accept_rx(data[:HEADER_SIZE + 6], n):
             return False
         self._rx_pending = _RxFrame(data)
         return self._deliver_pending(queue)
 
-    def _accept_rx(self, header: bytes, n: int) -> bool:
+    def _accept_rx(self, head: bytes, n: int) -> bool:
+        """Check a received frame from its first bytes (header + destination MAC) and length."""
         reason = "runt" if n < HEADER_SIZE else check_rx(
-            NetHeader.unpack(header), n - HEADER_SIZE, self.acked_features, self.mtu)
+            NetHeader.unpack(head[:HEADER_SIZE]), n - HEADER_SIZE, self.acked_features, self.mtu)
+        if reason is None and self.has_feature(VIRTIO_NET_F_CTRL_RX) and not self.rx_filter.accepts(
+                head[HEADER_SIZE:HEADER_SIZE + 6]):
+            reason = "filtered"  # §5.1.6.5.2: SHOULD drop what matches neither mac nor the table
         if reason is not None:
             self.counters[f"rx_dropped_{reason}"] += 1
         return reason is None
 
     def _complete(self, queue: Queue, views: list[memoryview], n: int) -> bool:
         """Check the frame the tap put in the held buffers and return them to the driver."""
-        header = b"".join(bytes(v) for v in slice_views(views, 0, HEADER_SIZE))
-        if not self._accept_rx(header, n):
+        head = b"".join(bytes(v) for v in slice_views(views, 0, HEADER_SIZE + 6))
+        if not self._accept_rx(head, n):
             return False  # the buffers stay held for the next frame
         lengths = self._spread(n)
         # §5.1.6.3.2 / §5.1.6.4.1: num_buffers is the number of buffers used (1 without

@@ -29,6 +29,7 @@ VIRTIO_NET_F_HOST_UFO = 1 << 14
 VIRTIO_NET_F_MRG_RXBUF = 1 << 15
 VIRTIO_NET_F_STATUS = 1 << 16
 VIRTIO_NET_F_CTRL_VQ = 1 << 17
+VIRTIO_NET_F_CTRL_RX = 1 << 18
 
 GUEST_GSO = VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6 | VIRTIO_NET_F_GUEST_UFO
 
@@ -42,6 +43,7 @@ FEATURE_REQUIRES: dict[int, int] = {
     VIRTIO_NET_F_HOST_TSO6: VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_HOST_ECN: VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_HOST_UFO: VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_CTRL_RX: VIRTIO_NET_F_CTRL_VQ,
 }
 FEATURE_NAMES = {
     VIRTIO_NET_F_CSUM: "CSUM", VIRTIO_NET_F_GUEST_CSUM: "GUEST_CSUM",
@@ -49,6 +51,7 @@ FEATURE_NAMES = {
     VIRTIO_NET_F_GUEST_ECN: "GUEST_ECN", VIRTIO_NET_F_GUEST_UFO: "GUEST_UFO",
     VIRTIO_NET_F_HOST_TSO4: "HOST_TSO4", VIRTIO_NET_F_HOST_TSO6: "HOST_TSO6",
     VIRTIO_NET_F_HOST_ECN: "HOST_ECN", VIRTIO_NET_F_HOST_UFO: "HOST_UFO",
+    VIRTIO_NET_F_CTRL_VQ: "CTRL_VQ", VIRTIO_NET_F_CTRL_RX: "CTRL_RX",
 }
 
 # Header flags and GSO types (§5.1.6).
@@ -127,6 +130,15 @@ def feature_error(features: int) -> str | None:
             wanted = " or ".join(name for bit, name in FEATURE_NAMES.items() if needs & bit)
             return f"VIRTIO_NET_F_{FEATURE_NAMES[feature]} requires VIRTIO_NET_F_{wanted} (§5.1.3.1)"
     return None
+
+
+def effective_features(features: int) -> int:
+    """`features` without every feature whose §5.1.3.1 requirement is missing (transitively:
+    HOST_ECN goes with HOST_TSO4 when CSUM is missing)."""
+    while (problem := next((f for f, needs in FEATURE_REQUIRES.items()
+                            if features & f and not features & needs), None)) is not None:
+        features &= ~problem
+    return features
 
 
 def tap_offloads(features: int) -> int:

@@ -57,6 +57,20 @@ class BucketConfig:
             raise DeviceSpecError(f"rate limiter refill_time_ms {self.refill_time_ms} is more than a day")
 
     @classmethod
+    def parse(cls, text: str, what: str) -> "BucketConfig":
+        """`SIZE/REFILL_MS[/BURST]`, e.g. `1048576/100` (1 MiB per 100 ms): the form a device
+        flag carries (`--net tx_bandwidth=1048576/100`)."""
+        parts = text.split("/") if isinstance(text, str) else []
+        try:
+            numbers = [int(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if len(numbers) not in (2, 3):
+            raise DeviceSpecError(f"rate limit {what}={text!r}: give SIZE/REFILL_MS[/BURST] "
+                                  "in tokens and milliseconds, e.g. 1048576/100")
+        return cls(*numbers)
+
+    @classmethod
     def from_spec(cls, spec: Any, what: str) -> "BucketConfig":
         if not isinstance(spec, dict):
             raise DeviceSpecError(f"rate limiter {what!r} must be a table of size, refill_time_ms "
@@ -149,6 +163,14 @@ class RateLimiter:
         bandwidth = BucketConfig.from_spec(spec["bandwidth"], "bandwidth") if "bandwidth" in spec else None
         ops = BucketConfig.from_spec(spec["ops"], "ops") if "ops" in spec else None
         return cls(bandwidth, ops, clock=clock) if bandwidth or ops else None
+
+    @classmethod
+    def from_fields(cls, bandwidth: str | None, ops: str | None, *, what: str = "",
+                    clock: Clock = time.monotonic_ns) -> "RateLimiter | None":
+        """From the two flat spec fields (`BucketConfig.parse` form); None if neither is set."""
+        bw = BucketConfig.parse(bandwidth, f"{what}bandwidth") if bandwidth else None
+        op = BucketConfig.parse(ops, f"{what}ops") if ops else None
+        return cls(bw, op, clock=clock) if bw or op else None
 
     def _refilled(self, nbytes: int, ops: int) -> tuple[int, list[tuple[TokenBucket, int]]]:
         """The time now and (bucket, tokens wanted) for each bucket, refilled up to now."""

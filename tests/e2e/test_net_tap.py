@@ -350,3 +350,23 @@ def test_attaching_to_a_persistent_tap_leaves_it(netns):
         assert "bhper0" in sh(ns_name, "ip link show bhper0")
     finally:
         ns.close()
+
+
+def test_tap_resource_opener_keeps_only_a_new_namespace(netns):
+    from vmm_core.devices.tap import open_tap_resource
+    ns_name = netns()
+    tap, keep = open_tap_resource("bhres0", ns_name, 1400, "--net tap=bhres0")
+    try:
+        assert keep is None and tap.mtu == 1400  # a named namespace outlives the VM anyway
+        assert "mtu 1400" in sh(ns_name, "ip link show bhres0")
+    finally:
+        tap.close()
+    tap, keep = open_tap_resource("bhres1", "new", None, "--net tap=bhres1,netns=new")
+    try:
+        assert keep is not None and keep.owned
+        assert in_namespace(keep, lambda: interface_kind("bhres1")) == "tap"
+    finally:
+        tap.close()
+        keep.close()
+    with pytest.raises(TapError, match=r"^--net tap=x,netns=nope: netns nope"):
+        open_tap_resource("x", "nope", None, "--net tap=x,netns=nope")

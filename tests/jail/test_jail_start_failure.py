@@ -53,9 +53,9 @@ def _bulkhead(*flags: str) -> list[str]:
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--jail-uid", "4294967294"], "jail uid"),             # uid + 1 is not a valid id
-    (["--cgroup-pids-max", "5"], "could not be jailed"),     # the launcher's fork: EAGAIN
-    (["--cgroup-pids-max", "6"], "could not be jailed"),     # the device's fork: EAGAIN
+    (["--jail-uid", "4294967294"], "--jail-uid"),           # uid + 1 is not a valid id
+    (["--cgroup-pids-max", "5"], "--cgroup-pids-max too low"),  # a thread or fork: EAGAIN
+    (["--cgroup-pids-max", "6"], "--cgroup-pids-max too low"),
 ])
 def test_failing_jail_start_signals_nobody(tmp_path: Path, flags: list[str], expected: str) -> None:
     rc, out, err = _in_pid_namespace(tmp_path, _bulkhead(*flags))

@@ -210,33 +210,17 @@ def load_linux(memory: GuestMemory, kernel: bytes, *, cmdline: bytes | str = b""
         regs={"rsi": layout.ZERO_PAGE_ADDR, "rdi": 0, "rbp": 0, "rbx": 0})
 
 
-def machine_virtio_slots(machine) -> list[tuple[int, int, int]]:
-    """(base, size, irq) of the machine's virtio-mmio devices: `machine.virtio_slots` if it has
-    one, else the DeviceManager's slots (`machine.devices.slots`, each with .base and .irq)."""
-    explicit = getattr(machine, "virtio_slots", None)
-    if explicit is not None:
-        return [tuple(s) for s in explicit]
-    slots = getattr(getattr(machine, "devices", None), "slots", None) or []
-    return [(s.base, layout.VIRTIO_MMIO_SLOT_SIZE, s.irq) for s in slots]
-
-
-def prepare_linux_boot(machine, data: bytes) -> LinuxBootPlan:
-    """The `Machine` adapter: reads config (cmdline, initrd, vcpus) and `machine.virtio_slots`.
-
-    The virtio-mmio devices come from `machine_virtio_slots`;
-    `config.extra["decompress"] = False` boots the bzImage through its own decompressor.
-    """
-    config = machine.config
-    initrd = None  # config.initrd / cmdline / vcpus / kernel are read with getattr defaults below
-    if getattr(config, "initrd", None):
+def prepare_linux_boot(memory: GuestMemory, data: bytes, *, kernel: str, cmdline: str,
+                       initrd_path: str | None, vcpus: int,
+                       virtio_slots: list[tuple[int, int, int]]) -> LinuxBootPlan:
+    """What `Machine` calls: reads the initrd file, then `load_linux`."""
+    initrd = None
+    if initrd_path:
         try:
-            with open(config.initrd, "rb") as f:
+            with open(initrd_path, "rb") as f:
                 initrd = f.read()
         except OSError as e:
-            raise BootError(f"--initrd {config.initrd}: {e.strerror}") from None
-    return load_linux(
-        machine.memory, data, cmdline=getattr(config, "cmdline", ""), initrd=initrd,
-        vcpus=getattr(config, "vcpus", 1),
-        virtio_slots=machine_virtio_slots(machine),
-        decompress_on_host=bool((getattr(config, "extra", None) or {}).get("decompress", True)),
-        name=os.path.basename(getattr(config, "kernel", "") or "") or "kernel")
+            raise BootError(f"--initrd {initrd_path}: {e.strerror}") from None
+    return load_linux(memory, data, cmdline=cmdline, initrd=initrd, vcpus=vcpus,
+                      virtio_slots=virtio_slots,
+                      name=os.path.basename(kernel) or "kernel")

@@ -26,143 +26,88 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from device_procs.virtio import mmio as regs
 from ipc_protocol import messages
+from ipc_protocol import virtio_mmio as regs
 from ipc_protocol.errors import PeerGone, ProtocolError, RemoteProtocolError, TransportTimeout
 from ipc_protocol.ring import ACCESS_SIZES, U32_MAX, ResponseMatcher, Slot
 from ipc_protocol.transport.shm_ring import RingEndpoint
-
-from ..layout import VIRTIO_MMIO_SLOT_SIZE
+from ipc_protocol.virtio_mmio import TransportState
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 0.5     # seconds a vCPU may wait for a register read before the device is failed
-# Spinning before sleeping only pays when core and child own separate CPUs.  Measured (rng read,
-# 2-vCPU host): sleep/sleep 29 µs median; both spinning and pinned apart 15 µs; both spinning but
-# sharing a loaded CPU 130 µs (each spinner burns the other's time slice).  So: off by default.
-DEFAULT_SPIN_US = 0
-MAX_SHADOW_QUEUES = 64    # queue indices past this are not real queues (QueueNumMax reads 0)
 RECENT_WRITES = 256       # bounded debug log of raw writes: the guest may write forever
-
-_QUEUE_FIELDS = {
-    regs.QUEUE_DESC_LOW: ("desc", False), regs.QUEUE_DESC_HIGH: ("desc", True),
-    regs.QUEUE_DRIVER_LOW: ("driver", False), regs.QUEUE_DRIVER_HIGH: ("driver", True),
-    regs.QUEUE_DEVICE_LOW: ("device", False), regs.QUEUE_DEVICE_HIGH: ("device", True),
-}
-
-
-def _set_half(old: int, value: int, high: bool) -> int:
-    return (old & 0xFFFFFFFF) | (value << 32) if high else (old & ~0xFFFFFFFF) | value
 
 
 class TransportShadow:
-    """What the guest driver has programmed into one virtio-mmio register file (VIRTIO 1.2 §4.2.2).
+    """The core's copy of what the guest driver programmed into one device's register file.
 
-    Decoded from writes alone, so it never depends on the (untrusted) device's answers.  Memory is
-    bounded whatever the guest writes: one entry per real register, per queue below
-    MAX_SHADOW_QUEUES and per config-space offset inside the slot.
-    """
+    Fed by every register write (never by the device's answers) through the one rule set both
+    sides share (`TransportState.apply_write`), so it holds exactly what the device accepted and
+    its size is bounded by the device's real queue count.  Config-space writes are events for
+    every device kind here (console emerg_wr) and are not replayed.  Only Status reads teach it
+    something from the device: DEVICE_NEEDS_RESET, which only the device can set (§2.1.2)."""
 
-    def __init__(self) -> None:
+    def __init__(self, queue_max_sizes: Sequence[int], device_features: int = 0) -> None:
+        self.transport = TransportState(list(queue_max_sizes), device_features)
         self.write_count = 0
         self.recent: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=RECENT_WRITES)
-        self._clear()
 
-    def _clear(self) -> None:
-        self.status = 0
-        self.driver_features = 0
-        self.device_features_sel = 0
-        self.driver_features_sel = 0
-        self.queue_sel = 0
-        self.queues: dict[int, dict[str, int]] = {}
-        self.config: dict[int, bytes] = {}
+    @property
+    def status(self) -> int:
+        return self.transport.status
+
+    def set_device_features(self, features: int) -> None:
+        """What the device process said it offers (in `Ready`); only decides what this shadow
+        accepts for that same device."""
+        self.transport.device_features = features
 
     def record(self, offset: int, data: bytes) -> None:
         self.write_count += 1
         self.recent.append((offset, bytes(data)))
-        if offset >= regs.CONFIG:
-            if offset + len(data) <= VIRTIO_MMIO_SLOT_SIZE:
-                self.config[offset - regs.CONFIG] = bytes(data)
-            return
-        if len(data) != 4 or offset % 4:
-            return  # the transport ignores these too (only aligned 32-bit register accesses)
-        value = int.from_bytes(data, "little")
-        if offset == regs.STATUS:
-            if value == 0:  # §4.2.2.1: writing zero resets the device
-                self._clear()
-            else:
-                self.status = value & 0xFF
-        elif offset == regs.DEVICE_FEATURES_SEL:
-            self.device_features_sel = value
-        elif offset == regs.DRIVER_FEATURES_SEL:
-            self.driver_features_sel = value
-        elif offset == regs.DRIVER_FEATURES and self.driver_features_sel in (0, 1):
-            self.driver_features = _set_half(self.driver_features, value,
-                                             self.driver_features_sel == 1)
-        elif offset == regs.QUEUE_SEL:
-            self.queue_sel = value
-        elif self.queue_sel < MAX_SHADOW_QUEUES:
-            self._record_queue(offset, value)
+        self.transport.apply_write(offset, bytes(data))
 
-    def _record_queue(self, offset: int, value: int) -> None:
-        q = self.queues.get(self.queue_sel)
-        if offset == regs.QUEUE_RESET and value == 1:
-            self.queues.pop(self.queue_sel, None)
-            return
-        if offset not in _QUEUE_FIELDS and offset not in (regs.QUEUE_NUM, regs.QUEUE_READY):
-            return  # QueueNotify, InterruptACK, ...: events, not state
-        if q is None:
-            q = self.queues[self.queue_sel] = {"size": 0, "ready": 0, "desc": 0, "driver": 0,
-                                               "device": 0}
-        if offset == regs.QUEUE_NUM:
-            q["size"] = value
-        elif offset == regs.QUEUE_READY:
-            q["ready"] = value & 1
-        else:
-            name, high = _QUEUE_FIELDS[offset]
-            q[name] = _set_half(q[name], value, high)
+    def observe_read(self, offset: int, data: bytes) -> None:
+        if offset == regs.STATUS and len(data) == 4 and \
+                int.from_bytes(data, "little") & regs.DEVICE_NEEDS_RESET:
+            self.transport.mark_needs_reset()
 
     def state(self) -> dict[str, Any]:
-        return {"status": self.status, "driver_features": self.driver_features,
-                "device_features_sel": self.device_features_sel,
-                "driver_features_sel": self.driver_features_sel, "queue_sel": self.queue_sel,
-                "queues": {i: dict(q) for i, q in sorted(self.queues.items())},
-                "config": dict(sorted(self.config.items()))}
+        """Plain data for logs and tests: the wire form with queues by index."""
+        wire = self.transport.to_wire()
+        wire["queues"] = {i: {"size": size, "ready": ready, "desc": desc, "driver": drv,
+                              "device": dev} for i, size, ready, desc, drv, dev in wire["queues"]}
+        return wire
 
     def to_activate(self, request_id: int) -> messages.Activate:
         """The message that makes a fresh child resume this state."""
-        queues = tuple((i, q["size"], q["ready"], q["desc"], q["driver"], q["device"])
-                       for i, q in sorted(self.queues.items()))
-        config = tuple((off, len(d), int.from_bytes(d, "little"))
-                       for off, d in sorted(self.config.items()) if len(d) in ACCESS_SIZES)
-        return messages.Activate(request_id, self.status, self.driver_features,
-                                 self.device_features_sel, self.driver_features_sel,
-                                 self.queue_sel, queues, config)
+        return messages.Activate.from_transport(request_id, self.transport.to_wire())
 
 
 class ProxyDevice:
     """A `BusDevice` forwarding register accesses to a device process over the shared rings."""
 
-    def __init__(self, name: str, ring: RingEndpoint, *, timeout: float = DEFAULT_TIMEOUT,
-                 spin_us: int = DEFAULT_SPIN_US,
+    def __init__(self, name: str, ring: RingEndpoint | None, *, queue_max_sizes: Sequence[int] = (),
+                 timeout: float = DEFAULT_TIMEOUT, spin_us: int = 0,
                  on_failure: Callable[[str], None] | None = None,
                  watch_fds: Sequence[int] = ()) -> None:
         self.name = name
         self.timeout = timeout
         self.spin_us = spin_us
         self.on_failure = on_failure
-        self.shadow = TransportShadow()
+        self.shadow = TransportShadow(queue_max_sizes)
         self.counters = {"reads": 0, "writes": 0, "dropped_reads": 0, "dropped_writes": 0}
         self._lock = threading.Lock()
         self._seq = 0
         self._attach_locked(ring, watch_fds)
 
     # -- backend -------------------------------------------------------------------------------
-    def _attach_locked(self, ring: RingEndpoint, watch_fds: Sequence[int]) -> None:
-        self._ring = ring
+    def _attach_locked(self, ring: RingEndpoint | None, watch_fds: Sequence[int]) -> None:
+        """`ring` None: no process yet (the proxy is failed until one is attached)."""
+        self._ring = ring  # type: ignore[assignment]
         self._watch_fds = tuple(watch_fds)
         self._matcher = ResponseMatcher()
-        self.failure_reason: str | None = None
+        self.failure_reason: str | None = None if ring is not None else "not started"
 
     def attach(self, ring: RingEndpoint, watch_fds: Sequence[int] = ()) -> None:
         """Switch to a new child's rings (after a restart) and clear the failed state."""
@@ -173,19 +118,21 @@ class ProxyDevice:
     def failed(self) -> bool:
         return self.failure_reason is not None
 
-    def mark_failed(self, reason: str) -> None:
-        """Fail the device from outside (e.g. the supervisor saw the process exit)."""
+    def mark_failed(self, reason: str, *, notify: bool = True) -> None:
+        """Fail the device from outside (e.g. the supervisor stopped the process); `notify`:
+        also call `on_failure` (not when the supervisor itself is the one who knows)."""
         with self._lock:
-            first = self._fail_locked(reason)
-        if first:
+            first = self._fail_locked(reason, quiet=not notify)
+        if first and notify:
             self._notify_failure(reason)
 
-    def _fail_locked(self, reason: str) -> bool:
+    def _fail_locked(self, reason: str, quiet: bool = False) -> bool:
         if self.failure_reason is not None:
             return False
         self.failure_reason = reason
-        log.error("device %s failed: %s; its reads now return all-ones and writes are dropped",
-                  self.name, reason)
+        if not quiet:
+            log.error("device %s failed: %s; its reads now return all-ones and writes are "
+                      "dropped", self.name, reason)
         return True
 
     def _notify_failure(self, reason: str) -> None:
@@ -205,8 +152,9 @@ class ProxyDevice:
                     request = Slot.read(self._next_seq(), offset, len(data))
                     answer = self._request_locked(request)
                     data[:] = answer.data
+                    self.shadow.observe_read(offset, answer.data)
                     return
-                except ProtocolError as err:
+                except (ProtocolError, OSError) as err:
                     failure = self._describe(err, f"read of {len(data)} bytes at {offset:#x}")
                     if not self._fail_locked(failure):
                         failure = None
@@ -224,7 +172,7 @@ class ProxyDevice:
                 try:
                     self._push_locked(Slot.write(self._next_seq(), offset, bytes(data)))
                     return
-                except ProtocolError as err:
+                except (ProtocolError, OSError) as err:
                     failure = self._describe(err, f"write at {offset:#x}")
                     if not self._fail_locked(failure):
                         failure = None
@@ -241,7 +189,7 @@ class ProxyDevice:
             try:
                 self._request_locked(Slot.sync(self._next_seq()))
                 return True
-            except ProtocolError as err:
+            except (ProtocolError, OSError) as err:
                 failure = self._describe(err, "sync")
                 if not self._fail_locked(failure):
                     failure = None
@@ -273,13 +221,15 @@ class ProxyDevice:
         return answer
 
     @staticmethod
-    def _describe(err: ProtocolError, what: str) -> str:
+    def _describe(err: Exception, what: str) -> str:
         if isinstance(err, TransportTimeout):
             return f"no answer to {what}: {err}"
         if isinstance(err, PeerGone):
             return f"process exited during {what}"
         if isinstance(err, RemoteProtocolError):
             return f"invalid answer to {what}: {err}"
+        if isinstance(err, OSError):  # the transport itself (a doorbell, the ring mapping)
+            return f"transport error during {what}: {err.strerror or err}"
         return f"{what}: {err}"
 
     def stats(self) -> dict[str, int]:

@@ -55,6 +55,7 @@ from typing import Any, Callable, Protocol, Sequence
 from jail.errors import JailError
 from jail.options import JailOptions, JailOrOptions, jailed_popen
 from ipc_protocol import messages as msg
+from ipc_protocol.kinds import KINDS
 from ipc_protocol.errors import ProtocolError, TransportTimeout
 from ipc_protocol.transport import fds as fdpass
 from ipc_protocol.transport.shm_ring import DEFAULT_CAPACITY, ShmRings
@@ -62,7 +63,7 @@ from ipc_protocol.transport.zmq_channel import ControlServer
 
 from ..errors import BulkheadError
 from ..memory import GuestMemory
-from .proxy import DEFAULT_SPIN_US, DEFAULT_TIMEOUT, ProxyDevice
+from .proxy import DEFAULT_TIMEOUT, ProxyDevice
 from .zygote import Zygote, ZygoteError, default_zygote
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class DeviceFds:
     guest_memory: int
     irqfd: int
     kicks: Sequence[int] = ()
-    extra: dict[str, int] = field(default_factory=dict)  # e.g. {"disk": fd}
+    extra: dict[str, int] = field(default_factory=dict)  # host resources by role: {"disk": fd}
 
 
 class PopenLike(Protocol):
@@ -123,6 +124,7 @@ class DeviceProcess:
         self.rings = rings
         self.ring_capacity = ring_capacity
         self.hello: msg.Hello | None = None
+        self.device_features = 0
         self._request_id = 0
 
     @property
@@ -136,23 +138,38 @@ class DeviceProcess:
         self._request_id = (self._request_id + 1) & 0xFFFF_FFFF
         return self._request_id
 
-    def handshake(self, control: ControlServer, spec: dict[str, Any], memory: GuestMemory, *,
-                  spin_us: int = 0, timeout: float = HANDSHAKE_TIMEOUT) -> None:
-        """Hello -> Configure -> Ack; raises `DeviceStartError` with the child's reason."""
-        deadline = time.monotonic() + timeout
-        hello = self._await(control, deadline, "Hello")
+    def check_hello(self, hello: msg.Message) -> msg.Hello:
+        """The child's first message, or `DeviceStartError` (the child is told why)."""
         try:
             self.hello = msg.check_hello(hello, expected_name=self.name, expected_pid=self.pid)
         except ProtocolError as err:
-            control.send(self.identity, msg.ErrorReport(msg.E_VERSION, str(err)[:1000]))
             raise DeviceStartError(f"device {self.name}: {err}") from None
-        request_id = self.next_request_id()
-        control.send(self.identity, msg.Configure(
-            request_id, dict(spec), tuple(tuple(s.to_wire()) for s in memory.specs),
-            self.ring_capacity, spin_us))
-        reply = self._await(control, deadline, "Ack")
-        if not isinstance(reply, msg.Ack) or reply.request_id != request_id:
-            raise DeviceStartError(f"device {self.name}: expected Ack, got {reply!r}")
+        return self.hello
+
+    def configure_message(self, spec: dict[str, Any], memory: GuestMemory,
+                          spin_us: int) -> msg.Configure:
+        return msg.Configure(self.next_request_id(), dict(spec),
+                             tuple(tuple(s.to_wire()) for s in memory.specs),
+                             self.ring_capacity, spin_us)
+
+    def check_ready(self, reply: msg.Message, request_id: int) -> None:
+        if not isinstance(reply, msg.Ready) or reply.request_id != request_id:
+            raise DeviceStartError(f"device {self.name}: expected Ready, got {reply!r}")
+        self.device_features = reply.device_features
+
+    def handshake(self, control: ControlServer, spec: dict[str, Any], memory: GuestMemory, *,
+                  spin_us: int = 0, timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        """Hello -> Configure -> Ready, waiting here (tools and tests; the supervisor runs the
+        same steps as events).  Raises `DeviceStartError` with the child's reason."""
+        deadline = time.monotonic() + timeout
+        try:
+            self.check_hello(self._await(control, deadline, "Hello"))
+        except DeviceStartError as err:
+            control.send(self.identity, msg.ErrorReport(msg.E_VERSION, str(err)[:1000]))
+            raise
+        configure = self.configure_message(spec, memory, spin_us)
+        control.send(self.identity, configure)
+        self.check_ready(self._await(control, deadline, "Ready"), configure.request_id)
 
     def _await(self, control: ControlServer, deadline: float, what: str) -> msg.Message:
         # Short polls so a child that dies during start-up is reported at once, with its status.
@@ -186,11 +203,16 @@ class DeviceProcess:
         how = describe() if describe else f"exited with status {self.popen.returncode}"
         raise DeviceStartError(f"device {self.name} {how} before sending {what}")
 
-    def make_proxy(self, *, timeout: float = DEFAULT_TIMEOUT, spin_us: int = DEFAULT_SPIN_US,
+    def make_proxy(self, *, timeout: float = DEFAULT_TIMEOUT, spin_us: int = 0,
                    on_failure: Callable[[str], None] | None = None) -> ProxyDevice:
         """A `ProxyDevice` on this child's rings that also notices its exit through the pidfd."""
-        return ProxyDevice(self.name, self.rings.core_endpoint(), timeout=timeout,
-                           spin_us=spin_us, on_failure=on_failure, watch_fds=[self.pidfd])
+        kind = KINDS.get(self.device_type)
+        proxy = ProxyDevice(self.name, self.rings.core_endpoint(),
+                            queue_max_sizes=kind.queue_max_sizes if kind else (),
+                            timeout=timeout, spin_us=spin_us, on_failure=on_failure,
+                            watch_fds=[self.pidfd])
+        proxy.shadow.set_device_features(self.device_features)
+        return proxy
 
     def shutdown(self, control: ControlServer | None, timeout: float = 2.0) -> int:
         """Ask politely (Shutdown), then SIGKILL; returns the exit status."""
@@ -275,7 +297,10 @@ def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: Dev
                                      stdin=subprocess.DEVNULL, env=env, cwd=_REPO_ROOT)
         else:
             jail_args = (options, name, device_type, argv, child_sock.fileno())
-            jail_kwargs: dict[str, Any] = {"disk_fd": fds.extra.get("disk"), "env": env,
+            kind = KINDS.get(device_type)
+            fsize = kind.fsize_limit({r: os.fstat(fd).st_size for r, fd in fds.extra.items()}) \
+                if kind else None
+            jail_kwargs: dict[str, Any] = {"fsize": fsize, "env": env,
                                            "cwd": _REPO_ROOT}
             launcher = None
             if method == "zygote":
@@ -284,6 +309,10 @@ def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: Dev
                                                                         child_sock.fileno())
                     launcher = jailed_popen(*jail_args, **jail_kwargs, start=start)
                 except ZygoteError as err:
+                    if "Errno 11" in str(err):  # EAGAIN: no process left (pids limit); exec
+                        raise DeviceStartError(   # would fail the same way
+                            f"device {name} could not be started: {err} (is the VM's "
+                            "--cgroup-pids-max too low?)") from None
                     log.warning("device %s: %s; starting it as a fresh interpreter", name, err)
                     method = "exec"
                     # A zygote that failed half-way may have forked a child that holds the old
@@ -297,7 +326,12 @@ def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: Dev
             device_pid = popen.device_pid
     except JailError as err:  # e.g. no user namespaces, or a policy file with an error
         rings.close()
-        raise DeviceStartError(f"device {name}: {err}") from None
+        raise DeviceStartError(str(err) if str(err).startswith(f"device {name}")
+                               else f"device {name}: {err}") from None
+    except OSError as err:  # fork or pipe: out of processes or fds
+        rings.close()
+        raise DeviceStartError(f"device {name} could not be started: {err.strerror or err} "
+                               "(is the VM's --cgroup-pids-max too low?)") from None
     except BaseException:
         rings.close()
         raise
@@ -320,23 +354,6 @@ def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: Dev
     log.info("spawned device %s (%s) as pid %d%s via %s", name, device_type, proc.pid,
              " (jailed)" if proc.jailed else "", method)
     return proc
-
-
-def vm_zygote(spawn_options: dict[str, Any]) -> Zygote | None:
-    """Start a VM's zygote if its devices will use one, and put it in `spawn_options` (which
-    `start_device` receives).  Call from the thread that builds the VM, once the core is in the
-    VM's cgroup (the zygote and every device it forks are born there)."""
-    method = spawn_options.get("spawn_method") or default_spawn_method()
-    if method != "zygote" or spawn_options.get("jail", True) in (False, None):
-        return None
-    try:
-        zygote = Zygote()
-    except ZygoteError as err:
-        log.warning("%s: devices start as fresh interpreters", err)
-        spawn_options["spawn_method"] = "exec"
-        return None
-    spawn_options["zygote"] = zygote
-    return zygote
 
 
 def start_device(control: ControlServer, name: str, spec: dict[str, Any], memory: GuestMemory,

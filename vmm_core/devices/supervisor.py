@@ -1,16 +1,21 @@
-"""The Supervisor: one thread per VM that owns every receive on the device control socket.
+"""The Supervisor: one thread per VM that owns every device process and every receive on their
+control socket, and carries out each device's `Lifecycle` actions.
 
-It watches each device's pidfd (exit), sends a `Heartbeat` every `heartbeat_interval` and fails a
-device whose oldest unanswered heartbeat is older than `heartbeat_timeout` -- so a hung device is
-caught even when the guest never touches its registers -- polls device counters, runs every
-restart (`SandboxedBackend.handle_failure`) and carries out the faults and stats queries other
-threads ask for through `call()`.
+What it watches: each process's pidfd (exit), the control socket (handshakes, heartbeat answers,
+counters, logs), the proxies' failure reports, the clock (heartbeats every `heartbeat_interval`;
+a device whose oldest unanswered heartbeat is older than `heartbeat_timeout` is failed, so a hung
+device is caught even when the guest never touches its registers; crash-loop back-offs).
+
+It never blocks on a device: a spawn runs on the VM's spawner thread and comes back as an event;
+the Hello -> Configure -> Ready (-> Activate -> Ack) handshake is a sequence of messages this
+loop answers as they arrive, each bounded by a deadline.  pidfds are looked at before messages,
+and each device may send at most `MESSAGE_BUDGET` messages per heartbeat interval: a device
+flooding its channel (even with valid answers) is failed instead of pinning this thread.
 
 Why one thread: ZeroMQ sockets are not thread-safe and `ControlServer` buffers messages per peer,
-so exactly one thread may receive.  Restarts run here, never on a vCPU thread: a vCPU only learns
-its read failed (all-ones, or it waits for the restart bounded by the device timeout).  This
-thread lives as long as the VM, so PR_SET_PDEATHSIG in the children (which fires when the
-*spawning thread* exits) means "when the VM goes".
+so exactly one thread may receive.  The spawner thread lives as long as the VM, so
+PR_SET_PDEATHSIG in the launchers (which fires when the *spawning thread* exits) means "when the
+VM goes".
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import queue
 import signal
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
@@ -31,17 +38,22 @@ from ipc_protocol.errors import LocalProtocolError, ProtocolError, TransportTime
 from ipc_protocol.transport.zmq_channel import ControlServer, PeerProtocolError
 
 from ..errors import BulkheadError
-from .spawn import vm_zygote
+from ..vcpu import StopReason, StopRequest
+from . import lifecycle as lc
+from .options import DeviceOptions
+from .spawn import HANDSHAKE_TIMEOUT, DeviceProcess, DeviceStartError
+from .zygote import Zygote, ZygoteError
 
 if TYPE_CHECKING:
-    from ..vm import Machine
+    from .ports import VmPorts
     from .sandboxed import SandboxedBackend
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HEARTBEAT_INTERVAL = 0.25
-DEFAULT_HEARTBEAT_TIMEOUT = 0.5
-STATS_EVERY_TICKS = 4  # device counters polled about once a second (they die with a process)
+STATS_EVERY_TICKS = 4      # device counters polled about once a second (they die with a process)
+MESSAGE_BUDGET = 256       # messages one device may send per heartbeat interval
+DRAIN_BATCH = 512          # messages handled per loop turn before pidfds and timers again
+KILL_WAIT = 2.0            # s to wait for a SIGKILLed device's launcher to report and exit
 
 
 class FaultRefused(BulkheadError):
@@ -59,76 +71,215 @@ def describe_exit(status: int | None) -> str:
     return f"exited with status {status}"
 
 
+def escape(text: str, limit: int = 500) -> str:
+    """A device's words, safe for one log line: no newlines or escape sequences survive."""
+    out = text[:limit].encode("unicode_escape", errors="replace").decode("ascii", errors="replace")
+    return out + ("…" if len(text) > limit else "")
+
+
+@dataclass
+class Handshake:
+    """A process of `generation` on its way to serving: which message it owes us next."""
+
+    backend: "SandboxedBackend"
+    generation: int
+    proc: DeviceProcess
+    activate: bool
+    deadline: float
+    phase: str = "Hello"      # Hello -> Ready -> (Ack to Activate)
+    request_id: int = 0
+
+
+class Spawner(threading.Thread):
+    """The VM's long-lived thread that starts device processes (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="device-spawner", daemon=True)
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - a job reports its own failure; never die here
+                log.exception("device spawn job failed")
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        if self.is_alive():
+            self.join(15.0)
+
+
 class Supervisor(threading.Thread):
-    def __init__(self, machine: "Machine", options: dict[str, Any]) -> None:
+    def __init__(self, ports: "VmPorts", options: DeviceOptions) -> None:
         super().__init__(name="supervisor", daemon=True)
-        self.machine = machine
+        self.ports = ports
         self.options = options
-        self.allow_faults = bool(options.get("allow_faults"))
-        self.spawn_options: dict[str, Any] = dict(options.get("spawn_options", {}))
-        self.heartbeat_interval: float = options.get("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL)
-        self.heartbeat_timeout: float = options.get("heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT)
-        self.runtime_dir = machine.runtime_dir
+        self.policy = options.supervision
+        self.allow_faults = options.allow_faults
         # The VM's device zygote: started here, on the thread building the VM (inside its cgroup)
         # and before this VM opens its ZeroMQ socket.  It is a fresh interpreter, never a fork.
-        self.zygote = vm_zygote(self.spawn_options)
-        self.control = ControlServer(self.runtime_dir)
+        self.zygote: Zygote | None = None
+        self.spawn_method = options.spawn_method if options.jail is not None else "exec"
+        if self.spawn_method == "zygote":
+            try:
+                self.zygote = Zygote()
+            except ZygoteError as err:
+                log.warning("%s: devices start as fresh interpreters", err)
+                self.spawn_method = "exec"
+        self.control = ControlServer(ports.runtime_dir)
+        self.spawner = Spawner()
+        try:
+            self.spawner.start()
+        except RuntimeError as err:  # can't start new thread: the pids limit
+            self.control.close()
+            if self.zygote is not None:
+                self.zygote.close()
+            raise BulkheadError(f"cannot start the device supervisor: {err} (is the VM's "
+                                "--cgroup-pids-max too low?)") from None
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._lock = threading.Lock()
-        self._requests: collections.deque[tuple["SandboxedBackend", str, bool, int]] = collections.deque()
-        self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
-        self._watched: dict[int, "SandboxedBackend"] = {}
+        self._posted: collections.deque[Callable[[], None]] = collections.deque()
         self.backends: list["SandboxedBackend"] = []
+        self._handshakes: dict[bytes, Handshake] = {}
         self.stats_cond = threading.Condition()
         self._hb_seq = 0
         self._ticks = 0
         self._last_tick = time.monotonic()
         self._stopping = False
 
-    # -- registration (any thread) ----------------------------------------------------------------
-    def watch(self, backend: "SandboxedBackend") -> None:
+    # -- any thread ---------------------------------------------------------------------------
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the supervisor thread."""
         with self._lock:
-            self._watched[backend.proc.pidfd] = backend
-            if backend not in self.backends:
-                self.backends.append(backend)
-        os.eventfd_write(self._wake, 1)
-
-    def unwatch(self, backend: "SandboxedBackend") -> None:
-        with self._lock:
-            for fd, b in list(self._watched.items()):
-                if b is backend:
-                    del self._watched[fd]
-
-    def request(self, backend: "SandboxedBackend", cause: str, reset: bool = False) -> None:
-        """Report a failure of `backend`'s current process; the restart runs on this thread."""
-        with self._lock:
-            self._requests.append((backend, cause, reset, backend.generation))
-        os.eventfd_write(self._wake, 1)
+            self._posted.append(fn)
+        try:
+            os.eventfd_write(self._wake, 1)
+        except OSError:
+            pass  # closed: the VM is going
 
     def call(self, fn: Callable[[], Any]) -> Future:
-        """Run `fn` on the supervisor thread (device control sends belong there too)."""
+        """Run `fn` on the supervisor thread; its result (or exception) in a Future."""
         fut: Future = Future()
-        with self._lock:
-            self._calls.append((fn, fut))
-        os.eventfd_write(self._wake, 1)
+
+        def run() -> None:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as err:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(err)
+
+        self.post(run)
         return fut
 
-    def refine_cause(self, backend: "SandboxedBackend", cause: str, status: int) -> str:
-        """Prefer what the child said about itself (e.g. a seccomp report) over our guess."""
-        report = getattr(backend.proc, "seccomp_report", None)
+    def event(self, backend: "SandboxedBackend", ev: lc.Event) -> None:
+        """Feed `backend`'s lifecycle from any thread (the proxy's failures, a guest reset)."""
+        self.post(lambda: self.handle(backend, ev))
+
+    def add(self, backend: "SandboxedBackend") -> None:
+        with self._lock:
+            self.backends.append(backend)
+        self.post(lambda: self._execute(backend, backend.lifecycle.start()))
+
+    # -- lifecycle actions (supervisor thread) -----------------------------------------------------
+    def handle(self, backend: "SandboxedBackend", ev: lc.Event) -> None:
+        self._execute(backend, backend.lifecycle.handle(ev))
+
+    def _execute(self, backend: "SandboxedBackend", actions: list[lc.Action]) -> None:
+        for a in actions:
+            if isinstance(a, lc.Kill):
+                self._kill(backend, a.generation)
+            elif isinstance(a, lc.Spawn):
+                self._spawn(backend, a.generation, a.activate)
+            elif isinstance(a, lc.FailDevice):
+                backend.enter_needs_reset(a.reason)
+            elif isinstance(a, lc.StopVm):
+                self.ports.request_stop(StopRequest(StopReason.DEVICE_FAILED, a.message))
+            elif isinstance(a, lc.Log):
+                getattr(log, a.level)("%s", a.text)
+            elif isinstance(a, lc.Restarted):
+                log.warning("device %s restarted as pid %d in %.1f ms (restart %d)", backend.name,
+                            backend.pid, a.ms, a.count)
+        backend.state_changed()
+
+    def _spawn(self, backend: "SandboxedBackend", generation: int, activate: bool) -> None:
+        def job() -> None:
+            try:
+                proc: DeviceProcess | BaseException = backend.spawn_process(generation)
+            except BaseException as err:  # noqa: BLE001 - comes back as an event
+                proc = err
+            self.post(lambda: self._spawned(backend, generation, activate, proc))
+        self.spawner.submit(job)
+
+    def _spawned(self, backend: "SandboxedBackend", generation: int, activate: bool,
+                 proc: DeviceProcess | BaseException) -> None:
+        now = time.monotonic()
+        if isinstance(proc, BaseException):
+            text = str(proc) if isinstance(proc, BulkheadError) else f"{type(proc).__name__}: {proc}"
+            self.handle(backend, lc.StartFailed(generation, now, text))
+            return
+        if generation != backend.lifecycle.generation or self._stopping \
+                or backend.lifecycle.state is lc.State.CLOSING:
+            self._discard(proc)
+            return
+        backend.pending = proc
+        self._handshakes[proc.identity] = Handshake(backend, generation, proc, activate,
+                                                    now + HANDSHAKE_TIMEOUT)
+
+    def _complete(self, hs: Handshake) -> None:
+        del self._handshakes[hs.proc.identity]
+        hs.backend.attach(hs.proc, hs.generation)
+        self.handle(hs.backend, lc.Started(hs.generation, time.monotonic()))
+
+    def _abort_handshake(self, hs: Handshake, error: str) -> None:
+        self._handshakes.pop(hs.proc.identity, None)
+        self.handle(hs.backend, lc.StartFailed(hs.generation, time.monotonic(), error))
+
+    def _kill(self, backend: "SandboxedBackend", generation: int) -> None:
+        for hs in [h for h in self._handshakes.values() if h.backend is backend
+                   and h.generation == generation]:
+            del self._handshakes[hs.proc.identity]
+        for proc in backend.take_processes(generation):
+            self._discard(proc)
+
+    def _discard(self, proc: DeviceProcess) -> None:
+        """SIGKILL (through its pidfd), reap, forget: a process we are done with."""
+        proc.kill()
+        try:
+            proc.popen.wait(KILL_WAIT)
+        except Exception:  # noqa: BLE001 - a launcher that will not die is reaped at close
+            log.warning("device %s (pid %d) did not exit after SIGKILL", proc.name, proc.pid)
+        self.control.forget(proc.identity)
+        proc.close()
+
+    def cause_of_exit(self, proc: DeviceProcess) -> str:
+        """The core's own account of a process's end: from its exit status, as the kernel (through
+        the launcher outside the jail) reported it; a seccomp report is believed only from a
+        process SIGSYS killed."""
+        status = proc.popen.poll()
+        report = proc.seccomp_report
         if report:
             return f"seccomp violation: {report}"
-        exit_text = describe_exit(status)
-        return cause if exit_text in cause else f"{cause} ({exit_text})"
+        return f"process {proc.pid} {describe_exit(status)}"
 
     # -- faults and stats (supervisor thread, through call()) --------------------------------------
     def inject_fault(self, backend: "SandboxedBackend", action: str, ms: int) -> str:
-        if backend.state != "running" or backend.needs_reset:
-            raise FaultRefused(f"device {backend.name} is {backend.state}: try again when it runs")
+        if not backend.lifecycle.serving or backend.proc is None:
+            raise FaultRefused(f"device {backend.name} is {backend.lifecycle.display_state}: "
+                               "try again when it runs")
+        if backend.hung:
+            raise FaultRefused(f"device {backend.name} is hung already (a fault is pending): "
+                               "wait for its restart")
+        proc = backend.proc
         if action == "kill":
-            pid = backend.pid
-            backend.proc.kill()
-            return f"sent SIGKILL to {backend.name} (pid {pid})"
+            proc.kill()
+            return f"sent SIGKILL to {backend.name} (pid {proc.pid})"
         kind, args = {"hang": ("hang", {}), "slow": ("stall_ms", {"ms": ms}),
                       "crash-in-request": ("crash_in_request", {}),
                       "bad-reply": ("garbage_response", {}),
@@ -136,16 +287,18 @@ class Supervisor(threading.Thread):
         try:
             fault = msg.Fault(kind, args)
         except LocalProtocolError:
-            raise FaultRefused(f"fault {action}: the device protocol has no {kind!r} fault kind "
-                               "yet (it comes with the jail)") from None
-        self.control.send(backend.proc.identity, fault)
-        return f"sent {action} to {backend.name} (pid {backend.pid})"
+            raise FaultRefused(f"fault {action}: the device protocol has no {kind!r} fault kind") \
+                from None
+        self.control.send(proc.identity, fault)
+        if action == "hang":
+            backend.hung = True
+        return f"sent {action} to {backend.name} (pid {proc.pid})"
 
     def poll_stats(self) -> dict["SandboxedBackend", int]:
         """Ask every running device for its counters; {backend: request id} to wait for."""
         sent = {}
         for b in list(self.backends):
-            if b.state == "running" and not b.needs_reset:
+            if b.lifecycle.serving and b.proc is not None:
                 request_id = b.proc.next_request_id()
                 try:
                     self.control.send(b.proc.identity, msg.Stats(request_id))
@@ -156,99 +309,190 @@ class Supervisor(threading.Thread):
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> None:
-        next_tick = time.monotonic() + self.heartbeat_interval
+        next_tick = time.monotonic() + self.policy.heartbeat_interval
         while not self._stopping:
+            watched = self._watched()
             poller = zmq.Poller()
             poller.register(self._wake, zmq.POLLIN)
             poller.register(self.control.socket, zmq.POLLIN)
-            with self._lock:
-                watched = dict(self._watched)
             for fd in watched:
                 poller.register(fd, zmq.POLLIN)
-            timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
-            for fd, _ in poller.poll(timeout_ms):
-                if fd == self._wake:
-                    try:
-                        os.eventfd_read(self._wake)
-                    except BlockingIOError:
-                        pass
-                elif fd in watched:
-                    b = watched[fd]
-                    self.unwatch(b)
-                    with self._lock:
-                        self._requests.append((b, f"process {b.pid} {describe_exit(b.proc.popen.poll())}",
-                                               False, b.generation))
+            wait = next_tick
+            for d in (b.lifecycle.next_deadline() for b in self.backends):
+                if d is not None:
+                    wait = min(wait, d)
+            for hs in self._handshakes.values():
+                wait = min(wait, hs.deadline)
+            ready = {fd for fd, _ in poller.poll(max(0, int((wait - time.monotonic()) * 1000)))}
+            if self._wake in ready:
+                try:
+                    os.eventfd_read(self._wake)
+                except BlockingIOError:
+                    pass
+            for fd in ready & set(watched):  # exits first: a flood cannot hide a death
+                self._exited(*watched[fd])
             self._drain_control()
-            self._run_calls()
-            if time.monotonic() >= next_tick:
-                self._tick()
-                next_tick = time.monotonic() + self.heartbeat_interval
-            self._run_requests()
+            self._run_posted()
+            now = time.monotonic()
+            for b in list(self.backends):
+                self._execute(b, b.lifecycle.handle(lc.Tick(now)))
+            for hs in [h for h in self._handshakes.values() if now >= h.deadline]:
+                self._abort_handshake(hs, f"device {hs.proc.name} sent no {hs.phase} in time")
+            if now >= next_tick:
+                self._tick(now)
+                next_tick = time.monotonic() + self.policy.heartbeat_interval
+
+    def _watched(self) -> dict[int, tuple["SandboxedBackend", DeviceProcess]]:
+        out = {}
+        for b in self.backends:
+            for proc in (b.proc, b.pending):
+                if proc is not None and proc.pidfd >= 0:
+                    out[proc.pidfd] = (b, proc)
+        return out
+
+    def _exited(self, backend: "SandboxedBackend", proc: DeviceProcess) -> None:
+        hs = self._handshakes.get(proc.identity)
+        if hs is not None:
+            # Its last word (an ErrorReport sent just before exiting, e.g. a jail error) beats
+            # our guess; else the launcher's account of the exit.
+            last = self._last_error(proc)
+            describe = getattr(proc.popen, "describe", None)
+            proc.popen.poll()
+            how = last or (f"device {proc.name} {describe()}" if describe else
+                           f"device {proc.name} exited with status {proc.popen.returncode}")
+            self._abort_handshake(hs, f"{how} before sending {hs.phase}")
+            return
+        if proc is backend.proc:
+            backend.proc_gone()
+            self.handle(backend, lc.Died(backend.lifecycle.generation, time.monotonic(),
+                                         self.cause_of_exit(proc)))
+
+    def _last_error(self, proc: DeviceProcess) -> str | None:
+        try:
+            while True:
+                _, m = self.control.recv(0.02, peer=proc.identity)
+                if isinstance(m, msg.ErrorReport):
+                    return f"device {proc.name} refused to start: {m.code}: {escape(m.text)}"
+        except (TransportTimeout, ProtocolError):
+            return None
 
     def _by_identity(self) -> dict[bytes, "SandboxedBackend"]:
-        return {b.proc.identity: b for b in self.backends}
+        return {b.proc.identity: b for b in self.backends if b.proc is not None}
 
     def _drain_control(self) -> None:
-        """Every message waiting on the control socket (and in its per-peer inbox)."""
+        """The messages waiting on the control socket, at most DRAIN_BATCH per turn."""
         peers = self._by_identity()
-        while True:
+        for _ in range(DRAIN_BATCH):
             try:
                 peer, m = self.control.recv(0)
             except TransportTimeout:
                 return
             except PeerProtocolError as err:
-                b = peers.get(err.peer)
-                if b is not None:
-                    self.request(b, f"invalid control message: {err}")
+                hs = self._handshakes.get(err.peer)
+                if hs is not None:
+                    self._abort_handshake(hs, f"device {hs.proc.name}: {escape(str(err))}")
+                elif err.peer in peers:
+                    b = peers[err.peer]
+                    self.handle(b, lc.Died(b.lifecycle.generation, time.monotonic(),
+                                           f"invalid control message: {escape(str(err))}"))
                 continue
             except ProtocolError as err:
-                log.warning("control socket: %s", err)
+                log.warning("control socket: %s", escape(str(err)))
+                continue
+            hs = self._handshakes.get(peer)
+            if hs is not None:
+                self._handshake_step(hs, m)
                 continue
             b = peers.get(peer)
             if b is None:
                 continue  # a late message from a replaced incarnation
-            if isinstance(m, msg.HeartbeatAck):
-                b.heartbeat_acked(m.seq)
-            elif isinstance(m, msg.StatsReply):
-                with self.stats_cond:
-                    b.stats_replied(m.request_id, m.counters)
-                    self.stats_cond.notify_all()
-            elif isinstance(m, msg.ErrorReport):
-                log.warning("device %s reports %s: %s", b.name, m.code, m.text)
-            else:
-                log.warning("device %s sent an unexpected %s", b.name, m.TAG)
+            b.messages_this_tick += 1
+            if b.messages_this_tick > MESSAGE_BUDGET:
+                if b.messages_this_tick == MESSAGE_BUDGET + 1:
+                    self.handle(b, lc.Died(b.lifecycle.generation, time.monotonic(),
+                                           f"control message flood: more than {MESSAGE_BUDGET} "
+                                           f"messages in {self.policy.heartbeat_interval * 1000:.0f} ms"))
+                continue
+            self._from_device(b, m)
 
-    def _run_calls(self) -> None:
+    def _handshake_step(self, hs: Handshake, m: msg.Message) -> None:
+        b, proc = hs.backend, hs.proc
+        if isinstance(m, msg.ErrorReport):
+            self._abort_handshake(hs, f"device {proc.name} refused to start: {m.code}: "
+                                      f"{escape(m.text)}")
+            return
+        try:
+            if hs.phase == "Hello":
+                proc.check_hello(m)
+                configure = proc.configure_message(b.device_spec(), b.memory, b.ring_spin_us)
+                hs.phase, hs.request_id = "Ready", configure.request_id
+                self.control.send(proc.identity, configure)
+            elif hs.phase == "Ready":
+                proc.check_ready(m, hs.request_id)
+                b.proxy.shadow.set_device_features(proc.device_features)
+                if not hs.activate:
+                    self._complete(hs)
+                    return
+                hs.request_id = proc.next_request_id()
+                hs.phase = "Ack"
+                self.control.send(proc.identity, b.proxy.shadow.to_activate(hs.request_id))
+            elif hs.phase == "Ack":
+                if not isinstance(m, msg.Ack) or m.request_id != hs.request_id:
+                    raise DeviceStartError(f"device {proc.name}: expected Ack to Activate, "
+                                           f"got {m.TAG}")
+                self._complete(hs)
+        except (DeviceStartError, ProtocolError) as err:
+            if isinstance(err, DeviceStartError) and hs.phase == "Hello":
+                try:
+                    self.control.send(proc.identity, msg.ErrorReport(msg.E_VERSION, str(err)[:1000]))
+                except ProtocolError:
+                    pass
+            self._abort_handshake(hs, escape(str(err)))
+
+    def _from_device(self, b: "SandboxedBackend", m: msg.Message) -> None:
+        if isinstance(m, msg.HeartbeatAck):
+            b.heartbeat_acked(m.seq)
+        elif isinstance(m, msg.StatsReply):
+            with self.stats_cond:
+                b.stats_replied(m.request_id, m.counters)
+                self.stats_cond.notify_all()
+        elif isinstance(m, msg.Log):
+            b.device_log(m.level, m.text)
+        elif isinstance(m, msg.ErrorReport):
+            log.warning("device %s reports %s: %s", b.name, escape(m.code, 32), escape(m.text))
+        else:
+            log.warning("device %s sent an unexpected %s", b.name, m.TAG)
+
+    def _run_posted(self) -> None:
         while True:
             with self._lock:
-                if not self._calls:
+                if not self._posted:
                     return
-                fn, fut = self._calls.popleft()
-            if not fut.set_running_or_notify_cancel():
-                continue
+                fn = self._posted.popleft()
             try:
-                fut.set_result(fn())
-            except BaseException as err:  # noqa: BLE001 - handed to the caller
-                fut.set_exception(err)
+                fn()
+            except Exception:  # noqa: BLE001 - the supervisor must outlive any one device
+                log.exception("supervisor task failed")
 
-    def _tick(self) -> None:
-        now = time.monotonic()
-        # If this thread itself was held up (a restart, a starved host), the devices were not
-        # silent: don't blame them for our delay, start their clocks again.
-        self_late = now - self._last_tick > self.heartbeat_interval + self.heartbeat_timeout
+    def _tick(self, now: float) -> None:
+        # If this thread itself was held up (a starved host), the devices were not silent:
+        # don't blame them for our delay, start their clocks again.
+        self_late = now - self._last_tick > self.policy.heartbeat_interval + self.policy.heartbeat_timeout
         self._last_tick = now
         self._ticks += 1
         for b in list(self.backends):
-            if b.state != "running" or b.needs_reset:
+            b.messages_this_tick = 0
+            if not b.lifecycle.serving or b.proc is None:
                 b.hb_pending_since = None
                 continue
             if b.hb_pending_since is not None:
                 silent = now - b.hb_pending_since
                 if self_late:
                     b.hb_pending_since = now
-                elif silent > self.heartbeat_timeout:
+                elif silent > self.policy.heartbeat_timeout:
                     b.hb_pending_since = None
-                    self.request(b, f"heartbeat timeout (silent for {silent * 1000:.0f} ms)")
+                    self.handle(b, lc.Died(b.lifecycle.generation, now,
+                                           f"heartbeat timeout (silent for {silent * 1000:.0f} ms)"))
                     continue
             self._hb_seq += 1
             try:
@@ -260,30 +504,55 @@ class Supervisor(threading.Thread):
         if self._ticks % STATS_EVERY_TICKS == 0:
             self.poll_stats()
 
-    def _run_requests(self) -> None:
-        while True:
-            with self._lock:
-                if not self._requests or self._stopping:
-                    return
-                backend, cause, reset, generation = self._requests.popleft()
-            try:
-                backend.handle_failure(cause, reset=reset, generation=generation)
-            except Exception:  # noqa: BLE001 - the supervisor must outlive any one device
-                log.exception("supervising device %s", backend.name)
-
     # -- teardown ----------------------------------------------------------------------------------
+    def close_backend(self, backend: "SandboxedBackend") -> None:
+        """Shut one device down for good (politely first), from the thread closing the VM."""
+        done = threading.Event()
+
+        def close() -> None:
+            try:
+                proc = backend.proc
+                if proc is not None and proc.popen.poll() is None:
+                    try:  # ask politely first: a device exits 0 on Shutdown
+                        self.control.send(proc.identity, msg.Shutdown("the VM is stopping"))
+                        proc.popen.wait(1.0)
+                    except Exception:  # noqa: BLE001 - then SIGKILL, below
+                        pass
+                self._execute(backend, backend.lifecycle.handle(lc.Close()))
+            finally:
+                done.set()
+
+        if self.is_alive():
+            self.post(close)
+            done.wait(KILL_WAIT + 3.0)
+        else:
+            close()
+
     def stop(self) -> None:
         self._stopping = True
-        os.eventfd_write(self._wake, 1)
+        try:
+            os.eventfd_write(self._wake, 1)
+        except OSError:
+            pass
         if self.is_alive():
             self.join(5.0)
         with self._lock:
-            calls, self._calls = list(self._calls), collections.deque()
-        for _, fut in calls:
-            fut.cancel()
+            posted, self._posted = list(self._posted), collections.deque()
+        for fn in posted:  # close requests still waiting: run them here
+            try:
+                fn()
+            except Exception:  # noqa: BLE001
+                log.exception("supervisor task failed at stop")
 
     def close(self) -> None:
         self.stop()
+        for hs in list(self._handshakes.values()):
+            self._discard(hs.proc)
+        self._handshakes.clear()
+        for b in self.backends:
+            for proc in b.take_processes(None):
+                self._discard(proc)
+        self.spawner.stop()
         self.control.close()
         os.close(self._wake)
         if self.zygote is not None:

@@ -1,4 +1,4 @@
-"""Taps for virtio-net, made by the core inside a network namespace, and `--net` options.
+"""Taps for virtio-net, made by the core inside a network namespace (the "tap" resource).
 
 The core opens the tap (the device process never opens anything): `/dev/net/tun`, TUNSETIFF
 with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, TUNSETVNETHDRSZ 12, O_NONBLOCK | O_CLOEXEC.  The tap
@@ -33,9 +33,6 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
-
-from device_procs.virtio.errors import DeviceSpecError
-from device_procs.virtio.net import parse_mac
 
 from ..errors import ConfigError
 
@@ -318,53 +315,22 @@ def open_tap(name: str, netns: NetNamespace | None = None, *, up: bool = True,
     return tap
 
 
-# -- `--net` options --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class NetOptions:
-    """`--net tap=NAME[,netns=new|NAME|PATH][,mac=MAC][,mtu=N][,on-crash=POLICY]`."""
+def open_tap_resource(name: str, netns: str | None, mtu: int | None, where: str) -> tuple[Tap, NetNamespace | None]:
+    """The core's opener for a net device's "tap" resource (`vmm_core.devices.resources`).
 
-    tap: str
-    netns: str | None = None
-    mac: str = ""
-    mtu: int | None = None
-    on_crash: str | None = None
-
-    def device_spec(self, tap_fd: int, mtu: int,
-                    rate_limiter: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The `device_procs` spec of the device, once the core has opened the tap."""
-        spec: dict[str, Any] = {"type": "net", "tap_fd": tap_fd, "mac": self.mac, "mtu": mtu}
-        if rate_limiter:
-            spec["rate_limiter"] = rate_limiter
-        return spec
-
-
-def parse_net(text: str, index: int, vm_name: str) -> NetOptions:
-    """Parse one `--net` value; errors name the option and say what is expected."""
-    fields: dict[str, str] = {}
-    for item in filter(None, text.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in ("tap", "netns", "mac", "mtu", "on-crash"):
-            raise TapError(f"--net {text}: unknown option {item!r} (known: tap=NAME, "
-                           "netns=new|NAME|PATH, mac=MAC, mtu=N, on-crash=POLICY)")
-        if key in fields:
-            raise TapError(f"--net {text}: {key} given twice")
-        fields[key] = value
-    tap = fields.get("tap", f"bhtap{index}")
-    check_ifname(tap)
-    mac = fields.get("mac") or default_mac(vm_name, index)
+    Returns the open tap (its fd goes to the device as role "tap") and the namespace to keep
+    while the VM runs: for `netns=new` the core's fd is how a user reaches it
+    (`nsenter --net=/proc/<core pid>/fd/<n>`); close it at VM exit.  Errors name `where`."""
+    ns = None
     try:
-        parse_mac(mac)  # the device's own check, so that a bad MAC fails here and not in it
-    except DeviceSpecError as e:
-        raise TapError(f"--net {text}: {e}") from None
-    mtu = None
-    if "mtu" in fields:
-        try:
-            mtu = int(fields["mtu"])
-        except ValueError:
-            mtu = -1
-        if not 68 <= mtu <= 65535:
-            raise TapError(f"--net {text}: mtu must be a number from 68 to 65535")
-    on_crash = fields.get("on-crash")
-    if on_crash is not None and on_crash not in ("restart", "fail", "stop-vm"):
-        raise TapError(f"--net {text}: on-crash must be restart, fail or stop-vm")
-    return NetOptions(tap, fields.get("netns") or None, mac, mtu, on_crash)
+        if netns:
+            ns = NetNamespace.open(netns)
+        tap = open_tap(name, ns, mtu=mtu)
+    except TapError as e:
+        if ns is not None:
+            ns.close()
+        raise TapError(f"{where}: {e}") from None
+    if ns is not None and not ns.owned:
+        ns.close()  # a named namespace outlives us anyway; the tap holds it meanwhile
+        ns, tap.netns = None, None
+    return tap, ns

@@ -20,7 +20,9 @@ from ipc_protocol.errors import TransportTimeout
 
 from ipc_protocol.transport.shm_ring import drain_eventfd, make_eventfd
 from ipc_protocol.transport.zmq_channel import ControlServer, make_runtime_dir
-from vmm_core.devices.manager import QUEUE_COUNTS
+from ipc_protocol.kinds import KINDS, device_spec_fields
+from vmm_core.devices.resources import open_resources
+from vmm_core.devices.spec import DeviceSpec
 from vmm_core.devices.proxy import ProxyDevice
 from vmm_core.devices.spawn import DeviceFds, DeviceProcess, start_device
 from vmm_core.memory import GuestMemory, create_guest_memory
@@ -40,7 +42,8 @@ class DeviceLab:
 
     def eventfds(self, kind: str) -> tuple[int, list[int]]:
         """A fresh irqfd and one kick eventfd per queue of a `kind` device (closed with the lab)."""
-        irqfd, kicks = make_eventfd(), [make_eventfd() for _ in range(QUEUE_COUNTS[kind])]
+        queues = KINDS[kind].queue_count if kind in KINDS else 1  # a test device: one queue
+        irqfd, kicks = make_eventfd(), [make_eventfd() for _ in range(queues)]
         self._eventfds += [irqfd, *kicks]
         return irqfd, kicks
 
@@ -50,16 +53,20 @@ class DeviceLab:
         core does.  Eventfds are made unless given (a restarted device gets its predecessor's)."""
         if irqfd is None or kicks is None:
             irqfd, kicks = self.eventfds(spec["type"])
-        extra: dict[str, int] = {}
-        if spec["type"] == "blk":
-            flags = os.O_RDONLY if spec.get("readonly") else os.O_RDWR
-            extra["disk"] = os.open(spec["path"], flags | os.O_CLOEXEC)
+        resources = None
+        device_spec = dict(spec)
+        if spec["type"] in KINDS:  # its host resources, opened here and passed as fds
+            params = {k: v for k, v in spec.items() if k != "type"}
+            resources = open_resources(DeviceSpec(spec["type"], name, params))
+            device_spec = device_spec_fields(spec)
         try:
-            proc = start_device(self.control, name, dict(spec), self.memory,
-                                DeviceFds(self.memory.fd, irqfd, kicks, extra), **spawn_kwargs)
+            proc = start_device(self.control, name, device_spec, self.memory,
+                                DeviceFds(self.memory.fd, irqfd, kicks,
+                                          dict(resources.fds) if resources else {}),
+                                **spawn_kwargs)
         finally:
-            for fd in extra.values():
-                os.close(fd)
+            if resources is not None:
+                resources.close()
         self.procs.append(proc)
         return proc
 

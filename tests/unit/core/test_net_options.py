@@ -1,11 +1,48 @@
-"""`--net` options, interface names, default MACs and the veth plan (pure: nothing is created)."""
+"""The net kind's `--net` flag, interface names, default MACs and the veth plan (pure)."""
 
 from __future__ import annotations
 
 import pytest
 
-from vmm_core.devices.tap import NetOptions, TapError, check_ifname, default_mac, parse_net
+from ipc_protocol import kinds
+from ipc_protocol.net_kind import NET
+from vmm_core.devices.spec import parse_device_arg
+from vmm_core.devices.tap import TapError, check_ifname, default_mac
+from vmm_core.errors import ConfigError
 from vmm_core.netsetup import NetPlan, main
+
+
+@pytest.fixture
+def net_kind(monkeypatch):
+    """NET registered as the lead's wiring will (KINDS["net"])."""
+    monkeypatch.setitem(kinds.KINDS, "net", NET)
+    return NET
+
+
+def test_net_flag_through_the_generic_parser(net_kind):
+    spec = parse_device_arg(net_kind, "tap=guest0,netns=new,mac=52:54:00:00:00:09,mtu=9000,"
+                                      "tx_bandwidth=1048576/100,rx_ops=1000/1000/100", 0)
+    assert spec.name == "net0" and spec.params["tap"] == "guest0" and spec.params["mtu"] == 9000
+    # The device process never sees the tap's name (it gets the fd as role "tap").
+    assert "tap" not in spec.device_spec()
+    assert spec.device_spec()["tx_bandwidth"] == "1048576/100"
+    assert parse_device_arg(net_kind, "bhtap7", 1).params["tap"] == "bhtap7"  # the shorthand
+    assert parse_device_arg(net_kind, "", 2).params["tap"] == "bhtap%d"       # the default
+
+
+def test_net_flag_errors_name_the_key(net_kind):
+    with pytest.raises(ConfigError, match="bridge"):
+        parse_device_arg(net_kind, "tap=x,bridge=br0", 0)
+    with pytest.raises(ConfigError, match="mtu"):
+        parse_device_arg(net_kind, "mtu=big", 0)
+
+
+def test_net_kind_declaration():
+    assert (NET.virtio_id, NET.queue_count, NET.policy_name) == (1, 3, "net")
+    assert [r.role for r in NET.resources] == ["tap"]
+    from device_procs.virtio.net import CONTROL_QUEUE_SIZE, QUEUE_SIZE, NetDevice
+    assert list(NET.queue_max_sizes) == NetDevice.queue_max_sizes == [QUEUE_SIZE, QUEUE_SIZE,
+                                                                      CONTROL_QUEUE_SIZE]
 
 
 @pytest.mark.parametrize("name", ["tap0", "bh-vm1", "x", "a" * 15, "tap%d"])
@@ -27,27 +64,8 @@ def test_default_mac_is_stable_unicast_and_local():
     assert mac == default_mac("vm1", 0) != default_mac("vm1", 1) != default_mac("vm2", 0)
     first = int(mac.split(":")[0], 16)
     assert first & 0x02 and not first & 0x01  # locally administered, unicast
-    assert len(bytes.fromhex(mac.replace(":", ""))) == 6
-
-
-def test_parse_net_defaults_and_fields():
-    opts = parse_net("", 0, "vm1")
-    assert opts == NetOptions("bhtap0", None, default_mac("vm1", 0), None, None)
-    opts = parse_net("tap=guest0,netns=new,mac=52:54:00:00:00:09,mtu=9000,on-crash=fail", 3, "vm1")
-    assert opts == NetOptions("guest0", "new", "52:54:00:00:00:09", 9000, "fail")
-    spec = opts.device_spec(7, 9000, {"tx": {"ops": {"size": 1, "refill_time_ms": 1}}})
-    assert spec == {"type": "net", "tap_fd": 7, "mac": "52:54:00:00:00:09", "mtu": 9000,
-                    "rate_limiter": {"tx": {"ops": {"size": 1, "refill_time_ms": 1}}}}
-
-
-@pytest.mark.parametrize("text,why", [
-    ("tap=a/b", "'/'"), ("bridge=br0", "unknown option"), ("tap", "unknown option"),
-    ("tap=a,tap=b", "twice"), ("mac=52:54:00:00:00", "six hex"), ("mac=01:00:5e:00:00:01", "multicast"),
-    ("mtu=10", "68 to 65535"), ("mtu=big", "68 to 65535"), ("on-crash=retry", "on-crash"),
-])
-def test_parse_net_errors(text, why):
-    with pytest.raises(TapError, match=why):
-        parse_net(text, 0, "vm1")
+    from device_procs.virtio.net import parse_mac
+    assert len(parse_mac(mac)) == 6  # and the device takes it
 
 
 def test_plan_up_and_down():
@@ -63,7 +81,7 @@ def test_plan_up_and_down():
 
 def test_plan_with_the_host_side_in_a_namespace():
     plan = NetPlan("/proc/1234/fd/5", "t0", host_netns="peer")
-    assert all(c[:2] == ["nsenter", "--net=/run/netns/peer"] or c[:2] == ["nsenter", "--net=/proc/1234/fd/5"]
+    assert all(c[:2] in (["nsenter", "--net=/run/netns/peer"], ["nsenter", "--net=/proc/1234/fd/5"])
                for c in plan.up())
 
 

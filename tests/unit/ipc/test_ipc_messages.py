@@ -13,7 +13,8 @@ from ipc_protocol.errors import LocalProtocolError, RemoteProtocolError
 SAMPLES = [
     m.Hello(1, 0, "blk0", "blk", 4242),
     m.Configure(1, {"type": "blk", "path": "/d.img", "readonly": False}, ((0, 1 << 20, 0),), 64, 50),
-    m.Activate(2, 0xF, 1 << 32, 1, 1, 0, ((0, 256, 1, 0x1000, 0x2000, 0x3000),), ((0, 4, 512),)),
+    m.Activate(2, 0xF, 1 << 32, 1, 1, 0, ((0, 256, 1, 0x1000, 0x2000, 0x3000),)),
+    m.Ready(1, 1 << 32), m.Log("warning", "queue 0: bad descriptor"),
     m.Reset(3), m.Ack(3), m.Stats(4), m.StatsReply(4, {"reads": 10, "writes": 3}),
     m.Heartbeat(5), m.HeartbeatAck(5), m.Shutdown("bye"), m.ErrorReport(m.E_CONFIG, "no file"),
     m.Fault("stall_ms", {"ms": 10}),

@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
-from device_procs.virtio import mmio as regs
+from ipc_protocol import virtio_mmio as regs
 from ipc_protocol.ring import Op
 from ipc_protocol.transport.shm_ring import ShmRings
-from vmm_core.devices.proxy import MAX_SHADOW_QUEUES, ProxyDevice, TransportShadow
+from vmm_core.devices.proxy import ProxyDevice, TransportShadow
 
 
 class FakeRegisters:
@@ -120,7 +120,7 @@ def w32(shadow: TransportShadow, offset: int, value: int) -> None:
 
 
 def test_shadow_decodes_the_register_file() -> None:
-    s = TransportShadow()
+    s = TransportShadow([256, 256], device_features=regs.VIRTIO_F_VERSION_1 | 0x1234)
     w32(s, regs.STATUS, regs.ACKNOWLEDGE | regs.DRIVER)
     for sel, half in ((0, 0x1234), (1, 0x1)):
         w32(s, regs.DRIVER_FEATURES_SEL, sel)
@@ -131,24 +131,54 @@ def test_shadow_decodes_the_register_file() -> None:
     w32(s, regs.QUEUE_DESC_HIGH, 0x2)
     w32(s, regs.QUEUE_READY, 1)
     w32(s, regs.QUEUE_NOTIFY, 1)  # an event, not state
-    s.record(regs.CONFIG + 4, b"\x07")
-    state = s.state()
-    assert state["driver_features"] == 0x1_0000_1234
-    assert state["queues"] == {1: {"size": 128, "ready": 1, "desc": 0x2_0000_1000, "driver": 0,
-                                   "device": 0}}
-    assert state["config"] == {4: b"\x07"}
+    s.record(regs.CONFIG + 4, b"\x07")  # config writes are events here: not replayed
+    wire = s.transport.to_wire()
+    assert wire["driver_features"] == 0x1_0000_1234
+    assert wire["queues"] == ((0, 256, 0, 0, 0, 0), (1, 128, 1, 0x2_0000_1000, 0, 0))
     act = s.to_activate(5)
-    assert act.queues == ((1, 128, 1, 0x2_0000_1000, 0, 0),) and act.config == ((4, 1, 7),)
+    assert act.queues == wire["queues"] and act.transport_wire() == wire
     w32(s, regs.STATUS, 0)  # reset forgets everything
-    assert s.state()["queues"] == {} and s.status == 0
+    assert s.transport.to_wire()["queues"][1] == (1, 256, 0, 0, 0, 0) and s.status == 0
 
 
 def test_shadow_memory_is_bounded_whatever_the_guest_writes() -> None:
-    s = TransportShadow()
+    s = TransportShadow([256])
     for q in range(10_000):
         w32(s, regs.QUEUE_SEL, q)
         w32(s, regs.QUEUE_NUM, 8)
-        s.record(regs.CONFIG + q, b"\1")
-    assert len(s.queues) == MAX_SHADOW_QUEUES
-    assert len(s.config) <= 0x1000 - regs.CONFIG
+        s.record(regs.CONFIG + q % 0xF00, b"\1")
+    assert len(s.transport.queues) == 1
     assert len(s.recent) <= 256 and s.write_count == 30_000
+
+
+def test_shadow_keeps_only_what_the_device_accepted() -> None:
+    """Issue 9, finding 8: a restart replayed queue writes the live device had ignored (a queue
+    size of 3 written after QueueReady made every restart end in DEVICE_NEEDS_RESET), and 300
+    distinct config-space writes made the shadow too big for Activate, so every restart failed."""
+    s = TransportShadow([256], device_features=regs.VIRTIO_F_VERSION_1)
+    w32(s, regs.QUEUE_SEL, 0)
+    w32(s, regs.QUEUE_NUM, 128)
+    w32(s, regs.QUEUE_READY, 1)
+    w32(s, regs.QUEUE_NUM, 3)          # ignored by the device: the queue is ready
+    w32(s, regs.QUEUE_DESC_LOW, 0x40)  # likewise
+    for offset in range(300):
+        s.record(regs.CONFIG + offset, b"\x5a")
+    w32(s, regs.STATUS, regs.ACKNOWLEDGE | regs.DRIVER)
+    w32(s, regs.DRIVER_FEATURES_SEL, 1)
+    w32(s, regs.DRIVER_FEATURES, 1)
+    w32(s, regs.STATUS, regs.ACKNOWLEDGE | regs.DRIVER | regs.FEATURES_OK | regs.DRIVER_OK)
+    w32(s, regs.QUEUE_NUM, 7)          # after DRIVER_OK: ignored
+    assert s.transport.to_wire()["queues"] == ((0, 128, 1, 0, 0, 0),)
+    assert s.status & regs.DRIVER_OK
+    from ipc_protocol import messages
+    assert messages.decode(messages.encode(s.to_activate(1))) == s.to_activate(1)
+
+
+def test_shadow_refuses_features_the_device_does_not_offer() -> None:
+    s = TransportShadow([256], device_features=regs.VIRTIO_F_VERSION_1)
+    w32(s, regs.DRIVER_FEATURES_SEL, 0)
+    w32(s, regs.DRIVER_FEATURES, 1 << 5)  # not offered
+    w32(s, regs.DRIVER_FEATURES_SEL, 1)
+    w32(s, regs.DRIVER_FEATURES, 1)
+    w32(s, regs.STATUS, regs.ACKNOWLEDGE | regs.DRIVER | regs.FEATURES_OK)
+    assert not s.status & regs.FEATURES_OK  # as the device answers: FEATURES_OK stays clear

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from jail.errors import JailError
+from ipc_protocol.kinds import BLK, CONSOLE, RNG
 from jail.options import VM_ID_BASE, JailOptions, default_vm_ids
 from jail.policy import CONFIG_DIR
 
@@ -56,7 +57,11 @@ def test_blk_may_not_grow_its_image(tmp_path: Path) -> None:
     image.write_bytes(b"\0" * 4096)
     fd = os.open(image, os.O_RDONLY)
     try:
-        assert JailOptions().spec_for("blk0", "blk", disk_fd=fd).rlimits.fsize == 4096
+        fsize = BLK.fsize_limit({"disk": os.fstat(fd).st_size})
+        assert JailOptions().spec_for("blk0", "blk", fsize=fsize).rlimits.fsize == 4096
     finally:
         os.close(fd)
     assert JailOptions().spec_for("console0", "console").rlimits.fsize is None
+    # Kinds without a file to append to may write none; the console may grow its output by 1 GiB.
+    assert RNG.fsize_limit({}) == 0
+    assert CONSOLE.fsize_limit({"output": 10}) == 10 + (1 << 30)

@@ -198,6 +198,19 @@ def test_bad_specs_are_named(spec, match):
         RateLimiter.from_spec(spec)
 
 
+def test_flat_fields(clock):
+    assert RateLimiter.from_fields(None, "") is None
+    rl = RateLimiter.from_fields("1048576/100", "1000/1000/50", clock=clock)
+    assert rl is not None and (rl.bandwidth.size, rl.bandwidth.refill_ns) == (1048576, 100 * NS_PER_MS)
+    assert (rl.ops.size, rl.ops.burst) == (1000, 50)
+
+
+@pytest.mark.parametrize("text", ["100", "a/b", "1/2/3/4", "0/100", "100/0", "-1/5", "1.5/100", ""])
+def test_flat_field_errors(text):
+    with pytest.raises(DeviceSpecError, match="tx_bandwidth|size|refill|SIZE"):
+        RateLimiter.from_fields(text or "x", None, what="tx_")
+
+
 # -- blk with a limiter (BlkDevice(rate_limiter=...)) ------------------------------------------
 def blk_with_limiter(memory, image, clock, **buckets):
     from device_procs.testing.local import LocalHarness

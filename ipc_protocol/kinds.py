@@ -1,0 +1,149 @@
+"""Device kinds: what the core and a device process agree each kind of virtio device is.
+
+One `DeviceKind` per kind, declared here and read by everything else (kvmtool's ops table,
+crosvm's device module list): its virtio id and queues, the fields of its spec (which also make
+its `--disk path=…,readonly=on` flag and its `[[disk]]` config-file table), the host resources
+the core opens for it *before* any device process exists and hands over by fd, its seccomp
+policy, and where its implementation lives.  The implementation is named, not imported: the
+core never imports device code (see `docs/architecture.md`, "Trust boundary"), while the device
+process resolves `implementation` to a class with `from_spec(spec, fds)`.
+
+Adding a device kind: a declaration here, its module in `device_procs/virtio/`, its policy in
+`jail_configs/`, a guest_kit driver, tests.
+
+This module is a leaf shared by the core and the device processes (it imports neither).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SpecField:
+    """One key of a device's spec: `--disk path=IMG,readonly=on` / `[[disk]] readonly = true`."""
+
+    name: str
+    type: type  # bool, int or str
+    help: str
+    required: bool = False
+    default: Any = None  # None: absent unless given
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostResource:
+    """A host resource the core opens once per VM and passes to every incarnation by fd.
+
+    `opener` says how (see `vmm_core.devices.resources`): "image" (a regular file, read-write
+    unless the spec says readonly), "output" (a file the device appends to, or the terminal),
+    "input" (a file or fifo read without blocking), "tap" (a tap interface).  The device
+    receives the fd under `role` and never the path."""
+
+    role: str
+    field: str
+    opener: str
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class DeviceKind:
+    name: str                          # "blk": the Configure spec's type, policy file, stats
+    virtio_id: int                     # VIRTIO 1.2 §5
+    queue_max_sizes: tuple[int, ...]   # QueueNumMax of each queue, in queue order
+    implementation: str                # "module:Class" built by the device process
+    flag: str                          # CLI flag / config-file table: --disk, [[disk]]
+    name_prefix: str                   # device names: blk0, blk1, ...
+    help: str
+    fields: tuple[SpecField, ...] = ()
+    shorthand: str | None = None       # the field a bare value sets: --disk IMG
+    resources: tuple[HostResource, ...] = ()
+    policy: str = ""                   # jail_configs/<policy>.toml (default: the kind's name)
+    # RLIMIT_FSIZE: the size of this resource plus `fsize_growth` (blk: the image exactly; the
+    # console may append this much); without one, 0 (the device writes no regular file).
+    fsize_limit_from: str | None = None
+    fsize_growth: int = 0
+    max_instances: int = 8
+    workload: str | None = None        # "module:function" that `bulkhead jail learn` drives it with
+
+    @property
+    def queue_count(self) -> int:
+        return len(self.queue_max_sizes)
+
+    @property
+    def policy_name(self) -> str:
+        return self.policy or self.name
+
+    def fsize_limit(self, resource_sizes: dict[str, int]) -> int:
+        """RLIMIT_FSIZE for a device of this kind, given its resources' sizes by role."""
+        if self.fsize_limit_from is None or self.fsize_limit_from not in resource_sizes:
+            return 0
+        return max(1, resource_sizes[self.fsize_limit_from] + self.fsize_growth)
+
+    def field_named(self, name: str) -> SpecField | None:
+        return next((f for f in self.fields if f.name == name), None)
+
+
+BLK = DeviceKind(
+    name="blk", virtio_id=2, queue_max_sizes=(256,),
+    implementation="device_procs.virtio.blk:BlkDevice",
+    flag="disk", name_prefix="blk", help="a raw disk image as virtio-blk (repeatable)",
+    fields=(SpecField("path", str, "the raw image file", required=True),
+            SpecField("readonly", bool, "refuse writes (VIRTIO_BLK_F_RO)", default=False),
+            SpecField("serial", str, "the id the guest reads (at most 20 bytes)")),
+    shorthand="path",
+    resources=(HostResource("disk", "path", "image"),),
+    fsize_limit_from="disk",
+    workload="vmm_core.testing.workload:blk_workload",
+)
+
+RNG = DeviceKind(
+    name="rng", virtio_id=4, queue_max_sizes=(256,),
+    implementation="device_procs.virtio.rng:RngDevice",
+    flag="rng", name_prefix="rng", help="a virtio-rng device fed by the host CSPRNG",
+    max_instances=1,
+    workload="vmm_core.testing.workload:rng_workload",
+)
+
+CONSOLE = DeviceKind(
+    name="console", virtio_id=3, queue_max_sizes=(256, 256),
+    implementation="device_procs.virtio.console:ConsoleDevice",
+    flag="console", name_prefix="console",
+    help="a virtio-console whose port 0 writes to PATH, or to the terminal (stdout)",
+    fields=(SpecField("path", str, "output file (created; appended to), or 'stdout'",
+                      required=True),
+            SpecField("input_path", str, "a file or fifo whose bytes the guest receives")),
+    shorthand="path",
+    resources=(HostResource("output", "path", "output"),
+               HostResource("input", "input_path", "input", required=False)),
+    fsize_limit_from="output", fsize_growth=1 << 30,
+    max_instances=1,
+    workload="vmm_core.testing.workload:console_workload",
+)
+
+KINDS: dict[str, DeviceKind] = {k.name: k for k in (BLK, RNG, CONSOLE)}
+
+# A kind only tests use: a device process built by a factory the test names (no virtio device).
+TEST_KIND_NAME = "test"
+
+
+def kind(name: str) -> DeviceKind:
+    """The kind called `name`; `KeyError` names the known ones."""
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise KeyError(f"unknown device kind {name!r} (known: {', '.join(sorted(KINDS))})") from None
+
+
+def by_flag(flag: str) -> DeviceKind | None:
+    return next((k for k in KINDS.values() if k.flag == flag), None)
+
+
+def device_spec_fields(spec: dict[str, Any]) -> dict[str, Any]:
+    """The part of a spec the device process gets: its kind's fields, never a resource's path
+    (the device receives the resource's fd instead)."""
+    k = kind(spec["type"])
+    hidden = {r.field for r in k.resources}
+    return {"type": k.name, **{f.name: spec[f.name] for f in k.fields
+                               if f.name in spec and f.name not in hidden}}

@@ -1,0 +1,162 @@
+"""Host resources of a VM's devices, opened once when the VM starts and kept for every restart.
+
+A device process never opens a path: the core opens what each kind declares
+(`ipc_protocol.kinds.HostResource`) here, before any device exists, and hands the fds to every
+incarnation.  Opening once matters: a restart that reopened a path would follow whatever a
+tenant renamed into its place (a symlink to a root-only file, a FIFO that blocks the opener
+forever).  So each open is `O_NOFOLLOW | O_NONBLOCK`, then `fstat` decides what the fd may be,
+with one clear line when it is something else.
+
+Images are locked like QEMU locks them (an open-file-description lock: shared for read-only,
+exclusive for read-write), so one image cannot be attached read-write twice, in this VM or in
+another one.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ipc_protocol.kinds import KINDS, HostResource
+
+from ..errors import ConfigError
+from .spec import DeviceSpec
+
+SECTOR = 512
+F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+_OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+def _what(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _open(path: str, flags: int, where: str, mode: int = 0o600) -> int:
+    try:
+        return os.open(path, flags | _OPEN_FLAGS, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"{where}: is a symbolic link; give the file itself") from None
+        if e.errno == errno.ENOENT and flags & os.O_CREAT:
+            raise ConfigError(f"{where}: directory {os.path.dirname(os.path.abspath(path))} "
+                              "does not exist") from None
+        if e.errno == errno.ENOENT:
+            hint = " (create one with `truncate -s 64M PATH`)" if "disk" in where else ""
+            raise ConfigError(f"{where}: no such file{hint}") from None
+        if e.errno == errno.EISDIR:
+            raise ConfigError(f"{where}: is a directory; give a file") from None
+        raise ConfigError(f"{where}: cannot open: {e.strerror}") from None
+
+
+def _lock(fd: int, exclusive: bool, where: str) -> None:
+    # struct flock: l_type, l_whence (short), l_start, l_len (off_t), l_pid (int) + padding.
+    lock = struct.pack("hhqqi4x", fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, os.SEEK_SET,
+                       0, 0, 0)
+    try:
+        fcntl.fcntl(fd, F_OFD_SETLK, lock)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise ConfigError(f"{where}: the image is in use (attached read-write elsewhere, or "
+                              "read-only elsewhere while this asks for read-write)") from None
+        raise
+
+
+def open_image(path: str, readonly: bool, where: str) -> int:
+    """A raw image: a regular file of whole 512-byte sectors, locked (see the module doc)."""
+    fd = _open(path, os.O_RDONLY if readonly else os.O_RDWR, where)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{where}: is {_what(st.st_mode)}; give a raw image file")
+        if st.st_size < SECTOR:
+            raise ConfigError(f"{where}: the image is smaller than one 512-byte sector")
+        if st.st_size % SECTOR:
+            raise ConfigError(f"{where}: the image is {st.st_size} bytes, not a whole number of "
+                              f"512-byte sectors (e.g. `truncate -s {st.st_size // SECTOR * SECTOR + SECTOR} PATH`)")
+        _lock(fd, exclusive=not readonly, where=where)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_output(path: str, where: str) -> int:
+    """Where a device writes: a regular file (created 0600, appended to) or the terminal."""
+    if path == "stdout":
+        return os.dup(sys.stdout.fileno())
+    fd = _open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, where)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{where}: is {_what(st.st_mode)}; give a regular file or 'stdout'")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_input(path: str, where: str) -> int:
+    """What a device reads without blocking: a regular file or a FIFO."""
+    fd = _open(path, os.O_RDONLY, where)
+    st = os.fstat(fd)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+        os.close(fd)
+        raise ConfigError(f"{where}: is {_what(st.st_mode)}; give a regular file or a FIFO")
+    return fd
+
+
+Opener = Callable[[DeviceSpec, HostResource, str], int]
+OPENERS: dict[str, Opener] = {
+    "image": lambda spec, r, where: open_image(spec.params[r.field],
+                                               bool(spec.params.get("readonly")), where),
+    "output": lambda spec, r, where: open_output(spec.params[r.field], where),
+    "input": lambda spec, r, where: open_input(spec.params[r.field], where),
+}
+
+
+@dataclass
+class DeviceResources:
+    """The fds of one device, by role; closed when the VM ends."""
+
+    fds: dict[str, int] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def open_resources(spec: DeviceSpec) -> DeviceResources:
+    """Open every host resource `spec`'s kind declares; ConfigError names the flag and path."""
+    kind = KINDS[spec.kind]
+    out = DeviceResources()
+    try:
+        for r in kind.resources:
+            value = spec.params.get(r.field)
+            if value in (None, ""):
+                if r.required:
+                    raise ConfigError(f"--{kind.flag}: {r.field} is required")
+                continue
+            opener = OPENERS.get(r.opener)
+            if opener is None:
+                raise ConfigError(f"--{kind.flag}: no way to open a {r.opener!r} resource")
+            fd = opener(spec, r, f"--{kind.flag} {value}")
+            out.fds[r.role] = fd
+            out.sizes[r.role] = os.fstat(fd).st_size
+    except BaseException:
+        out.close()
+        raise
+    return out

@@ -98,16 +98,21 @@ def udp(src: str, dst: str, sport: int, dport: int, payload: bytes, *, partial: 
 
 
 def tcp(src: str, dst: str, sport: int, dport: int, seq: int, ack: int, flags: int, payload: bytes,
-        *, window: int = 65535, partial: bool = False) -> bytes:
-    """A TCP segment with no options; `partial` as for `udp` (csum_offset 16)."""
-    offset = (TCP_HLEN // 4) << 4
-    seg = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, offset, flags, window, 0, 0) + payload
+        *, window: int = 65535, partial: bool = False, options: bytes = b"") -> bytes:
+    """A TCP segment (`options` padded to 32 bits); `partial` as for `udp` (csum_offset 16)."""
+    options += b"\0" * (-len(options) % 4)
+    offset = ((TCP_HLEN + len(options)) // 4) << 4
+    seg = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, offset, flags, window, 0, 0) + options + payload
     pseudo = pseudo_header_sum(src, dst, IPPROTO_TCP, len(seg))
     csum = pseudo if partial else checksum(seg, pseudo)
     return seg[:16] + struct.pack("!H", csum) + seg[18:]
 
 
-TCP_ACK, TCP_PSH = 0x10, 0x08
+TCP_SYN, TCP_ACK, TCP_PSH = 0x02, 0x10, 0x08
+
+
+def tcp_mss_option(mss: int) -> bytes:
+    return struct.pack("!BBH", 2, 4, mss)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@ playing the guest, with the host loop of `HostFds`.  Every address lives in a na
 - ARP and ICMP echo with the kernel's address on the tap (with and without offloads, MRG_RXBUF);
 - receive checksum offload: with GUEST_CSUM the tap hands over partially checksummed frames
   (TUNSETOFFLOAD took effect), without it complete ones;
+- receive TSO: with GUEST_TSO4 a TCP burst from a socket in the namespace (the test plays the
+  guest's handshake) reaches the guest as one GSO frame of several MSS (7300 bytes here),
+  without it as MSS-sized segments;
 - transmit checksum offload and TSO end to end: a partially checksummed UDP datagram and one
   20 000-byte TCP GSO frame from the guest are forwarded by the VM's namespace to a peer
   namespace over a veth without offloads (vmm_core/netsetup.py's plan), and arrive there as
@@ -192,6 +195,59 @@ def test_receive_checksum_offload_follows_the_features(netns, guests, guest_csum
         assert done is not None and done.l4_checksum_ok()
     else:
         assert h.flags == 0 and ip.l4_checksum_ok()
+
+
+# -- receive segmentation offload (GUEST_TSO4 -> TUN_F_TSO4) -----------------------------------------------
+@pytest.mark.parametrize("guest_tso", [True, False])
+def test_receive_tso_hands_the_guest_unsegmented_tcp(netns, guests, guest_tso):
+    """A TCP socket in the namespace talks to the guest (the test plays its TCP handshake);
+    with GUEST_TSO4 the kernel's first burst reaches the guest as one GSO frame larger than the
+    MSS, without it as MSS-sized segments."""
+    ns = netns()
+    features = BASIC | nh.VIRTIO_NET_F_MRG_RXBUF | (CSUM_TSO if guest_tso else nh.VIRTIO_NET_F_GUEST_CSUM)
+    g = Guest(ns, features)
+    guests.append(g)
+    peer_mac = g.resolve(PEER_IP)
+    client = in_namespace(g.ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    try:
+        client.setblocking(False)
+        client.connect_ex((GUEST_IP, 8080))
+
+        def tcp_with(flags: int) -> Callable[[bytes, bytes], bool]:
+            def match(h: bytes, f: bytes) -> bool:
+                ip = pk.parse_ipv4(f)
+                return ip is not None and ip.proto == pk.IPPROTO_TCP and ip.payload[13] & flags == flags
+            return match
+        _, syn = g.recv_until(tcp_with(pk.TCP_SYN))
+        ip = pk.parse_ipv4(syn)
+        sport, isn = struct.unpack_from("!HxxI", ip.payload)[0], struct.unpack_from("!I", ip.payload, 4)[0]
+        synack = pk.tcp(GUEST_IP, PEER_IP, 8080, sport, 5000, isn + 1, pk.TCP_SYN | pk.TCP_ACK, b"",
+                        options=pk.tcp_mss_option(1460))
+        g.send(pk.ip_frame(peer_mac, GUEST_MAC, GUEST_IP, PEER_IP, pk.IPPROTO_TCP, synack))
+        deadline = time.monotonic() + 5
+        while client.connect_ex((GUEST_IP, 8080)) not in (0, 106):  # EISCONN once established
+            assert time.monotonic() < deadline, "the kernel never completed the handshake"
+            g.serve()
+        data = bytes((i * 13) & 0xFF for i in range(14000))
+        client.send(data)  # within the initial window: one burst
+
+        def carries_data(h: bytes, f: bytes) -> bool:
+            ip = pk.parse_ipv4(f)
+            return ip is not None and ip.proto == pk.IPPROTO_TCP and len(ip.payload) > pk.TCP_HLEN + 12
+        header, frame = g.recv_until(carries_data)
+        h = NetHeader.unpack(header)
+        seg = pk.parse_ipv4(pk.complete_checksum(frame, h.csum_start, h.csum_offset)
+                            if h.flags & nh.VIRTIO_NET_HDR_F_NEEDS_CSUM else frame)
+        hlen = (seg.payload[12] >> 4) * 4
+        payload = seg.payload[hlen:]
+        assert seg.l4_checksum_ok() and data.startswith(payload)
+        if guest_tso:
+            assert h.gso_type == nh.VIRTIO_NET_HDR_GSO_TCPV4 and 0 < h.gso_size <= 1460
+            assert len(payload) > h.gso_size  # several segments' worth in one frame
+        else:
+            assert h.gso_type == nh.VIRTIO_NET_HDR_GSO_NONE and len(payload) <= 1460
+    finally:
+        client.close()
 
 
 # -- transmit checksum offload and TSO, forwarded to a peer namespace -------------------------------------

@@ -20,6 +20,7 @@ static const struct test tests[] = {
 	{"blk-workload", test_blk_workload},
 	{"virtio-rng", test_virtio_rng},
 	{"virtio-console", test_virtio_console},
+	{"virtio-net", test_virtio_net},
 };
 
 int fail(char *d, const char *f, ...)

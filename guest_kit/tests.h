@@ -22,6 +22,7 @@ int test_virtio_blk_ro(char *d);
 int test_blk_workload(char *d);
 int test_virtio_rng(char *d);
 int test_virtio_console(char *d);
+int test_virtio_net(char *d);
 
 extern u64 gk_ncpus; /* from rdx at entry */
 

@@ -38,6 +38,7 @@ static int find_device(const char *type, u64 *addr, u64 *irq)
 }
 
 u32 vdev_config32(struct vdev *v, unsigned off) { return rd(v, VIRTIO_MMIO_CONFIG + off); }
+u8 vdev_config8(struct vdev *v, unsigned off) { return mmio_r8(v->base + VIRTIO_MMIO_CONFIG + off); }
 
 static int setup_queue(struct vdev *v, unsigned qi, char *d)
 {
@@ -164,30 +165,85 @@ static void ack_interrupt(struct vdev *v)
 		wr(v, VIRTIO_MMIO_INTERRUPT_ACK, isr);
 }
 
+static void write_chain(struct vq *q, u16 head, const struct vbuf *bufs, unsigned n)
+{
+	unsigned i;
+
+	for (i = 0; i < n; i++) {
+		volatile u8 *e = q->desc + 16 * (head + i);
+
+		*(volatile u64 *)e = bufs[i].addr;
+		*(volatile u32 *)(e + 8) = bufs[i].len;
+		*(volatile u16 *)(e + 12) = (i + 1 < n ? VRING_DESC_F_NEXT : 0) | (bufs[i].write ? VRING_DESC_F_WRITE : 0);
+		*(volatile u16 *)(e + 14) = i + 1 < n ? head + i + 1 : 0;
+	}
+}
+
+/* Put `head` in the available ring, then publish the index (§2.7.13). */
+static void publish(struct vq *q, u16 head)
+{
+	*(volatile u16 *)(q->avail + 4 + 2 * (q->avail_idx % q->num)) = head;
+	mb();
+	*(volatile u16 *)(q->avail + 2) = ++q->avail_idx;
+	mb();
+}
+
+int vq_add(struct vdev *v, unsigned qi, u16 head, const struct vbuf *bufs, unsigned n)
+{
+	struct vq *q = &v->vq[qi];
+
+	if (qi >= v->nq || n == 0 || head + n > q->num)
+		return 0;
+	write_chain(q, head, bufs, n);
+	publish(q, head);
+	return 1;
+}
+
+void vq_notify(struct vdev *v, unsigned qi) { wr(v, VIRTIO_MMIO_QUEUE_NOTIFY, qi); }
+
+int vq_next_used(struct vdev *v, unsigned qi, u32 *id, u32 *len, u64 timeout_ms, char *d)
+{
+	struct vq *q = &v->vq[qi];
+	u64 waited = 0;
+
+	for (;;) {
+		u16 idx = *(volatile u16 *)(q->used + 2);
+		u64 r;
+
+		if (idx != q->last_used) {
+			mb();
+			*id = *(volatile u32 *)(q->used + 4 + 8 * (q->last_used % q->num));
+			*len = *(volatile u32 *)(q->used + 8 + 8 * (q->last_used % q->num));
+			q->last_used++;
+			return 1;
+		}
+		if (rd(v, VIRTIO_MMIO_STATUS) & VIRTIO_STATUS_NEEDS_RESET)
+			return fail(d, "device-needs-reset while waiting on queue %u", qi);
+		if (waited >= timeout_ms)
+			return fail(d, "timeout queue=%u after %lu ms (used idx %u)", qi, waited, idx);
+		r = v->irq < 16 ? wait_irq(1u << v->irq, POLL_MS) : (sleep_ms(POLL_MS), 0);
+		if (r & (1u << v->irq)) {
+			v->by_irq++;
+			ack_interrupt(v);
+			waited += 1; /* an interrupt storm still ends */
+		} else {
+			waited += POLL_MS;
+		}
+	}
+}
+
 int vq_run(struct vdev *v, unsigned qi, const struct vbuf *bufs, unsigned n, u32 *used_len, char *d)
 {
 	struct vq *q = &v->vq[qi];
 	u64 waited = 0;
 	int irq_seen = 0;
-	unsigned i;
 	u16 idx;
 	u32 id;
 
 	if (qi >= v->nq || n == 0 || n > q->num)
 		return fail(d, "bad-request queue=%u buffers=%u", qi, n);
-	for (i = 0; i < n; i++) {
-		volatile u8 *e = q->desc + 16 * i;
-
-		*(volatile u64 *)e = bufs[i].addr;
-		*(volatile u32 *)(e + 8) = bufs[i].len;
-		*(volatile u16 *)(e + 12) = (i + 1 < n ? VRING_DESC_F_NEXT : 0) | (bufs[i].write ? VRING_DESC_F_WRITE : 0);
-		*(volatile u16 *)(e + 14) = i + 1 < n ? i + 1 : 0;
-	}
-	/* Head 0 into the avail ring, then publish the index (§2.7.13). */
-	*(volatile u16 *)(q->avail + 4 + 2 * (q->avail_idx % q->num)) = 0;
-	mb();
-	*(volatile u16 *)(q->avail + 2) = ++q->avail_idx;
-	mb();
+	write_chain(q, 0, bufs, n);
+	publish(q, 0);
 	wr(v, VIRTIO_MMIO_QUEUE_NOTIFY, qi);
 
 	/* Wait for the interrupt first (it may already be pending), so the count of completions

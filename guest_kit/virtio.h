@@ -43,6 +43,7 @@
 
 #define VIRTIO_F_VERSION_1 (1ULL << 32)
 
+#define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
 #define VIRTIO_ID_CONSOLE 3
 #define VIRTIO_ID_RNG 4
@@ -84,5 +85,15 @@ void vdev_close(struct vdev *v);
  * re-checked every 100 ms); `*used_len` gets the device's written length. */
 int vq_run(struct vdev *v, unsigned qi, const struct vbuf *bufs, unsigned n, u32 *used_len, char *d);
 u32 vdev_config32(struct vdev *v, unsigned off);
+u8 vdev_config8(struct vdev *v, unsigned off);
+
+/* Several chains in flight on one queue (virtio-net's receive buffers): `vq_add` places a chain
+ * at descriptors head..head+n-1 and makes it available without notifying; `vq_notify` kicks;
+ * `vq_next_used` waits up to `timeout_ms` for the next used element (interrupt first, the used
+ * ring re-checked every 100 ms) and returns 0 on timeout or DEVICE_NEEDS_RESET (detail in `d`).
+ * Do not mix with `vq_run` on the same queue. */
+int vq_add(struct vdev *v, unsigned qi, u16 head, const struct vbuf *bufs, unsigned n);
+void vq_notify(struct vdev *v, unsigned qi);
+int vq_next_used(struct vdev *v, unsigned qi, u32 *id, u32 *len, u64 timeout_ms, char *d);
 
 #endif

@@ -47,6 +47,8 @@ CONSTANT_NAMES: tuple[str, ...] = (
     "EFD_CLOEXEC", "EFD_NONBLOCK", "EFD_SEMAPHORE",
     # prctl options
     "PR_SET_NAME", "PR_GET_NAME",
+    # tap ioctls (virtio-net: offloads on a tap the core opened) and their flags
+    "TUNSETOFFLOAD", "TUN_F_CSUM", "TUN_F_TSO4", "TUN_F_TSO6", "TUN_F_TSO_ECN", "TUN_F_UFO",
 )
 
 CDEF = r"""
@@ -155,6 +157,7 @@ SOURCE = r"""
 #include <sys/syscall.h>
 #include <linux/falloc.h>
 #include <linux/futex.h>
+#include <linux/if_tun.h>
 #include <linux/seccomp.h>
 #include <termios.h>
 

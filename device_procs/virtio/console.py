@@ -1,8 +1,9 @@
 """virtio-console (VIRTIO 1.2 §5.3), port 0 only: receiveq 0 and transmitq 1.
 
 Transmitted bytes go to a host fd (a log file or a pipe).  Input arrives through `feed()` or,
-when an input fd is given, `on_input_ready()` (the host polls `input_fd`); it waits in a bounded
-buffer until the driver posts receive buffers.
+when an input fd is given, `on_input_ready()` (the host polls `input_fd`, which `poll_fds()`
+lists: the generic hook of `VirtioDevice`); it waits in a bounded buffer until the driver posts
+receive buffers.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import struct
 
 from .device import VIRTIO_ID_CONSOLE, VirtioDevice
@@ -44,6 +46,7 @@ class ConsoleDevice(VirtioDevice):
         self.input_fd = input_fd
         self._owns_fds = owns_fds
         self.pending_input = bytearray()
+        self._input_eof = False
         self.counters.update(tx_bytes=0, rx_bytes=0, dropped_input=0, dropped_output=0)
 
     @classmethod
@@ -121,6 +124,17 @@ class ConsoleDevice(VirtioDevice):
         self.pending_input += data
         return self.process_queue(RECEIVEQ)
 
+    def poll_fds(self) -> list[tuple[int, int]]:
+        # Input is read whether or not the driver is ready: it waits in `pending_input`.
+        # At end of input (a closed pipe polls readable forever) it stops asking, and while the
+        # buffer is full it leaves input in the fd rather than read and drop it.
+        if self.input_fd is None or self._input_eof or len(self.pending_input) >= MAX_PENDING_INPUT:
+            return []
+        return [(self.input_fd, select.POLLIN)]
+
+    def on_ready(self, fd: int, events: int) -> bool:
+        return self.on_input_ready() if fd == self.input_fd else False
+
     def on_input_ready(self) -> bool:
         """The host saw `input_fd` readable: read what is there and deliver it."""
         if self.input_fd is None:
@@ -129,7 +143,10 @@ class ConsoleDevice(VirtioDevice):
             data = os.read(self.input_fd, MAX_PENDING_INPUT)
         except BlockingIOError:
             return False
-        return self.feed(data) if data else False
+        if not data:
+            self._input_eof = True
+            return False
+        return self.feed(data)
 
     def drain_queue(self, index: int, queue: Queue) -> bool:
         if index != RECEIVEQ:

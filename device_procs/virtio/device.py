@@ -2,6 +2,14 @@
 
 The transport (`mmio.MmioDevice`) decodes registers, negotiates features and builds the queues;
 a device only sees feature bits, its config space and parsed descriptor chains (kvmtool's split).
+
+Besides kicks, a device may be driven by its host loop through two hooks, both optional:
+- host fds: `poll_fds()` lists `(fd, select.POLLIN|POLLOUT)` the loop should wait on *now* (the
+  set changes: a net device stops asking for its tap while the guest has posted no receive
+  buffers), and `on_ready(fd, events)` is called when one is ready;
+- a timer: `next_deadline_ns()` is the `time.monotonic_ns()` instant at which `on_timer(now_ns)`
+  should run (a rate-limited queue waiting for tokens), or None.
+The loop asks again after every dispatch; both are cheap.
 """
 
 from __future__ import annotations
@@ -68,6 +76,10 @@ class VirtioDevice(abc.ABC):
         # Set by a guest error; input paths that bypass the transport (console feed) check it.
         self.broken = False
         self.counters: dict[str, int] = {"chains": 0, "interrupts": 0, "queue_errors": 0}
+        # A chain popped but refused by `admit` (rate limited), per queue: it is the next one
+        # handled.  Holding a popped chain is safe across a restart: a resumed queue starts at
+        # the used index, so the chain is popped again (see `Queue`).
+        self.held: dict[int, DescriptorChain] = {}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], fds: dict[str, int]) -> "VirtioDevice":
@@ -107,6 +119,7 @@ class VirtioDevice(abc.ABC):
         self.memory = memory
         self.queues = queues  # type: ignore[assignment]
         self.interrupt = interrupt
+        self.held = {}
 
     def reset(self) -> None:
         """Status 0 (§2.4): forget the driver, its features and its queues."""
@@ -115,6 +128,24 @@ class VirtioDevice(abc.ABC):
         self.queues = []
         self.interrupt = None
         self.broken = False
+        self.held = {}
+
+    # -- host loop hooks (see the module doc) ---------------------------------------------------
+    def poll_fds(self) -> list[tuple[int, int]]:
+        """Host fds to wait on now, as (fd, select.POLLIN | select.POLLOUT); none by default."""
+        return []
+
+    def on_ready(self, fd: int, events: int) -> bool:
+        """`fd` from `poll_fds()` is ready with `events`; True if buffers were used."""
+        return False
+
+    def next_deadline_ns(self) -> int | None:
+        """When (`time.monotonic_ns()`) `on_timer` should run, or None."""
+        return None
+
+    def on_timer(self, now_ns: int) -> bool:
+        """The deadline passed; True if buffers were used."""
+        return False
 
     def process_queue(self, index: int) -> bool:
         """Handle what the driver made available on queue `index`; True if buffers were used.
@@ -139,17 +170,25 @@ class VirtioDevice(abc.ABC):
             return False
 
     def drain_queue(self, index: int, queue: Queue) -> bool:
-        """Pop, handle and complete chains until the ring stays empty."""
+        """Pop, handle and complete chains until the ring stays empty (or `admit` says wait)."""
         used = False
         while True:
-            chain = queue.pop()
+            chain = self.held.pop(index, None) or queue.pop()
             while chain is not None:
+                if not self.admit(index, chain):
+                    # Stop taking chains from this queue; `next_deadline_ns` says when to retry.
+                    self.held[index] = chain
+                    return used
                 self.counters["chains"] += 1
                 queue.add_used(chain.head, self.handle_chain(index, chain))
                 used = True
                 chain = queue.pop()
             if not queue.enable_notification():
                 return used
+
+    def admit(self, queue_index: int, chain: DescriptorChain) -> bool:
+        """Whether `chain` may be handled now; False holds it (a rate limiter out of tokens)."""
+        return True
 
     def signal_used(self, queue_index: int | None = None) -> None:
         if self.interrupt is not None:

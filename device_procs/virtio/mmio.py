@@ -180,6 +180,30 @@ class MmioDevice:
                     self._notify_locked(i)
             self.signal_used()
 
+    # -- host loop hooks (`VirtioDevice.poll_fds` and friends), under the register lock --------
+    def poll_fds(self) -> list[tuple[int, int]]:
+        """Host fds the device wants polled now: (fd, select.POLLIN | select.POLLOUT)."""
+        with self._lock:
+            return [] if self.status & FAILED else self.device.poll_fds()
+
+    def on_ready(self, fd: int, events: int) -> bool:
+        """A host fd from `poll_fds()` is ready; never raises for guest errors."""
+        with self._lock:
+            return self.device.on_ready(fd, events)
+
+    def next_deadline_ns(self) -> int | None:
+        """When (`time.monotonic_ns()`) the host loop should call `on_timer`, or None."""
+        with self._lock:
+            if not self.status & DRIVER_OK or self.needs_reset:
+                return None
+            return self.device.next_deadline_ns()
+
+    def on_timer(self, now_ns: int) -> bool:
+        with self._lock:
+            if not self.status & DRIVER_OK or self.status & FAILED or self.needs_reset:
+                return False
+            return self.device.on_timer(now_ns)
+
     def signal_used(self, queue_index: int | None = None) -> None:
         """Used buffers were added (one interrupt line for every queue of an mmio device)."""
         self.interrupt_status |= INT_USED_BUFFER

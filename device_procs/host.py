@@ -40,6 +40,7 @@ from ipc_protocol.transport import fds as fdpass
 from ipc_protocol.transport.shm_ring import RingEndpoint, ShmRings, drain_eventfd
 from ipc_protocol.transport.zmq_channel import ControlClient
 from ipc_protocol.guest_memory import GuestMemory, RegionSpec
+from device_procs.virtio.hostfds import HostFds
 from ipc_protocol.kinds import KINDS
 
 log = logging.getLogger("device_procs.host")
@@ -245,10 +246,20 @@ class DeviceHost:
             poller.register(fd, zmq.POLLIN)
         poller.register(self.control.socket, zmq.POLLIN)
         kick_index = {fd: i for i, fd in enumerate(self.kick_fds)}
+        # The device's own host fds (a net device's tap, a console's input) and its timers
+        # (a rate limiter's refill), kept in step with what it wants after every dispatch.
+        host_fds = HostFds(poller, **HostFds.ZMQ_FLAGS) if hasattr(self.device, "poll_fds") \
+            else None
         while True:
             self._drain_ring()
-            for target, _ in poller.poll(1 if self._doorbell_frozen else None):
-                if target is self.control.socket:
+            timeout = 1 if self._doorbell_frozen else None
+            if host_fds is not None:
+                host_fds.sync(self.device.poll_fds())
+                timeout = host_fds.timeout_ms(self.device.next_deadline_ns(), timeout)
+            for target, revents in poller.poll(timeout):
+                if host_fds is not None and host_fds.owns(target):
+                    self.device.on_ready(target, host_fds.to_select(revents))
+                elif target is self.control.socket:
                     code = self._drain_control()
                     if code is not None:
                         return code
@@ -261,6 +272,8 @@ class DeviceHost:
                     if drain_eventfd(target):
                         self.counters["kicks"] += 1
                         self.device.queue_notify(kick_index[target])
+            if host_fds is not None:
+                host_fds.fire_timer(self.device)
 
     def _drain_ring(self) -> None:
         """Apply every pending slot in order; then spin a little for the next burst."""

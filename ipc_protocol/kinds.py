@@ -30,6 +30,9 @@ class SpecField:
     required: bool = False
     default: Any = None  # None: absent unless given
     choices: tuple[str, ...] = ()
+    derive: str | None = None  # absent: the core derives it ("vm-mac": stable per VM and index)
+    pattern: str | None = None  # a str field must match this (re.fullmatch) ...
+    pattern_help: str = ""      # ... or the error says this
 
 
 @dataclass(frozen=True)
@@ -85,13 +88,19 @@ class DeviceKind:
         return next((f for f in self.fields if f.name == name), None)
 
 
+_LIMIT = "SIZE/REFILL_MS[/BURST] token bucket"
+_BUCKET = {"pattern": r"[1-9][0-9]*/[1-9][0-9]*(/[0-9]+)?",
+           "pattern_help": "SIZE/REFILL_MS[/BURST] in tokens and milliseconds, e.g. 1048576/100"}
+
 BLK = DeviceKind(
     name="blk", virtio_id=2, queue_max_sizes=(256,),
     implementation="device_procs.virtio.blk:BlkDevice",
     flag="disk", name_prefix="blk", help="a raw disk image as virtio-blk (repeatable)",
     fields=(SpecField("path", str, "the raw image file", required=True),
             SpecField("readonly", bool, "refuse writes (VIRTIO_BLK_F_RO)", default=False),
-            SpecField("serial", str, "the id the guest reads (at most 20 bytes)")),
+            SpecField("serial", str, "the id the guest reads (at most 20 bytes)"),
+            SpecField("bandwidth", str, f"bytes limit, {_LIMIT}", **_BUCKET),
+            SpecField("ops", str, f"requests limit, {_LIMIT}", **_BUCKET)),
     shorthand="path",
     resources=(HostResource("disk", "path", "image"),),
     fsize_limit_from="disk",
@@ -122,7 +131,30 @@ CONSOLE = DeviceKind(
     workload="vmm_core.testing.workload:console_workload",
 )
 
-KINDS: dict[str, DeviceKind] = {k.name: k for k in (BLK, RNG, CONSOLE)}
+NET = DeviceKind(
+    name="net", virtio_id=1, queue_max_sizes=(256, 256, 64),  # receiveq, transmitq, controlq
+    implementation="device_procs.virtio.net:NetDevice",
+    flag="net", name_prefix="net",
+    help="a virtio-net NIC on a tap the core opens in a network namespace (repeatable)",
+    fields=(
+        SpecField("tap", str, "tap interface: created, or a persistent tap attached "
+                              "('%d': the kernel numbers it)", default="bhtap%d"),
+        SpecField("netns", str, "the tap's network namespace: new (this VM's own), an "
+                                "`ip netns` name, or a path; default: the core's"),
+        SpecField("mac", str, "the guest's MAC (default: stable per VM name and NIC index)",
+                  derive="vm-mac"),
+        SpecField("mtu", int, "MTU of the tap and of the device (68..65535)", default=1500),
+        SpecField("tx_bandwidth", str, f"transmit bytes limit, {_LIMIT}", **_BUCKET),
+        SpecField("tx_ops", str, f"transmit frames limit, {_LIMIT}", **_BUCKET),
+        SpecField("rx_bandwidth", str, f"receive bytes limit, {_LIMIT}", **_BUCKET),
+        SpecField("rx_ops", str, f"receive frames limit, {_LIMIT}", **_BUCKET),
+    ),
+    shorthand="tap",
+    resources=(HostResource("tap", "tap", "tap"),),
+    policy="net",
+)
+
+KINDS: dict[str, DeviceKind] = {k.name: k for k in (BLK, RNG, CONSOLE, NET)}
 
 # A kind only tests use: a device process built by a factory the test names (no virtio device).
 TEST_KIND_NAME = "test"

@@ -126,7 +126,8 @@ class Machine:
             from .devices.ports import VmPorts
             self.device_options = _device_options(config)
             self.devices = DeviceManager(
-                VmPorts(self.vm, self.memory, self.mmio_bus, self.runtime_dir, self.request_stop),
+                VmPorts(self.vm, self.memory, self.mmio_bus, self.runtime_dir, self.request_stop,
+                        self.name),
                 self.device_options)
             self.add_cleanup(self.devices.close)
             for spec in config.devices:

@@ -19,15 +19,6 @@ pytestmark = pytest.mark.kvm
 VIRTIO_TESTS = "virtio-blk,virtio-rng,virtio-console"
 
 
-@pytest.fixture
-def private_registry(monkeypatch):
-    """A registry (and runtime dirs) of our own: a short path, since socket paths are limited."""
-    path = tempfile.mkdtemp(prefix="bh")
-    monkeypatch.setenv("XDG_RUNTIME_DIR", path)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def wait_for_line(vm: BackgroundVm, prefix: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not any(line.startswith(prefix) for line in vm.stdout):

@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 from device_procs.virtio import MmioDevice, create_device
+from device_procs.virtio.hostfds import HostFds
 
 from ..memory import GuestMemory
 from .resources import DeviceResources
@@ -38,20 +39,27 @@ class InProcessBackend:
         self._thread.start()
 
     def _serve_kicks(self) -> None:
+        """Kicks, the device's own host fds and timers: what a device process's loop does."""
         poller = select.poll()
         queue_of = {fd: i for i, fd in enumerate(self.kick_fds)}
         for fd in queue_of:
             poller.register(fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
+        host_fds = HostFds(poller)
         while True:
-            for fd, _ in poller.poll():
+            host_fds.sync(self.mmio.poll_fds())
+            for fd, events in poller.poll(host_fds.timeout_ms(self.mmio.next_deadline_ns(), None)):
                 if fd == self._stop_r:
                     return
+                if host_fds.owns(fd):
+                    self.mmio.on_ready(fd, host_fds.to_select(events))
+                    continue
                 try:
                     os.eventfd_read(fd)
                 except BlockingIOError:
                     continue
                 self.mmio.queue_notify(queue_of[fd])
+            host_fds.fire_timer(self.mmio)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.spec.kind, "mode": "in-process",

@@ -26,7 +26,7 @@ from ..errors import BulkheadError, ConfigError
 from .options import DeviceOptions
 from .ports import VmPorts
 from .resources import DeviceResources, open_resources
-from .spec import DeviceSpec, parse_device_arg
+from .spec import DeviceSpec, derive_defaults, parse_device_arg
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ class DeviceManager:
         if any(s.spec.name == spec.name for s in self.slots):
             raise ConfigError(f"two devices are named {spec.name}")
         index = len(self.slots)
+        spec = derive_defaults(spec, self.ports.vm_name,
+                               sum(1 for s in self.slots if s.spec.kind == spec.kind))
         try:
             base, irq = layout.virtio_slot(index)
         except ValueError as e:

@@ -27,3 +27,4 @@ class VmPorts:
     mmio_bus: Bus
     runtime_dir: Path
     request_stop: Callable[[StopRequest], None]
+    vm_name: str = "vm"

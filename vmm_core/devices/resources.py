@@ -117,12 +117,23 @@ def open_input(path: str, where: str) -> int:
     return fd
 
 
-Opener = Callable[[DeviceSpec, HostResource, str], int]
+def open_tap(spec: DeviceSpec, r: HostResource, where: str) -> "tuple[int, Callable[[], None]]":
+    """A net device's tap, in its network namespace (`vmm_core.devices.tap`); the namespace
+    the core made for it (`netns=new`) is kept until the VM ends."""
+    from .tap import open_tap_resource
+    tap, ns = open_tap_resource(spec.params[r.field], spec.params.get("netns"),
+                                spec.params.get("mtu"), where)
+    return tap.fd, (ns.close if ns is not None else lambda: None)
+
+
+# An opener returns the fd, or (fd, what to call when the VM ends besides closing it).
+Opener = Callable[[DeviceSpec, HostResource, str], "int | tuple[int, Callable[[], None]]"]
 OPENERS: dict[str, Opener] = {
     "image": lambda spec, r, where: open_image(spec.params[r.field],
                                                bool(spec.params.get("readonly")), where),
     "output": lambda spec, r, where: open_output(spec.params[r.field], where),
     "input": lambda spec, r, where: open_input(spec.params[r.field], where),
+    "tap": open_tap,
 }
 
 
@@ -132,11 +143,15 @@ class DeviceResources:
 
     fds: dict[str, int] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
+    closers: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+        for closer in reversed(self.closers):
+            closer()
+        self.closers.clear()
 
 
 def open_resources(spec: DeviceSpec) -> DeviceResources:
@@ -153,8 +168,11 @@ def open_resources(spec: DeviceSpec) -> DeviceResources:
             opener = OPENERS.get(r.opener)
             if opener is None:
                 raise ConfigError(f"--{kind.flag}: no way to open a {r.opener!r} resource")
-            fd = opener(spec, r, f"--{kind.flag} {value}")
+            opened = opener(spec, r, f"--{kind.flag} {value}")
+            fd, closer = opened if isinstance(opened, tuple) else (opened, None)
             out.fds[r.role] = fd
+            if closer is not None:
+                out.closers.append(closer)
             out.sizes[r.role] = os.fstat(fd).st_size
     except BaseException:
         out.close()

@@ -93,6 +93,8 @@ def _convert(kind: DeviceKind, key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {key} is text, not {value!r}")
     if f.choices and value not in f.choices:
         raise ConfigError(f"{where}: {key} is one of {', '.join(f.choices)}, not {value!r}")
+    if f.pattern and not re.fullmatch(f.pattern, value):
+        raise ConfigError(f"{where}: {key}={value!r}: give {f.pattern_help or f.pattern}")
     return value
 
 
@@ -171,3 +173,15 @@ def check_unique(specs: list[DeviceSpec]) -> None:
         n = sum(1 for s in specs if s.kind == k.name)
         if n > k.max_instances:
             raise ConfigError(f"--{k.flag}: at most {k.max_instances} per VM, {n} given")
+
+
+def derive_defaults(spec: DeviceSpec, vm_name: str, index: int) -> DeviceSpec:
+    """Fill the fields the core derives when absent (a net device's MAC: stable per VM name
+    and device index, so a restarted or re-created VM keeps it)."""
+    from .tap import default_mac
+    derivers = {"vm-mac": lambda: default_mac(vm_name, index)}
+    missing = {f.name: derivers[f.derive]() for f in spec.device_kind.fields
+               if f.derive is not None and f.name not in spec.params}
+    if not missing:
+        return spec
+    return DeviceSpec(spec.kind, spec.name, {**spec.params, **missing}, spec.on_crash)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ipc_protocol import kinds
-from ipc_protocol.net_kind import NET
+from ipc_protocol.kinds import NET
 from vmm_core.devices.spec import parse_device_arg
 from vmm_core.devices.tap import TapError, check_ifname, default_mac
 from vmm_core.errors import ConfigError

@@ -575,7 +575,7 @@ def test_from_spec_duplicates_the_tap_fd(net):
 
 def test_create_device_through_the_kind(net, monkeypatch):
     from ipc_protocol import kinds
-    from ipc_protocol.net_kind import NET
+    from ipc_protocol.kinds import NET
     from device_procs.virtio import create_device
     monkeypatch.setitem(kinds.KINDS, "net", NET)
     dev = create_device({"type": "net", "mac": "52:54:00:12:34:56"}, {"tap": net.dev_sock.fileno()})

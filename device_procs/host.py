@@ -393,6 +393,14 @@ class DeviceHost:
                     pass
         elif m.kind == "flood_frames":
             self._flood_frames(int(m.args.get("mib", 512)))
+        elif m.kind == "grow_memory":
+            hoard = []
+            while True:  # until the kernel stops us (the device's memory limit)
+                hoard.append(bytearray(b"\x01" * (16 << 20)))
+        elif m.kind == "spin":
+            end = time.monotonic() + int(m.args.get("ms", 1000)) / 1000
+            while time.monotonic() < end:
+                pass
         elif m.kind == "fill_doorbell":
             assert self.ring is not None
             # The counter's maximum, and then we stop draining it (a compromised device would).

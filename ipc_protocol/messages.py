@@ -311,10 +311,11 @@ class ErrorReport(Message):
 # "syscall": the device attempts a call its jail forbids ({"name": ...}, see device_procs.host).
 # "flood_acks": send `count` valid HeartbeatAcks at once; "flood_frames": write `mib` MiB of raw
 # ZMTP frames all marked "more" on the channel's socket (the attacks of issue 9, findings 7, 3);
-# "fill_doorbell": raise the request doorbell eventfd to its maximum (finding 2).
+# "fill_doorbell": raise the request doorbell eventfd to its maximum (finding 2); "grow_memory":
+# allocate and touch memory until stopped; "spin": burn CPU for `ms` (finding 6).
 FAULT_KINDS = frozenset({"crash", "hang", "exit", "stall_ms", "garbage_response", "garbage_control",
                          "syscall", "crash_in_request", "flood_acks", "flood_frames",
-                         "fill_doorbell"})
+                         "fill_doorbell", "grow_memory", "spin"})
 
 
 @_message

@@ -26,6 +26,7 @@ from jail.errors import CgroupError
 
 CONTROLLERS = ("memory", "pids", "cpu")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+STALE_AGE = 60.0  # s: an empty VM cgroup younger than this may belong to a VM being built
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,52 @@ class VmCgroup:
             _write(self.dirs["cpu"] / "cpu.cfs_period_us", str(period))
             _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(int(cpu_quota * period)))
 
+    def child(self, name: str, *, memory_max: int | None = None, pids_max: int | None = None,
+              cpu_quota: float | None = None) -> "VmCgroup":
+        """A cgroup below this one (a device's, below its VM's), with its own limits.
+
+        cgroup v2 allows processes only in leaves once controllers are enabled below: the
+        caller keeps its own processes in a leaf child too (`VmCgroupMembership` puts the core
+        in `core/`)."""
+        if not _NAME.fullmatch(name):
+            raise CgroupError(f"cgroup: bad name {name!r} (letters, digits, . _ - only)")
+        cg = VmCgroup(f"{self.name}/{name}", self.version,
+                      {c: d / name for c, d in self.dirs.items()})
+        if self.version == 2:
+            _write(self.dirs[""] / "cgroup.subtree_control", "+memory +pids +cpu")
+        for d in cg.dirs.values():
+            try:
+                d.mkdir(exist_ok=True)
+            except OSError as err:
+                raise CgroupError(f"cgroup: cannot create {d}: {err.strerror}") from None
+        cg.set_limits(memory_max, pids_max, cpu_quota)
+        return cg
+
+    def oom_kills(self) -> int:
+        """How many processes the kernel has killed here for going over the memory limit."""
+        path = self.dirs[""] / "memory.events" if self.version == 2 else \
+            self.dirs["memory"] / "memory.oom_control"
+        try:
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def cpu_throttled(self) -> int:
+        """How many CPU-quota periods the cgroup was throttled in (cpu.stat)."""
+        d = self.dirs[""] if self.version == 2 else self.dirs["cpu"]
+        try:
+            for line in (d / "cpu.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "nr_throttled":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
     def limits(self) -> dict[str, str]:
         """The limits as the kernel reports them (for `bulkhead ps` and tests)."""
         if self.version == 2:
@@ -171,24 +218,39 @@ class VmCgroup:
             return set()
 
     def pids(self) -> set[int]:
+        """Every process in this cgroup and the cgroups below it."""
         out: set[int] = set()
         for d in self.dirs.values():
-            out |= self._procs(d)
+            for sub, _, _ in os.walk(d):
+                out |= self._procs(Path(sub))
         return out
 
     def remove(self, timeout: float = 5.0) -> None:
         """SIGKILL whatever is left in the cgroup, wait for it to empty, remove the directories."""
         deadline = time.monotonic() + timeout
-        while pids := self.pids():
+        me = os.getpid()
+        while pids := self.pids() - {me}:  # never ourselves: the caller may still be inside
             for pid in pids:
+                try:  # a pidfd: the pid read from the cgroup may have gone and been reused
+                    fd = os.pidfd_open(pid)
+                except (ProcessLookupError, OSError):
+                    continue
                 try:
-                    os.kill(pid, signal.SIGKILL)
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+                finally:
+                    os.close(fd)
             if time.monotonic() > deadline:
                 raise CgroupError(f"cgroup: processes {sorted(pids)} did not leave {self.name}")
             time.sleep(0.02)
         for d in self.dirs.values():
+            for child in sorted((c for c in d.iterdir() if c.is_dir()), reverse=True) \
+                    if d.is_dir() else []:
+                try:
+                    child.rmdir()  # a device's cgroup, empty now that its processes are gone
+                except OSError:
+                    pass
             for path in (d, d.parent):  # the VM's directory, then bulkhead/ if now empty
                 try:
                     path.rmdir()
@@ -217,3 +279,45 @@ def _pick_v2(mounts: list[Mount], own: dict[str, str]) -> Path | None:
         if set(CONTROLLERS) <= available and os.access(base, os.W_OK):
             return base
     return None
+
+
+def reap_stale(live_names: set[str]) -> list[str]:
+    """Remove the cgroups of VMs that are gone (a core killed by SIGKILL or the OOM killer
+    could not remove its own): every `bulkhead/<name>` below our own cgroups whose name is not
+    a live VM and which holds no process.  Returns the names removed."""
+    removed = []
+    mounts, own = read_mounts(), own_cgroups()
+    bases = []
+    for m in mounts:
+        if not m.writable:
+            continue
+        if m.fstype == "cgroup2":
+            bases.append(m.path / own.get("", "/").lstrip("/") / "bulkhead")
+        else:
+            for ctrl in CONTROLLERS:
+                if ctrl in m.options:
+                    bases.append(m.path / own.get(ctrl, "/").lstrip("/") / "bulkhead")
+    for base in bases:
+        try:
+            entries = [e for e in base.iterdir() if e.is_dir()]
+        except OSError:
+            continue
+        for d in entries:
+            if d.name in live_names or not _NAME.fullmatch(d.name):
+                continue
+            try:  # a VM starting right now has an empty cgroup for a moment: leave young ones
+                if time.time() - d.stat().st_mtime < STALE_AGE:
+                    continue
+            except OSError:
+                continue
+            cg = VmCgroup(d.name, 1, {"": d})
+            if cg.pids():
+                continue
+            for sub, _, _ in sorted(os.walk(d), key=lambda w: -len(w[0])):
+                try:
+                    os.rmdir(sub)
+                except OSError:
+                    break
+            else:
+                removed.append(d.name)
+    return sorted(set(removed))

@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from jail.cgroup import VmCgroup
+from jail.cgroup import VmCgroup, reap_stale
 from jail.errors import CgroupError
 
 from .errors import ConfigError
@@ -17,6 +17,7 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_PIDS_MAX = 512  # tasks, threads included: vCPUs, libzmq and supervisor threads, devices
+MIN_MEMORY_MARGIN = 128 << 20  # what the core needs beyond guest RAM (its own heap, libraries)
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,23 @@ class VmCgroupMembership:
             raise
         self._pid = os.getpid()
         try:
-            self.cgroup.add(self._pid)
+            if self.cgroup.version == 2:
+                # v2: processes only in leaves once the devices' cgroups exist below the VM's.
+                self.cgroup.child("core").add(self._pid)
+            else:
+                self.cgroup.add(self._pid)
         except CgroupError:
             self.cgroup.remove()
             raise
+
+    def device_cgroup(self, name: str, memory_max: int | None,
+                      cpu_quota: float | None) -> VmCgroup:
+        """A device's own cgroup below the VM's: its launcher, init and device are born there,
+        so its memory limit and CPU quota bound the device alone."""
+        try:
+            return self.cgroup.child(name, memory_max=memory_max, cpu_quota=cpu_quota)
+        except CgroupError as e:
+            raise ConfigError(f"device {name}: {e}") from None
 
     def leave(self) -> None:
         """Move the core back to its original cgroups, then remove the VM's."""
@@ -56,11 +70,24 @@ class VmCgroupMembership:
 
 
 def join_vm_cgroup(name: str, limits: CgroupLimits | None) -> VmCgroupMembership | None:
-    """The VM's cgroup membership, or None when disabled or (limits not required) unavailable."""
+    """The VM's cgroup membership, or None when disabled (`--no-cgroup`).  A cgroup that cannot
+    be made is an error: a VM silently running without its limits is worse than one that does
+    not start."""
     if limits is None:
         return None
     try:
         return VmCgroupMembership(name, limits)
     except CgroupError as e:
-        log.warning("running without a VM cgroup: %s", e)
-        return None
+        raise ConfigError(f"{e}; give --no-cgroup to run without the VM's cgroup (and its "
+                          "memory, pids and per-device limits)") from None
+
+
+def reap_stale_vms() -> None:
+    """Registry entries, runtime directories and cgroups of VMs whose core is gone."""
+    from . import registry
+    try:
+        live = {e.name for e in registry.running()}  # reads reap dead entries and their dirs
+        for name in reap_stale(live):
+            log.info("removed the cgroup of VM %s, which ended without cleaning up", name)
+    except (OSError, ConfigError) as e:
+        log.warning("could not reap stale VMs: %s", e)

@@ -78,7 +78,7 @@ def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", see
                     continue  # being restarted right now, or the VM has just finished
             status = vm.wait(600)
         finally:
-            vm.kill()
+            _stop(vm, name)
         results, _ = vm.results()
         ok, detail = results.get("blk-workload", (False, "no result"))
         with open(disk, "rb") as f:
@@ -99,3 +99,15 @@ def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", see
               f"p99 {_percentile(recoveries, 0.99):.1f} ms", file=out)
     print(f"  VM exit status:      {status}", file=out)
     return 0 if ok and not bad and status == 0 else 1
+
+
+def _stop(vm: BackgroundVm, name: str) -> None:
+    """Stop the VM the way a user would (it cleans up its cgroup, runtime directory and registry
+    entry); SIGKILL only a VM that does not stop."""
+    if vm.proc.poll() is None:
+        try:
+            request(name, cp.Stop())
+            vm.wait(15)
+        except Exception:  # noqa: BLE001 - then the hard way
+            pass
+    vm.kill()

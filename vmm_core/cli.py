@@ -9,6 +9,7 @@ import os
 import sys
 
 from .boot import DEFAULT_LINUX_CMDLINE
+from .devices.options import DEFAULT_DEVICE_CPU_QUOTA, DEFAULT_DEVICE_MEMORY
 from .errors import BulkheadError
 
 EXIT_USAGE = 2
@@ -169,6 +170,13 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
     p.add_argument("--cgroup-pids-max", type=_positive_int, metavar="N",
                    help="tasks limit of the VM's cgroup (default 512)")
     p.add_argument("--no-cgroup", action="store_true", help="do not create a per-VM cgroup")
+    p.add_argument("--device-memory-mib", type=int, default=DEFAULT_DEVICE_MEMORY >> 20,
+                   metavar="MIB", help="memory limit of each device process's own cgroup "
+                   f"(default {DEFAULT_DEVICE_MEMORY >> 20}; 0 = none); over it, the device is "
+                   "restarted with cause `memory limit`")
+    p.add_argument("--device-cpu-quota", type=float, default=DEFAULT_DEVICE_CPU_QUOTA,
+                   metavar="CPUS", help=f"CPU quota of each device process (default "
+                   f"{DEFAULT_DEVICE_CPU_QUOTA:g} CPU; 0 = none); throttling is counted in stats")
     p.add_argument("--hold", action="store_true",
                    help="keep the VM alive after the test guest's checks until SIGTERM/Ctrl-C")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
@@ -261,7 +269,10 @@ def _config_from_args(args: argparse.Namespace, scratch: str):
                                     restart_window=args.restart_window)
     options = DeviceOptions(sandbox=not args.no_sandbox, jail=_jail_options(args),
                             spawn_method=args.spawn_method, ring_spin_us=args.ring_spin_us,
-                            allow_faults=args.allow_faults, supervision=supervision)
+                            allow_faults=args.allow_faults, supervision=supervision,
+                            device_memory_max=(args.device_memory_mib << 20) or None
+                            if args.device_memory_mib >= 0 else -1,
+                            device_cpu_quota=args.device_cpu_quota or None)
     return VmConfig(kernel=kernel, cmdline=cmdline.strip(), mem_mib=args.mem, vcpus=vcpus,
                     cgroup=_cgroup_limits(args),
                     serial=args.serial, initrd=args.initrd, name=args.name, devices=devices,

@@ -41,6 +41,8 @@ def add_parsers(sub: Any, positive_int: Callable[[str], int]) -> None:
                "  flood-acks        the device sends 50000 valid heartbeat answers at once\n"
                "  flood-frames      the device writes 512 MiB of never-ending ZMTP frames\n"
                "  fill-doorbell     the device fills its request doorbell and stops reading it\n"
+               "  grow-memory       the device allocates memory until its limit stops it\n"
+               "  spin [MS]         the device burns CPU for MS milliseconds (default 1000)\n"
                "example:\n  bulkhead fault myvm blk0 slow 2000\n")
     fault.add_argument("vm", metavar="VM")
     fault.add_argument("device", metavar="DEVICE", help="e.g. blk0, rng0, console0")
@@ -142,8 +144,8 @@ def cmd_stop(vm: str, wait: float, out=sys.stdout) -> int:
 def cmd_fault(vm: str, device: str, action: str, ms: int | None, out=sys.stdout) -> int:
     if action == "slow" and ms is None:
         raise ControlError("fault slow needs a duration: bulkhead fault VM DEVICE slow MS")
-    if action != "slow" and ms is not None:
-        raise ControlError(f"fault {action} takes no duration (only slow does)")
+    if action not in ("slow", "spin") and ms is not None:
+        raise ControlError(f"fault {action} takes no duration (only slow and spin do)")
     if not registry.valid_name(device):
         raise ControlError(f"{device!r} is not a device name (e.g. blk0, rng0, console0)")
     body = request(vm, cp.InjectFault(device, action, ms or 0))

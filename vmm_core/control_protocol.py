@@ -26,7 +26,7 @@ MAX_REPLY_BYTES = 1 << 20
 
 # What `bulkhead fault VM DEVICE ACTION` may ask for (see `vmm_core.devices.supervisor`).
 FAULT_ACTIONS = ("kill", "hang", "slow", "bad-reply", "crash-in-request", "seccomp",
-                 "flood-acks", "flood-frames", "fill-doorbell")
+                 "flood-acks", "flood-frames", "fill-doorbell", "grow-memory", "spin")
 
 
 def _check_name(value: Any, what: str) -> str:

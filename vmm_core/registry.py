@@ -35,7 +35,9 @@ class VmEntry:
 
 
 def valid_name(name: str) -> bool:
-    return 0 < len(name) <= 32 and name.replace("-", "").replace("_", "").isalnum()
+    """1-32 ASCII letters, digits, '-' or '_' (it names sockets, cgroups and files)."""
+    return 0 < len(name) <= 32 and name.isascii() and \
+        name.replace("-", "").replace("_", "").isalnum()
 
 
 def process_start_ticks(pid: int) -> int | None:

@@ -23,7 +23,7 @@ from .bus import Bus
 from .errors import BootError, ConfigError
 from .kvm import Kvm, Vcpu, Vm
 from .kvm._kvm_cffi import ffi, lib
-from .cgroups import CgroupLimits, join_vm_cgroup
+from .cgroups import MIN_MEMORY_MARGIN, CgroupLimits, join_vm_cgroup, reap_stale_vms
 from .devices.options import DeviceOptions
 from .memory import GuestMemory, create_guest_memory
 from .registry import valid_name
@@ -64,6 +64,12 @@ class VmConfig:
             raise ConfigError(f"--initrd {self.initrd}: no such file")
         if self.name and not valid_name(self.name):
             raise ConfigError(f"--name {self.name!r}: use 1-32 letters, digits, '-' or '_'")
+        if self.cgroup is not None and self.cgroup.memory_max is not None:
+            need = (self.mem_mib << 20) + MIN_MEMORY_MARGIN
+            if self.cgroup.memory_max < need:
+                raise ConfigError(f"--cgroup-memory-mib {self.cgroup.memory_max >> 20}: the VM "
+                                  f"needs at least {need >> 20} (guest RAM {self.mem_mib} MiB + "
+                                  f"{MIN_MEMORY_MARGIN >> 20} MiB for the core)")
         if len(self.cmdline.encode()) >= layout.CMDLINE_MAX:
             raise ConfigError(f"--cmdline is {len(self.cmdline)} bytes; at most {layout.CMDLINE_MAX - 1}")
 
@@ -111,7 +117,9 @@ class Machine:
         self.runtime_dir = make_runtime_dir(self.name)
         self.add_cleanup(self._remove_runtime_dir)
         try:
-            # Before any device process: they are born in the VM's cgroup.
+            # Before any device process: they are born in the VM's cgroup.  What VMs killed
+            # without cleaning up left behind is reaped first.
+            reap_stale_vms()
             self.cgroup = join_vm_cgroup(self.name, config.cgroup)
             if self.cgroup is not None:
                 self.add_cleanup(self.cgroup.leave)
@@ -127,7 +135,7 @@ class Machine:
             self.device_options = _device_options(config)
             self.devices = DeviceManager(
                 VmPorts(self.vm, self.memory, self.mmio_bus, self.runtime_dir, self.request_stop,
-                        self.name),
+                        self.name, self.cgroup),
                 self.device_options)
             self.add_cleanup(self.devices.close)
             for spec in config.devices:

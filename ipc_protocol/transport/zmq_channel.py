@@ -52,7 +52,7 @@ def make_runtime_dir(vm_name: str, base: str | os.PathLike[str] | None = None) -
     `mkdtemp` creates it atomically with a unique name and mode 0700, so no other user can plant a
     socket or symlink there; we still verify owner and mode because `base` may be anything.
     """
-    if not vm_name.replace("-", "").replace("_", "").isalnum() or len(vm_name) > 32:
+    if not vm_name.isascii() or not vm_name.replace("-", "").replace("_", "").isalnum() or len(vm_name) > 32:
         raise LocalProtocolError(f"VM name {vm_name!r} must be 1-32 letters, digits, '-' or '_'")
     parent = base if base is not None else os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     path = Path(tempfile.mkdtemp(prefix=f"bulkhead-{vm_name}-", dir=parent))

@@ -98,10 +98,19 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, private_registry):
 def test_stale_registry_entry_of_a_dead_vm_is_ignored(tmp_path, private_registry):
     vm = start_held_vm(tmp_path, "ctl3")
     vm.kill()  # SIGKILL: no chance to clean up
+    vm.wait(10)
+    cgroup = "/sys/fs/cgroup/pids/bulkhead/ctl3"
+    if os.path.isdir(cgroup):  # the dead core's cgroup: reaped by the next VM (once old enough)
+        old = time.time() - 120
+        os.utime(cgroup, (old, old))
     run = run_bulkhead("ps")
     assert run.returncode == 0 and "ctl3" not in run.stdout, run.explain()
     assert registry.lookup("ctl3") is None
     # The name is free again.
+    vm2 = start_held_vm(tmp_path, "ctl4")  # starting a VM reaps what ctl3 left behind
+    vm2.kill()
+    vm2.wait(10)
+    assert not os.path.exists(cgroup)
     vm2 = start_held_vm(tmp_path, "ctl3")
     try:
         assert request("ctl3", cp.Ps())["pid"] == vm2.pid

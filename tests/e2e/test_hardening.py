@@ -108,3 +108,25 @@ def test_user_owned_0644_image_works(tmp_path) -> None:
                        "--cmdline", "gk.tests=virtio-blk")
     assert run.returncode == 0 and run.results["virtio-blk"][0], run.explain()
     assert stat.S_IMODE(os.stat(img).st_mode) == 0o644
+
+
+def test_device_over_its_memory_limit_is_restarted_with_that_cause(faulty_vm) -> None:
+    """Finding 6: a device grew to 4.2 GB resident and kept answering heartbeats."""
+    vm = faulty_vm("h-mem", "--allow-faults", "--device-memory-mib", "96")
+    assert vm.stats()["blk0"]["limits"]["memory"] == str(96 << 20)
+    vm.fault("blk0", "grow-memory")
+    vm.wait_restarts("blk0", 1, timeout=30)
+    causes = vm.stats()["blk0"]["last_causes"]
+    assert any(c.startswith("memory limit (96 MiB)") for c in causes), causes
+    assert_workload_clean(vm.finish())
+
+
+def test_spinning_device_is_held_to_its_cpu_quota(faulty_vm) -> None:
+    """Finding 6: a device spun at 99.8 % CPU; with a quota the kernel throttles it, counted."""
+    vm = faulty_vm("h-cpu", "--allow-faults", "--device-cpu-quota", "0.2")
+    vm.fault("rng0", "spin", "1500")
+    deadline = time.monotonic() + 10
+    while vm.stats()["rng0"]["cpu_throttled"] == 0:
+        assert time.monotonic() < deadline, vm.stats()["rng0"]
+        time.sleep(0.2)
+    assert_workload_clean(vm.finish())

@@ -39,9 +39,14 @@ def test_core_and_devices_share_the_vm_cgroup_with_its_limits(tmp_path):
         assert core["pids"].endswith(f"/bulkhead/{name}"), core
         devices = device_pids(vm.pid)
         assert set(devices) == {"rng0", "console0"}
-        for pid in devices.values():
-            assert cgroup_paths(pid)["pids"] == core["pids"]
-            assert cgroup_paths(pid)["memory"] == core["memory"]
+        for dev, pid in devices.items():
+            # Each device in its own cgroup below the VM's: the VM's limits cover it too.
+            assert cgroup_paths(pid)["pids"] == f"{core['pids']}/{dev}"
+            assert cgroup_paths(pid)["memory"] == f"{core['memory']}/{dev}"
+            dev_mem = f"/sys/fs/cgroup/memory{core['memory']}/{dev}/memory.limit_in_bytes"
+            assert int(open(dev_mem).read()) == 256 << 20  # the default device memory limit
+            dev_cpu = f"/sys/fs/cgroup/cpu{cgroup_paths(pid)['cpu']}/cpu.cfs_quota_us"
+            assert int(open(dev_cpu).read()) == 100_000  # one CPU (period 100 ms)
         pids_dir = f"/sys/fs/cgroup/pids{core['pids']}"
         mem_dir = f"/sys/fs/cgroup/memory{core['memory']}"
         assert open(f"{pids_dir}/pids.max").read().strip() == "300"

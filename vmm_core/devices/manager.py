@@ -113,7 +113,7 @@ class DeviceManager:
         if self.supervisor is not None:
             from .sandboxed import SandboxedBackend
             backend = SandboxedBackend(spec, resources, self.ports.memory, irqfd, kick_fds,
-                                       self.supervisor, self.options)
+                                       self.supervisor, self.options, self.ports.cgroup)
             slot.backend = backend
             self.supervisor.add(backend)
             self._await_first_start(backend)

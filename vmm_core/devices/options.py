@@ -25,6 +25,8 @@ DEFAULT_RESTART_WINDOW = 30.0
 DEFAULT_RING_SPIN_US = 100
 MAX_RING_SPIN_US = 10_000        # a spin longer than this only burns the CPU the peer needs
 MAX_TIMEOUT = 3600.0             # s: longer "timeouts" are typos
+DEFAULT_DEVICE_MEMORY = 256 << 20  # a device process needs ~40 MiB; page cache is reclaimable
+DEFAULT_DEVICE_CPU_QUOTA = 1.0   # CPUs: one device can never take the whole host
 
 
 def check_seconds(value: float, what: str, *, low: float = 0.0, high: float = MAX_TIMEOUT) -> float:
@@ -71,6 +73,11 @@ class DeviceOptions:
     ring_spin_us: int = DEFAULT_RING_SPIN_US
     allow_faults: bool = False
     supervision: SupervisionPolicy = field(default_factory=SupervisionPolicy)
+    # Each device's own cgroup (below the VM's): memory limit in bytes and CPU quota in CPUs;
+    # None = unlimited.  A device over its memory is killed by the kernel and restarted with
+    # cause "memory limit"; quota periods it was throttled in are counted in its stats.
+    device_memory_max: int | None = DEFAULT_DEVICE_MEMORY
+    device_cpu_quota: float | None = DEFAULT_DEVICE_CPU_QUOTA
 
     def __post_init__(self) -> None:
         if self.spawn_method not in SPAWN_METHODS:
@@ -78,6 +85,11 @@ class DeviceOptions:
                               f"{', '.join(SPAWN_METHODS)}")
         if type(self.ring_spin_us) is not int or not 0 <= self.ring_spin_us <= MAX_RING_SPIN_US:
             raise ConfigError(f"ring-spin-us {self.ring_spin_us!r}: give 0 to {MAX_RING_SPIN_US}")
+        if self.device_memory_max is not None and self.device_memory_max < 64 << 20:
+            raise ConfigError(f"device memory {max(0, self.device_memory_max) >> 20} MiB: a "
+                              "device process needs at least 64 MiB (0 = no limit)")
+        if self.device_cpu_quota is not None and not 0.01 <= self.device_cpu_quota <= 1024:
+            raise ConfigError(f"device CPU quota {self.device_cpu_quota}: give 0.01 to 1024 CPUs")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "DeviceOptions":

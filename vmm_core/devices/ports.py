@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from ..bus import Bus
 from ..memory import GuestMemory
@@ -28,3 +28,4 @@ class VmPorts:
     runtime_dir: Path
     request_stop: Callable[[StopRequest], None]
     vm_name: str = "vm"
+    cgroup: Any = None  # the VM's `VmCgroupMembership` (devices get cgroups below it), or None

@@ -20,6 +20,7 @@ that, the guest reads its own Status and an InterruptStatus that sends it back t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -51,7 +52,7 @@ class SandboxedBackend:
 
     def __init__(self, spec: DeviceSpec, resources: DeviceResources, memory: "GuestMemory",
                  irqfd: int, kick_fds: list[int], supervisor: "Supervisor",
-                 options: DeviceOptions) -> None:
+                 options: DeviceOptions, cgroup: Any = None) -> None:
         self.spec = spec
         self.name = spec.name
         self.kind = spec.device_kind
@@ -65,6 +66,16 @@ class SandboxedBackend:
         self.ring_spin_us = options.ring_spin_us
         self.timeout = self.policy.device_timeout
         self.lifecycle = Lifecycle(self.name, self.policy)
+        # The device's own cgroup (memory limit, CPU quota), below the VM's; its launcher joins
+        # it before forking, so every incarnation is born inside.
+        self.cgroup = None
+        self.jail = options.jail
+        if cgroup is not None and options.jail is not None:
+            self.cgroup = cgroup.device_cgroup(self.name, options.device_memory_max,
+                                               options.device_cpu_quota)
+            self.jail = dataclasses.replace(options.jail,
+                                            cgroup_procs=tuple(self.cgroup.procs_files()))
+        self._oom_kills = 0
         self.proc: DeviceProcess | None = None      # the process serving (or that last served)
         self.pending: DeviceProcess | None = None   # a process in its handshake
         self._proc_generation = 0
@@ -94,7 +105,7 @@ class SandboxedBackend:
         return spawn_device(self.name, self.kind.name,
                             control_endpoint=self.supervisor.control.endpoint, fds=fds,
                             generation=generation, allow_faults=self.options.allow_faults,
-                            jail=self.options.jail if self.options.jail is not None else False,
+                            jail=self.jail if self.jail is not None else False,
                             spawn_method=self.supervisor.spawn_method,
                             zygote=self.supervisor.zygote)
 
@@ -106,6 +117,15 @@ class SandboxedBackend:
         self.hb_pending_since = None
         self.hung = False
         self.proxy.attach(proc.rings.core_endpoint(), [proc.pidfd])
+
+    def memory_killed(self) -> bool:
+        """Whether the kernel killed a process of this device for its memory limit since the
+        last time we asked (the cgroup's OOM-kill count grew)."""
+        if self.cgroup is None:
+            return False
+        count = self.cgroup.oom_kills()
+        grew, self._oom_kills = count > self._oom_kills, count
+        return grew
 
     def proc_gone(self) -> None:
         """The serving process exited: stop watching its pidfd (it is reaped by the Kill)."""
@@ -251,6 +271,8 @@ class SandboxedBackend:
                                 "last": _round(self.lifecycle.recovery_ms[-1]) if rec else None},
                 "mmio_read_us": self.read_latency.summary_us(),
                 "heartbeat_rtt_ms": _round(self.heartbeat_rtt_ms),
+                "cpu_throttled": self.cgroup.cpu_throttled() if self.cgroup is not None else 0,
+                "limits": self.cgroup.limits() if self.cgroup is not None else {},
                 "proxy": self.proxy.stats()}
 
     def start(self) -> None:

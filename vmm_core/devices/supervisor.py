@@ -253,7 +253,7 @@ class Supervisor(threading.Thread):
         self.control.forget(proc.identity)
         proc.close()
 
-    def cause_of_exit(self, proc: DeviceProcess) -> str:
+    def cause_of_exit(self, proc: DeviceProcess, memory_killed: bool = False) -> str:
         """The core's own account of a process's end: from its exit status, as the kernel (through
         the launcher outside the jail) reported it; a seccomp report is believed only from a
         process SIGSYS killed."""
@@ -261,6 +261,10 @@ class Supervisor(threading.Thread):
         report = proc.seccomp_report
         if report:
             return f"seccomp violation: {report}"
+        if memory_killed:
+            limit = self.options.device_memory_max
+            return f"memory limit ({limit >> 20 if limit else '?'} MiB): process {proc.pid} " \
+                   f"{describe_exit(status)}"
         return f"process {proc.pid} {describe_exit(status)}"
 
     # -- faults and stats (supervisor thread, through call()) --------------------------------------
@@ -281,7 +285,9 @@ class Supervisor(threading.Thread):
                       "seccomp": ("syscall", {"name": "socket"}),
                       "flood-acks": ("flood_acks", {"count": 50_000}),
                       "flood-frames": ("flood_frames", {"mib": 512}),
-                      "fill-doorbell": ("fill_doorbell", {})}[action]
+                      "fill-doorbell": ("fill_doorbell", {}),
+                      "grow-memory": ("grow_memory", {}),
+                      "spin": ("spin", {"ms": ms or 1000})}[action]
         try:
             fault = msg.Fault(kind, args)
         except LocalProtocolError:
@@ -363,7 +369,7 @@ class Supervisor(threading.Thread):
         if proc is backend.proc:
             backend.proc_gone()
             self.handle(backend, lc.Died(backend.lifecycle.generation, time.monotonic(),
-                                         self.cause_of_exit(proc)))
+                                         self.cause_of_exit(proc, backend.memory_killed())))
 
     def _last_error(self, proc: DeviceProcess) -> str | None:
         try:

@@ -10,7 +10,7 @@ import bisect
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 from .errors import BusError
 
@@ -27,9 +27,6 @@ class BusDevice(Protocol):
     def write(self, offset: int, data: bytes) -> None:
         """Accept `data` written at `offset`."""
 
-
-# An interrupt hook handed to devices: raise (True) or lower (False) their line.
-InterruptHook = Callable[[bool], None]
 
 D = TypeVar("D")
 

@@ -51,7 +51,7 @@ class DeviceBackend(Protocol):
 
 
 @dataclass
-class Slot:
+class DeviceSlot:
     spec: DeviceSpec
     index: int
     base: int
@@ -70,7 +70,7 @@ class DeviceManager:
     def __init__(self, ports: VmPorts, options: DeviceOptions | None = None) -> None:
         self.ports = ports
         self.options = options or DeviceOptions()
-        self.slots: list[Slot] = []
+        self.slots: list[DeviceSlot] = []
         self.supervisor = None
         if self.options.sandbox:
             from .supervisor import Supervisor
@@ -86,7 +86,7 @@ class DeviceManager:
     def sandbox(self) -> bool:
         return self.options.sandbox
 
-    def add(self, spec: DeviceSpec) -> Slot:
+    def add(self, spec: DeviceSpec) -> DeviceSlot:
         """Wire a device and start it; its first process serves before this returns."""
         if spec.kind not in KINDS:
             raise ConfigError(f"unknown device type {spec.kind!r}")
@@ -108,7 +108,7 @@ class DeviceManager:
             fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             vm.register_ioeventfd(fd, base + regs.QUEUE_NOTIFY, 4, datamatch=q)
             kick_fds.append(fd)
-        slot = Slot(spec, index, base, irq, irqfd, kick_fds, resources)
+        slot = DeviceSlot(spec, index, base, irq, irqfd, kick_fds, resources)
         self.slots.append(slot)  # from here on, close() releases it whatever happens
         if self.supervisor is not None:
             from .sandboxed import SandboxedBackend
@@ -142,7 +142,7 @@ class DeviceManager:
             if slot.backend is not None:
                 slot.backend.start()
 
-    def find(self, name: str) -> Slot | None:
+    def find(self, name: str) -> DeviceSlot | None:
         return next((s for s in self.slots if s.spec.name == name), None)
 
     def names(self) -> list[str]:

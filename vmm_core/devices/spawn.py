@@ -1,8 +1,9 @@
 """Starting a device process and shaking hands with it.
 
-The child is a **fresh interpreter** (`python -m device_procs.host`), never a fork: the core is
-multi-threaded (vCPUs, libzmq) and a forked copy of a threaded process may inherit locks held by
-threads that no longer exist.
+The child is never a fork of the core (multi-threaded: vCPUs, libzmq; a forked copy of a threaded
+process may inherit locks held by threads that no longer exist): it is forked by the VM's zygote
+(a single-threaded interpreter with the device stack imported) or is a fresh interpreter
+(`python -m device_procs.host`), see "Spawn method" below.
 
 fd-passing protocol (what `device_procs.host` expects):
 

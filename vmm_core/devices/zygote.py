@@ -84,9 +84,6 @@ class PidfdPopen:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
 
 class Zygote:
     """One zygote process (restarted on demand) and the SEQPACKET socket to it; thread-safe."""

@@ -79,13 +79,6 @@ class Vcpu:
             bad = list(entries)[written]
             raise KvmError(f"KVM_SET_MSRS stopped at MSR {bad:#x} ({written}/{len(entries)} set)")
 
-    def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
-        for i, index in enumerate(indices):
-            msrs.entries[i].index = index
-        n = ioctl_ptr(self.fd, "KVM_GET_MSRS", msrs)
-        return {msrs.entries[i].index: msrs.entries[i].data for i in range(n)}
-
     def get_lapic(self):
         lapic = ffi.new("struct kvm_lapic_state *")
         ioctl_ptr(self.fd, "KVM_GET_LAPIC", lapic)

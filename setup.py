@@ -7,6 +7,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 CFFI_MODULES = [
     "vmm_core/kvm/_build.py:ffibuilder",            # <linux/kvm.h>
     "jail/_seccomp_build.py:ffibuilder",  # <seccomp.h>, -lseccomp
+    "ipc_protocol/_atomics_build.py:ffibuilder",  # shared-memory atomics (register page)
 ]
 
 setup(cffi_modules=[m for m in CFFI_MODULES if os.path.exists(os.path.join(_HERE, m.split(":")[0]))])

@@ -28,7 +28,7 @@ def _exit_0() -> bytes:
 
 def loop_guest(kind: str, n: int, mmio_addr: int = layout.TESTDEV_MMIO_BASE + 0x100) -> bytes:
     """kind: 'pio-out' (out to the PIO probe), 'mmio-write' or 'mmio-read' (a 4-byte access at
-    `mmio_addr`)."""
+    `mmio_addr`), 'mmio-irq' (the interrupt path of the virtio-mmio device at `mmio_addr`)."""
     code = b"\xB9" + struct.pack("<I", n)            # mov ecx, n
     code += b"\x48\xBB" + struct.pack("<Q", mmio_addr)  # mov rbx, mmio_addr
     code += b"\x66\xBA" + struct.pack("<H", layout.PIO_PROBE_PORT)  # mov dx, probe port
@@ -37,6 +37,9 @@ def loop_guest(kind: str, n: int, mmio_addr: int = layout.TESTDEV_MMIO_BASE + 0x
         "pio-out": b"\xEE",          # out dx, al
         "mmio-write": b"\x89\x03",   # mov [rbx], eax
         "mmio-read": b"\x8B\x03",    # mov eax, [rbx]
+        # what Linux's virtio-mmio interrupt handler does: read InterruptStatus (base + 0x60),
+        # write the bits back to InterruptACK (base + 0x64); `mmio_addr` is the device's base
+        "mmio-irq": b"\x8B\x43\x60\x89\x43\x64",  # mov eax, [rbx+0x60]; mov [rbx+0x64], eax
     }[kind]
     loop = body + b"\xFF\xC9"         # dec ecx
     loop += b"\x75" + bytes([(-(len(loop) + 2)) & 0xFF])  # jnz loop

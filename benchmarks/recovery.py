@@ -2,9 +2,9 @@
 started by the zygote and by a fresh interpreter, side by side in one run; plus the spawn time of
 a device process by each method.
 
-Two held test-guest VMs run at once, one per spawn method (`BULKHEAD_SPAWN_METHOD=exec|zygote`,
-until the CLI has a flag), each with the device probed by the guest (so a restart replays a live
-transport state).  Each is asked through its control endpoint to SIGKILL the device N times,
+Two held test-guest VMs run at once, one per spawn method (`--spawn-method exec|zygote`, checked
+in `ps` after every restart), each with the device probed by the guest (so a restart replays a
+live transport state).  Each is asked through its control endpoint to SIGKILL the device N times,
 alternating between the VMs; after each kill the benchmark polls `ps` until a new pid runs (the
 restart is complete only after the fresh process has acknowledged `Activate`, so "running" means
 serving).  Reported per method: that end-to-end time, the core's own measure (failure noticed ->
@@ -30,7 +30,7 @@ from ipc_protocol.transport.zmq_channel import ControlServer, make_runtime_dir  
 from vmm_core import control_protocol as cp  # noqa: E402
 from vmm_core.cli_control import wait_for_vm  # noqa: E402
 from vmm_core.control import ControlError, request  # noqa: E402
-from vmm_core.devices.spawn import SPAWN_METHOD_ENV, DeviceFds, start_device  # noqa: E402
+from vmm_core.devices.spawn import DeviceFds, start_device  # noqa: E402
 from vmm_core.devices.zygote import Zygote  # noqa: E402
 from vmm_core.memory import GuestMemory, create_guest_memory  # noqa: E402
 from vmm_core.testing import TEST_GUEST, BackgroundVm  # noqa: E402
@@ -79,15 +79,20 @@ class SpawnProbe:
         self.rundir.rmdir()
 
 
-def kill_and_wait(name: str, device: str, timeout: float = 10.0) -> float:
-    """ms from asking the core to SIGKILL `device` until a new process of it runs."""
+def kill_and_wait(name: str, device: str, method: str, timeout: float = 10.0) -> float:
+    """ms from asking the core to SIGKILL `device` until a new process of it runs (started by
+    `method`, or the benchmark stops)."""
     old = {d["name"]: d for d in request(name, cp.Ps())["devices"]}[device]
     t0 = time.perf_counter()
     request(name, cp.InjectFault(device, "kill"))
     while True:
         d = {d["name"]: d for d in request(name, cp.Ps())["devices"]}[device]
         if d["pid"] != old["pid"] and d["state"] == "running":
-            return (time.perf_counter() - t0) * 1000
+            elapsed = (time.perf_counter() - t0) * 1000
+            if d.get("spawn") != method:
+                raise SystemExit(f"{name}: asked for {method}, the core restarted {device} by "
+                                 f"{d.get('spawn')}")
+            return elapsed
         if time.perf_counter() - t0 > timeout:
             raise SystemExit(f"{device} did not come back within {timeout} s: {d}")
         time.sleep(0.001)
@@ -97,20 +102,12 @@ def start_vm(name: str, method: str, tmp: str, device: str) -> BackgroundVm:
     disk = os.path.join(tmp, f"{name}.img")
     with open(disk, "wb") as f:
         f.truncate(1 << 20)
-    saved = os.environ.get(SPAWN_METHOD_ENV)
-    os.environ[SPAWN_METHOD_ENV] = method  # inherited by this VM's core only
-    try:
-        return BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", disk, "--rng",
-                            "--console", os.path.join(tmp, f"{name}.txt"), "--hold",
-                            "--allow-faults", "--name", name,
-                            # Each kill is a first failure: no crash-loop back-off in the figures.
-                            "--restart-window", "0.05",
-                            "--cmdline", f"gk.tests={GUEST_TEST[device]}")
-    finally:
-        if saved is None:
-            os.environ.pop(SPAWN_METHOD_ENV, None)
-        else:
-            os.environ[SPAWN_METHOD_ENV] = saved
+    return BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", disk, "--rng",
+                        "--console", os.path.join(tmp, f"{name}.txt"), "--hold",
+                        "--allow-faults", "--name", name, "--spawn-method", method,
+                        # Each kill is a first failure: no crash-loop back-off in the figures.
+                        "--restart-window", "0.05",
+                        "--cmdline", f"gk.tests={GUEST_TEST[device]}")
 
 
 def line(label: str, values: list[float]) -> str:
@@ -144,7 +141,7 @@ def main() -> None:
                     spawn[m].append(probe.spawn_ms(m))
                     time.sleep(args.interval_ms / 1000)
                     try:
-                        recover[m].append(kill_and_wait(names[m], args.device))
+                        recover[m].append(kill_and_wait(names[m], args.device, m))
                     except ControlError as err:  # e.g. still restarting: not a sample
                         print(f"skipped ({m}): {err}", file=sys.stderr)
             for m in methods:

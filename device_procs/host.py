@@ -229,6 +229,8 @@ class DeviceHost:
         finally:
             for fd in resources.values():
                 os.close(fd)
+        if hasattr(self.device, "attach_page"):
+            self.device.attach_page(self.rings.register_page)
         for role, fd in fds.items():  # anything unexpected: not ours to keep
             log.warning("closing unexpected fd role %r", role)
             os.close(fd)
@@ -271,14 +273,17 @@ class DeviceHost:
                 elif target in kick_index:
                     if drain_eventfd(target):
                         self.counters["kicks"] += 1
+                        # Posted register writes come before the kick in the guest's order
+                        # (DRIVER_OK, then QueueNotify): apply them first.
+                        self._drain_ring(spin=False)
                         self.device.queue_notify(kick_index[target])
             if host_fds is not None:
                 host_fds.fire_timer(self.device)
 
-    def _drain_ring(self) -> None:
+    def _drain_ring(self, spin: bool = True) -> None:
         """Apply every pending slot in order; then spin a little for the next burst."""
         assert self.ring is not None
-        spin_end = time.monotonic() + self.spin_us / 1e6
+        spin_end = time.monotonic() + (self.spin_us / 1e6 if spin else 0.0)
         while True:
             slot = self.ring.try_recv()
             if slot is None:
@@ -293,6 +298,7 @@ class DeviceHost:
         if slot.op is Op.WRITE:
             self.counters["ring_writes"] += 1
             self.device.write(slot.offset, slot.data)
+            self.rings.register_page.set_applied(slot.seq)  # a config read may wait for it
             return
         if slot.op is Op.READ:
             self.counters["ring_reads"] += 1
@@ -378,7 +384,10 @@ class DeviceHost:
         elif m.kind == "stall_ms":
             time.sleep(int(m.args.get("ms", 100)) / 1000)
         elif m.kind == "garbage_response":
-            self._garbage_next = True
+            self._garbage_next = True  # the next ring answer, and the register page at once
+            page = getattr(self.device, "page", None)
+            if page is not None:
+                page.corrupt()
         elif m.kind == "garbage_control":
             self.control.socket.send(b"\x81\xa4type\xa7Garbage")
         elif m.kind == "syscall":

@@ -30,7 +30,7 @@ examples:
 
 exit status: the guest's own code (test guest EXIT register / debug port 0x501), 0 on ACPI
 power-off, 65 guest reset, 66 fatal vCPU error, 67 a device failure stopped the VM,
-130 Ctrl-C, 143 SIGTERM, 2 bad input.
+129 SIGHUP, 130 Ctrl-C, 143 SIGTERM (each a full teardown), 2 bad input.
 """
 
 

@@ -1,7 +1,8 @@
 """Which VMs are running, by name: one small JSON file per VM in a private registry directory.
 
-`$XDG_RUNTIME_DIR/bulkhead/vms/<name>.json` (or `/tmp/bulkhead-<uid>/vms/` without
-XDG_RUNTIME_DIR) holds the VM's core pid, that process's start time and its runtime directory.
+`$XDG_RUNTIME_DIR/bulkhead/vms/<name>.json` (without XDG_RUNTIME_DIR: `/run/bulkhead/vms/` for
+root, where no other user can plant the directory first; `/tmp/bulkhead-<uid>/vms/` for others,
+checked to be theirs and private) holds the VM's core pid, that process's start time and its runtime directory.
 The core writes its entry when it starts and removes it when it exits; a core killed by SIGKILL
 leaves a stale entry behind, which every reader recognises (the pid is gone, or it is another
 process: the start time differs) and removes.
@@ -50,10 +51,21 @@ def process_start_ticks(pid: int) -> int | None:
         return None
 
 
+ROOT_RUN_DIR = Path("/run")
+
+
+def registry_base() -> Path:
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "bulkhead"
+    if os.getuid() == 0 and ROOT_RUN_DIR.is_dir():
+        return ROOT_RUN_DIR / "bulkhead"
+    return Path(tempfile.gettempdir()) / f"bulkhead-{os.getuid()}"
+
+
 def registry_dir() -> Path:
     """The per-user registry directory, created 0700 and checked to be ours."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(xdg) / "bulkhead" if xdg else Path(tempfile.gettempdir()) / f"bulkhead-{os.getuid()}"
+    base = registry_base()
     path = base / "vms"
     for p in (base, path):
         try:

@@ -31,6 +31,7 @@ class StopReason(IntEnum):
     RESET = 65
     VCPU_FATAL = 66
     DEVICE_FAILED = 67
+    HANGUP = 129  # SIGHUP: the terminal or session went away; stopped like SIGTERM
     INTERRUPTED = 130
     TERMINATED = 143
 

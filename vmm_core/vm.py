@@ -268,13 +268,17 @@ class Machine:
         self._stopped.set()
 
     def run(self, timeout: float | None = None) -> StopRequest:
-        """Run until the guest stops, Ctrl-C/SIGTERM, or `timeout` seconds; then tear down."""
+        """Run until the guest stops, Ctrl-C/SIGTERM/SIGHUP, or `timeout` seconds; then tear down."""
         main = threading.current_thread() is threading.main_thread()
         old_handlers = {}
         if main:
             old_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, _ignore_signal)
             old_handlers[signal.SIGTERM] = signal.signal(
                 signal.SIGTERM, lambda s, f: self.request_stop(StopRequest(StopReason.TERMINATED, "SIGTERM")))
+            # A closed terminal or ssh session: the default action would skip the teardown and
+            # leak the device processes' cgroups, the runtime dir and the registry entry.
+            old_handlers[signal.SIGHUP] = signal.signal(
+                signal.SIGHUP, lambda s, f: self.request_stop(StopRequest(StopReason.HANGUP, "SIGHUP")))
         restore_tty = self._start_stdin_reader()
         try:
             self.devices.start()

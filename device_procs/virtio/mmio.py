@@ -14,6 +14,7 @@ import threading
 from typing import Any, Callable
 
 from ipc_protocol.guest_memory import GuestMemory
+from ipc_protocol.register_page import RegisterPage
 # The register map lives in the shared leaf; the names are re-exported for device code and tests.
 from ipc_protocol.virtio_mmio import (ACKNOWLEDGE, CONFIG, CONFIG_GENERATION, DEVICE_FEATURES,  # noqa: F401
                                       DEVICE_FEATURES_SEL, DEVICE_ID, DEVICE_NEEDS_RESET, DRIVER,
@@ -62,8 +63,43 @@ class MmioDevice:
         self.ignored_writes = 0
         self.needs_reset_reason: str | None = None
         self.transport = TransportState(list(device.queue_max_sizes), device.features)
-        self.interrupt_status = 0
+        self._interrupt_status = 0
         self.config_generation = 0
+        self.page: RegisterPage | None = None
+
+    # -- the register page (a device process: the core answers most reads from it) -------------
+    def attach_page(self, page: RegisterPage) -> None:
+        """Publish InterruptStatus, DEVICE_NEEDS_RESET, ConfigGeneration and the config space
+        in `page` from now on (see `ipc_protocol.register_page`)."""
+        with self._lock:
+            if self._interrupt_status:
+                page.raise_interrupt(self._interrupt_status)
+            self.page = page
+            self.publish()
+
+    def publish(self) -> None:
+        """Refresh what the page says of config space, generation and DEVICE_NEEDS_RESET."""
+        if self.page is not None:
+            self.page.publish(self.device.config_bytes(), self.config_generation, self.needs_reset)
+
+    @property
+    def interrupt_status(self) -> int:
+        return self.page.interrupt_status() if self.page is not None else self._interrupt_status
+
+    @interrupt_status.setter
+    def interrupt_status(self, value: int) -> None:
+        if self.page is not None:
+            self.page.clear_interrupts()
+            self.page.raise_interrupt(value)
+        else:
+            self._interrupt_status = value
+
+    def _raise_interrupt(self, bits: int) -> None:
+        # Set before the irqfd is signalled: the core reads the page when the guest asks.
+        if self.page is not None:
+            self.page.raise_interrupt(bits)
+        else:
+            self._interrupt_status |= bits
 
     # -- the transport state, by name (tests and the device host read these) -------------------
     @property
@@ -117,10 +153,14 @@ class MmioDevice:
             self.ignored_writes += 1
         elif effect is Effect.CONFIG_WRITE:
             self.device.write_config(w.offset, w.data)
+            self.publish()
         elif effect is Effect.NOTIFY:
             self._notify_locked(w.value)
         elif effect is Effect.INTERRUPT_ACK:
-            self.interrupt_status &= ~w.value
+            if self.page is not None:
+                self.page.ack(w.value)
+            else:
+                self._interrupt_status &= ~w.value
         elif effect is Effect.RESET:
             self._reset_locked()
         elif effect is Effect.FEATURES_OK:
@@ -154,6 +194,7 @@ class MmioDevice:
         self.interrupt_status = 0
         self.config_generation = 0
         self.needs_reset_reason = None
+        self.publish()
 
     # -- kicks and interrupts ------------------------------------------------------------------
     def queue_notify(self, index: int) -> bool:
@@ -206,12 +247,13 @@ class MmioDevice:
 
     def signal_used(self, queue_index: int | None = None) -> None:
         """Used buffers were added (one interrupt line for every queue of an mmio device)."""
-        self.interrupt_status |= INT_USED_BUFFER
+        self._raise_interrupt(INT_USED_BUFFER)
         self.notify()
 
     def signal_config(self) -> None:
         self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
-        self.interrupt_status |= INT_CONFIG_CHANGE
+        self.publish()
+        self._raise_interrupt(INT_CONFIG_CHANGE)
         self.notify()
 
     def signal_needs_reset(self, reason: str) -> None:
@@ -221,8 +263,9 @@ class MmioDevice:
         log.warning("virtio device %d needs reset: %s", self.device.device_type, reason)
         self.needs_reset_reason = reason
         self.transport.mark_needs_reset()
+        self.publish()
         if self.status & DRIVER_OK:
-            self.interrupt_status |= INT_CONFIG_CHANGE
+            self._raise_interrupt(INT_CONFIG_CHANGE)
             self.notify()
 
     # -- persistence ----------------------------------------------------------------------------
@@ -270,6 +313,7 @@ class MmioDevice:
             self.transport.load_wire(wire)
             self.interrupt_status = interrupt_status
             self.config_generation = config_generation
+            self.publish()
             if self.status & FEATURES_OK:
                 self.device.ack_features(self.driver_features)
             if self.status & DRIVER_OK and not self.status & (FAILED | DEVICE_NEEDS_RESET):

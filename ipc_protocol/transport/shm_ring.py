@@ -25,6 +25,7 @@ import select
 import time
 from typing import Iterable
 
+from ..register_page import PAGE_BYTES, RegisterPage
 from ..errors import LocalProtocolError, PeerGone, TransportTimeout
 from ..ring import (RingConsumer, RingProducer, Slot, initialize_ring, request_consumer,
                     request_producer, response_consumer, response_producer, ring_bytes)
@@ -40,9 +41,10 @@ DEFAULT_CAPACITY = 64
 
 
 def ring_pair_layout(capacity: int) -> tuple[int, int, int]:
-    """(request ring offset, response ring offset, total bytes) inside the memfd."""
+    """(request ring offset, response ring offset, total bytes) inside the memfd; the register
+    page (`ipc_protocol.register_page`) is the last PAGE_BYTES before `total`, page-aligned."""
     one = ring_bytes(capacity)
-    total = (2 * one + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+    total = (2 * one + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE + PAGE_BYTES
     return 0, one, total
 
 
@@ -80,8 +82,9 @@ class ShmRings:
                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
         view = memoryview(self._mmap)
         self.request_buffer = view[req_off:resp_off]
-        self.response_buffer = view[resp_off:total]
+        self.response_buffer = view[resp_off:total - PAGE_BYTES]
         self._views = [view, self.request_buffer, self.response_buffer]
+        self.register_page = RegisterPage(memfd, total - PAGE_BYTES)
 
     @classmethod
     def create(cls, capacity: int = DEFAULT_CAPACITY, name: str = "bulkhead-ring") -> "ShmRings":
@@ -99,6 +102,7 @@ class ShmRings:
             raise
         initialize_ring(rings.request_buffer, capacity)
         initialize_ring(rings.response_buffer, capacity)
+        rings.register_page.initialize()
         return rings
 
     @classmethod
@@ -125,8 +129,12 @@ class ShmRings:
                             incoming_doorbell=self.request_doorbell)
 
     def close(self) -> None:
+        self.register_page = None  # type: ignore[assignment]  # unmapped with its last user
         for v in reversed(self._views):
-            v.release()
+            try:
+                v.release()
+            except BufferError:
+                pass
         self._views = []
         try:
             self._mmap.close()

@@ -61,3 +61,27 @@ def test_core_and_devices_share_the_vm_cgroup_with_its_limits(tmp_path):
 def test_no_cgroup_with_limits_is_a_usage_error():
     run = run_bulkhead("run", "--kernel", TEST_GUEST, "--no-cgroup", "--cgroup-pids-max", "10")
     assert run.returncode == 2 and "--no-cgroup cannot be combined" in run.stderr
+
+
+def test_sighup_tears_the_vm_down_like_sigterm(tmp_path):
+    """A closed terminal or ssh session (issue 9.9): nothing of the VM is left behind."""
+    from vmm_core import registry
+    name = f"hup{os.getpid()}"
+    vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--rng", "--console", str(tmp_path / "c.txt"),
+                      "--hold", "--name", name, "--cmdline", "gk.tests=virtio-rng")
+    try:
+        wait_done(vm)
+        core = cgroup_paths(vm.pid)
+        devices = device_pids(vm.pid)
+        entry = registry.lookup(name)
+        assert entry is not None and os.path.isdir(entry.runtime_dir)
+        vm.proc.send_signal(signal.SIGHUP)
+        assert vm.wait(30) == 129, vm.explain()
+    finally:
+        vm.kill()
+    assert "SIGHUP" in "".join(vm.stderr)
+    for pid in devices.values():
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in "ZX"
+    assert not os.path.exists(f"/sys/fs/cgroup/pids{core['pids']}")
+    assert registry.lookup(name) is None and not os.path.exists(entry.runtime_dir)

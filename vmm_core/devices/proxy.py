@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import select
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -31,12 +32,20 @@ from ipc_protocol import virtio_mmio as regs
 from ipc_protocol.errors import PeerGone, ProtocolError, RemoteProtocolError, TransportTimeout
 from ipc_protocol.ring import ACCESS_SIZES, U32_MAX, ResponseMatcher, Slot
 from ipc_protocol.transport.shm_ring import RingEndpoint
+from ipc_protocol.register_page import RegisterPage
 from ipc_protocol.virtio_mmio import TransportState
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 0.5     # seconds a vCPU may wait for a register read before the device is failed
 RECENT_WRITES = 256       # bounded debug log of raw writes: the guest may write forever
+
+
+# Registers whose value never changes (§4.2.2): no shared memory region, no queue reset.
+_CONSTANT_REGISTERS = {regs.MAGIC_VALUE: regs.MAGIC, regs.VERSION: regs.MMIO_VERSION,
+                       regs.VENDOR_ID: regs.VENDOR_BKHD, regs.SHM_LEN_LOW: 0xFFFFFFFF,
+                       regs.SHM_LEN_HIGH: 0xFFFFFFFF, regs.SHM_BASE_LOW: 0xFFFFFFFF,
+                       regs.SHM_BASE_HIGH: 0xFFFFFFFF, regs.QUEUE_RESET: 0}
 
 
 class TransportShadow:
@@ -90,29 +99,40 @@ class ProxyDevice:
     def __init__(self, name: str, ring: RingEndpoint | None, *, queue_max_sizes: Sequence[int] = (),
                  timeout: float = DEFAULT_TIMEOUT, spin_us: int = 0,
                  on_failure: Callable[[str], None] | None = None,
-                 watch_fds: Sequence[int] = ()) -> None:
+                 watch_fds: Sequence[int] = (), device_id: int | None = None,
+                 page: RegisterPage | None = None) -> None:
         self.name = name
+        self.device_id = device_id  # the kind's virtio id: DeviceID is answered here
         self.timeout = timeout
         self.spin_us = spin_us
         self.on_failure = on_failure
         self.shadow = TransportShadow(queue_max_sizes)
-        self.counters = {"reads": 0, "writes": 0, "dropped_reads": 0, "dropped_writes": 0}
+        self.counters = {"reads": 0, "writes": 0, "dropped_reads": 0, "dropped_writes": 0,
+                         "local_reads": 0, "local_writes": 0}
         self._lock = threading.Lock()
         self._seq = 0
-        self._attach_locked(ring, watch_fds)
+        self._last_write_seq = 0
+        self._attach_locked(ring, watch_fds, page)
 
     # -- backend -------------------------------------------------------------------------------
-    def _attach_locked(self, ring: RingEndpoint | None, watch_fds: Sequence[int]) -> None:
+    def _attach_locked(self, ring: RingEndpoint | None, watch_fds: Sequence[int],
+                       page: RegisterPage | None = None) -> None:
         """`ring` None: no process yet (the proxy is failed until one is attached)."""
         self._ring = ring  # type: ignore[assignment]
+        self._page = page
+        self._last_write_seq = 0  # a fresh process: its applied_seq starts at 0 too
         self._watch_fds = tuple(watch_fds)
+        self._gone_poller = select.poll()  # a local answer is only given for a live process
+        for fd in self._watch_fds:
+            self._gone_poller.register(fd, select.POLLIN)
         self._matcher = ResponseMatcher()
         self.failure_reason: str | None = None if ring is not None else "not started"
 
-    def attach(self, ring: RingEndpoint, watch_fds: Sequence[int] = ()) -> None:
+    def attach(self, ring: RingEndpoint, watch_fds: Sequence[int] = (),
+               page: RegisterPage | None = None) -> None:
         """Switch to a new child's rings (after a restart) and clear the failed state."""
         with self._lock:
-            self._attach_locked(ring, watch_fds)
+            self._attach_locked(ring, watch_fds, page)
 
     @property
     def failed(self) -> bool:
@@ -149,6 +169,11 @@ class ProxyDevice:
             self.counters["reads"] += 1
             if self.failure_reason is None and len(data) in ACCESS_SIZES and 0 <= offset <= U32_MAX:
                 try:
+                    local = self._local_read(offset, len(data))
+                    if local is not None:
+                        data[:] = local
+                        self.counters["local_reads"] += 1
+                        return
                     request = Slot.read(self._next_seq(), offset, len(data))
                     answer = self._request_locked(request)
                     data[:] = answer.data
@@ -169,8 +194,12 @@ class ProxyDevice:
             self.counters["writes"] += 1
             self.shadow.record(offset, data)  # even when failed: a restart must see it
             if self.failure_reason is None and len(data) in ACCESS_SIZES and 0 <= offset <= U32_MAX:
+                if self._local_write(offset, bytes(data)):
+                    self.counters["local_writes"] += 1
+                    return
                 try:
-                    self._push_locked(Slot.write(self._next_seq(), offset, bytes(data)))
+                    self._last_write_seq = self._next_seq()
+                    self._push_locked(Slot.write(self._last_write_seq, offset, bytes(data)))
                     return
                 except (ProtocolError, OSError) as err:
                     failure = self._describe(err, f"write at {offset:#x}")
@@ -195,6 +224,78 @@ class ProxyDevice:
                     failure = None
         if failure:
             self._notify_failure(failure)
+        return False
+
+    def check_page(self) -> None:
+        """Fail the device if its register page is corrupt (the supervisor asks every heartbeat:
+        a guest that reads nothing would not find out)."""
+        failure = None
+        with self._lock:
+            page = self._page
+            corrupt = page.corruption() if page is not None and self.failure_reason is None \
+                else None
+            if corrupt is not None:
+                failure = f"invalid answer in the register page: {corrupt}"
+                if not self._fail_locked(failure):
+                    failure = None
+        if failure:
+            self._notify_failure(failure)
+
+    # -- answered here, from the register page and the shadow (lock held) -----------------------
+    def _page_current(self) -> bool:
+        """The page reflects every write we posted (the device publishes as it applies them)."""
+        return self._page is not None and self._page.valid and \
+            self._page.applied_seq() >= self._last_write_seq
+
+    def _local_read(self, offset: int, size: int) -> bytes | None:
+        """The answer without asking the device, or None (then the ring: correct, slower).
+
+        Every value read from the page is the device's and is only ever handed to its own
+        guest: masks and bounds are checked in `RegisterPage`."""
+        page = self._page
+        if page is None or (self._watch_fds and self._gone_poller.poll(0)):
+            return None  # (a process that exited: the ring path reports it)
+        corrupt = page.corruption()
+        if corrupt is not None:
+            raise RemoteProtocolError(f"register page: {corrupt}")
+        if not page.valid:
+            return None
+        if offset >= regs.CONFIG:
+            if not self._page_current() or offset + size > regs.SLOT_SIZE:
+                return None
+            return page.read_config(offset - regs.CONFIG, size)
+        if size != 4 or offset % 4:
+            return None  # the device counts odd accesses: let it
+        value = _CONSTANT_REGISTERS.get(offset)
+        if offset == regs.DEVICE_ID and self.device_id is not None:
+            value = self.device_id
+        elif offset == regs.INTERRUPT_STATUS:
+            value = page.interrupt_status()
+        elif offset == regs.CONFIG_GENERATION:
+            value = page.config_generation() if self._page_current() else None
+        elif offset == regs.STATUS:
+            # A write the device has not applied yet may set DEVICE_NEEDS_RESET: ask it.
+            if not self._page_current():
+                return None
+            value = self.shadow.status
+            if page.needs_reset():
+                value |= regs.DEVICE_NEEDS_RESET
+        elif offset in (regs.DEVICE_FEATURES, regs.QUEUE_NUM_MAX, regs.QUEUE_READY):
+            value = self.shadow.transport.read_register(offset)
+        if value is None:
+            return None
+        return (value & 0xFFFFFFFF).to_bytes(4, "little")
+
+    def _local_write(self, offset: int, data: bytes) -> bool:
+        """InterruptACK never reaches the device: the core clears the page's bits itself."""
+        page = self._page
+        if page is None or not page.valid or len(data) != 4:
+            return False
+        if offset == regs.INTERRUPT_ACK:
+            page.ack(int.from_bytes(data, "little"))
+            return True
+        if offset == regs.STATUS and data == bytes(4):
+            page.clear_interrupts()  # a reset: InterruptStatus is 0 now, for us and the device
         return False
 
     # -- ring plumbing (lock held) ---------------------------------------------------------------

@@ -81,7 +81,7 @@ class SandboxedBackend:
         self._proc_generation = 0
         self.proxy = ProxyDevice(self.name, None, queue_max_sizes=self.kind.queue_max_sizes,
                                  timeout=self.timeout, spin_us=self.ring_spin_us,
-                                 on_failure=self._on_proxy_failure)
+                                 on_failure=self._on_proxy_failure, device_id=self.kind.virtio_id)
         self.bus_device = self
         self._cond = threading.Condition()
         # Supervisor-thread state: the oldest unanswered heartbeat, message budget, a pending hang.
@@ -116,7 +116,7 @@ class SandboxedBackend:
         self._proc_generation = generation
         self.hb_pending_since = None
         self.hung = False
-        self.proxy.attach(proc.rings.core_endpoint(), [proc.pidfd])
+        self.proxy.attach(proc.rings.core_endpoint(), [proc.pidfd], proc.rings.register_page)
 
     def memory_killed(self) -> bool:
         """Whether the kernel killed a process of this device for its memory limit since the
@@ -258,7 +258,8 @@ class SandboxedBackend:
         """One `bulkhead ps` row."""
         return {"name": self.name, "type": self.kind.name, "mode": "sandboxed",
                 "pid": self.pid, "state": self.state, "restarts": self.restarts,
-                "policy": self.policy.on_crash, "generation": self.generation}
+                "policy": self.policy.on_crash, "generation": self.generation,
+                "spawn": self.proc.spawn_method if self.proc is not None else None}
 
     def stats(self) -> dict[str, Any]:
         """One device in `bulkhead stats` (counters as of the supervisor's last poll)."""

@@ -30,7 +30,7 @@ core -> launcher -> device; `DeviceProcess.pid` is the device's host pid, `popen
 launcher but reports the *device's* exit the Popen way (-signal or code), and `seccomp_report`
 names a trapped syscall.  `jail=False` keeps the plain child for debugging and comparisons.
 
-Spawn method (`spawn_method`, default `$BULKHEAD_SPAWN_METHOD` or "zygote"):
+Spawn method (`spawn_method`, `bulkhead run --spawn-method`, default "zygote"):
 
 - "zygote": the launcher is *forked* by the VM's zygote (`vmm_core.devices.zygote`), a process
   that has the device stack imported; the launcher runs the same jail steps and then the host's
@@ -71,16 +71,11 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0  # a fresh interpreter importing zmq/msgpack takes ~0.2-1 s
 SPAWN_METHODS = ("zygote", "exec")
-SPAWN_METHOD_ENV = "BULKHEAD_SPAWN_METHOD"  # until the CLI has a flag; benchmarks set it
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 class DeviceStartError(BulkheadError):
     """A device process did not start or refused its configuration."""
-
-
-def default_spawn_method() -> str:
-    return os.environ.get(SPAWN_METHOD_ENV) or "zygote"
 
 
 @dataclass
@@ -216,7 +211,8 @@ class DeviceProcess:
         proxy = ProxyDevice(self.name, self.rings.core_endpoint(),
                             queue_max_sizes=kind.queue_max_sizes if kind else (),
                             timeout=timeout, spin_us=spin_us, on_failure=on_failure,
-                            watch_fds=[self.pidfd])
+                            watch_fds=[self.pidfd], device_id=kind.virtio_id if kind else None,
+                            page=self.rings.register_page)
         proxy.shadow.set_device_features(self.device_features)
         return proxy
 
@@ -272,7 +268,7 @@ def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: Dev
     Call from a long-lived thread: PR_SET_PDEATHSIG in the child fires when the *spawning thread*
     exits, not only the core process.
     """
-    method = spawn_method or default_spawn_method()
+    method = spawn_method or "zygote"
     if method not in SPAWN_METHODS:
         raise DeviceStartError(f"device {name}: spawn method {method!r}: choose one of "
                                f"{', '.join(SPAWN_METHODS)}")

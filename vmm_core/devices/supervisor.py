@@ -501,6 +501,7 @@ class Supervisor(threading.Thread):
                     self.handle(b, lc.Died(b.lifecycle.generation, now,
                                            f"heartbeat timeout (silent for {silent * 1000:.0f} ms)"))
                     continue
+            b.proxy.check_page()  # a failure comes back to this thread as an event
             self._hb_seq += 1
             try:
                 self.control.send(b.proc.identity, msg.Heartbeat(self._hb_seq))

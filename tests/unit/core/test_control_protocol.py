@@ -87,3 +87,23 @@ def test_registry_refuses_bad_and_taken_names(tmp_path, monkeypatch):
         % registry.process_start_ticks(1))
     with pytest.raises(ConfigError, match="running"):
         registry.register("busy", tmp_path)
+
+
+def test_root_without_xdg_runtime_dir_uses_run_bulkhead(tmp_path, monkeypatch):
+    """Not /tmp/bulkhead-0, which any local user could create first (issue 9.9)."""
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(registry, "ROOT_RUN_DIR", tmp_path)
+    monkeypatch.setattr(registry.os, "getuid", lambda: 0)
+    assert registry.registry_base() == tmp_path / "bulkhead"
+    monkeypatch.setattr(registry.os, "getuid", lambda: 1234)
+    assert registry.registry_base().name == "bulkhead-1234"
+
+
+@pytest.mark.root
+def test_a_registry_directory_planted_by_another_user_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    planted = tmp_path / "bulkhead"
+    planted.mkdir(mode=0o700)
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(ConfigError, match="not a private directory of this user"):
+        registry.registry_dir()

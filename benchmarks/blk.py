@@ -1,29 +1,42 @@
-"""virtio-blk through a real device process vs raw `preadv`/`pwritev` on the same file, same run.
+"""virtio-blk: our device process (MMIO ring, and as a vhost-user backend) beside
+qemu-storage-daemon and raw `preadv`/`pwritev` on the same file, same run.
 
 The host-side driver (device_procs.testing) plays the guest: it writes descriptors into the
 shared guest memory, kicks the queue's eventfd (what a KVM ioeventfd would do) and sleeps on the
-irqfd eventfd until the device signals.  The raw peer does the same I/O with os.preadv/pwritev on
-the same (page-cached) image.  Ratios > 1 mean the device path is faster; the goal for 1 MiB
-sequential reads is >= 0.8x.
+irqfd / call eventfd until the device signals.  Backends, alternating round by round:
 
-    .venv/bin/python benchmarks/blk.py [--seconds 2]
+- `mmio`: a Bulkhead device process behind the register ring (what a VM's blk0 is);
+- `bulkhead-vu`: `bulkhead device blk` (jailed) driven by the vhost-user frontend double;
+- `qsd-threads`, `qsd-io_uring`: qemu-storage-daemon's vhost-user-blk export (aio=threads; aio=
+  io_uring with an iothread) driven by the same frontend;
+- `raw`: the same I/O with os.preadv/pwritev in this process, on the same (page-cached) image.
+
+Printed: req/s per backend, each one's ratio to raw and Bulkhead's (mmio, vhost-user) to the best
+qemu-storage-daemon (goal >= 1.0x; >= 0.8x raw at 1 MiB).
+
+    .venv/bin/python benchmarks/blk.py [--seconds 2] [--rounds 3] [--backends mmio,...]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
+import select
 import statistics
 import struct
 import sys
 import tempfile
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from device_procs.testing.driver import Buffer  # noqa: E402
+from device_procs.testing.vhost_frontend import VhostUserFrontend  # noqa: E402
 from vmm_core.testing.process import ProcessHarness  # noqa: E402
+from vmm_core.testing.uml import BulkheadBlkBackend, QsdBlkBackend  # noqa: E402
 
 IMAGE_BYTES = 64 << 20
 SECTOR = 512
@@ -31,11 +44,11 @@ T_IN, T_OUT = 0, 1
 _HEADER = struct.Struct("<IIQ")
 
 
-def device_workload(h: ProcessHarness, op: int, size: int, depth: int, offsets: list[int],
-                    seconds: float) -> float:
-    """Requests per second: batches of `depth` requests, one kick, wait on the irqfd."""
-    q = h.driver.queue(0)
-    arena, memory = h.driver.arena, h.memory
+def device_workload(driver, wait_interrupt: Callable[[float], bool], op: int, size: int,
+                    depth: int, offsets: list[int], seconds: float) -> float:
+    """Requests per second: batches of `depth` requests, one kick, wait for the interrupt."""
+    q = driver.queue(0)
+    arena, memory = driver.arena, driver.memory
     # A request pool placed once, as a real driver keeps one: header, data, status per slot.
     pool = []
     for _ in range(depth):
@@ -55,10 +68,40 @@ def device_workload(h: ProcessHarness, op: int, size: int, depth: int, offsets: 
         q.kick()
         got = 0
         while got < depth:
-            h.wait_interrupt(5.0)
             got += len(q.get_used())
+            if got < depth and not wait_interrupt(5.0):
+                raise SystemExit("no interrupt within 5 s: the backend stalled")
         done += depth
     return done / (time.perf_counter() - start)
+
+
+def wait_eventfd(fd: int) -> Callable[[float], bool]:
+    def wait(timeout: float) -> bool:
+        if select.select([fd], [], [], timeout)[0]:
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                pass
+            return True
+        return False
+    return wait
+
+
+class VhostBackend:
+    """A vhost-user-blk backend (`vmm_core.testing.uml` kinds) and a frontend connected to it."""
+
+    def __init__(self, backend, path: str) -> None:
+        self.backend = backend
+        sock = backend.start(path)
+        self.frontend = VhostUserFrontend.connect(sock, queues=1, ram_mib=128)
+        self.frontend.handshake()
+        self.frontend.driver.init()
+        self.driver = self.frontend.driver
+        self.wait = wait_eventfd(self.frontend.calls[0])
+
+    def close(self) -> None:
+        self.frontend.close()
+        self.backend.stop()
 
 
 def raw_workload(fd: int, op: int, size: int, offsets: list[int], seconds: float) -> float:
@@ -76,39 +119,80 @@ def raw_workload(fd: int, op: int, size: int, offsets: list[int], seconds: float
     return done / (time.perf_counter() - start)
 
 
+BACKENDS = ("mmio", "bulkhead-vu", "qsd-threads", "qsd-io_uring")
+
+
+def open_backend(name: str, path: str, stack: contextlib.ExitStack):
+    """(driver, wait_interrupt) of one backend, closed with `stack`."""
+    if name == "mmio":
+        h = stack.enter_context(ProcessHarness({"type": "blk", "path": path}, ram_mib=128,
+                                               timeout=5.0))
+        h.driver.init()
+        return h.driver, h.wait_interrupt
+    backend = {"bulkhead-vu": lambda: BulkheadBlkBackend(locking=False),
+               "qsd-threads": lambda: QsdBlkBackend(aio="threads", locking=False),
+               "qsd-io_uring": lambda: QsdBlkBackend(aio="io_uring", iothread=True,
+                                                     locking=False)}[name]()
+    vb = VhostBackend(backend, path)
+    stack.callback(vb.close)
+    return vb.driver, vb.wait
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=2.0, help="per case and side")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per case")
+    ap.add_argument("--backends", default=",".join(BACKENDS),
+                    help=f"comma-separated, of {', '.join(BACKENDS)} (raw always runs)")
     args = ap.parse_args()
+    names = [n for n in args.backends.split(",") if n]
+    if unknown := [n for n in names if n not in BACKENDS]:
+        ap.error(f"unknown backends {unknown}; known: {', '.join(BACKENDS)}")
     rng = random.Random(1)
+    rand = [rng.randrange(IMAGE_BYTES >> 12) << 12 for _ in range(4096)]
+    seq = [i << 20 for i in range(IMAGE_BYTES >> 20)]
     cases = [
-        ("1 MiB seq read  QD1", T_IN, 1 << 20, 1, [i << 20 for i in range(IMAGE_BYTES >> 20)]),
-        ("1 MiB seq write QD1", T_OUT, 1 << 20, 1, [i << 20 for i in range(IMAGE_BYTES >> 20)]),
-        ("4 KiB rand read QD1", T_IN, 4096, 1, [rng.randrange(IMAGE_BYTES >> 12) << 12 for _ in range(4096)]),
-        ("4 KiB rand read QD32", T_IN, 4096, 32, [rng.randrange(IMAGE_BYTES >> 12) << 12 for _ in range(4096)]),
+        ("1 MiB seq read  QD1", T_IN, 1 << 20, 1, seq),
+        ("1 MiB seq write QD1", T_OUT, 1 << 20, 1, seq),
+        ("4 KiB rand read QD1", T_IN, 4096, 1, rand),
+        ("4 KiB rand read QD32", T_IN, 4096, 32, rand),
+        ("4 KiB rand write QD32", T_OUT, 4096, 32, rand),
     ]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         path = os.path.join(tmp, "disk.img")
         with open(path, "wb") as f:
             for _ in range(IMAGE_BYTES >> 20):
                 f.write(os.urandom(1 << 20))
         fd = os.open(path, os.O_RDWR)
-        with ProcessHarness({"type": "blk", "path": path}, ram_mib=128, timeout=5.0) as h:
-            h.driver.init()
-            print(f"virtio-blk, device process vs raw preadv/pwritev on the same page-cached file "
-                  f"({args.rounds} alternating rounds x {args.seconds} s)")
-            for name, op, size, depth, offsets in cases:
-                dev, raw = [], []
-                for _ in range(args.rounds):
-                    dev.append(device_workload(h, op, size, depth, offsets, args.seconds))
-                    raw.append(raw_workload(fd, op, size, offsets, args.seconds))
-                d, r = statistics.median(dev), statistics.median(raw)
-                mib = size / (1 << 20)
-                print(f"  {name:<22} device {d:9.0f} req/s ({d * mib:7.1f} MiB/s)   "
-                      f"raw {r:9.0f} req/s ({r * mib:7.1f} MiB/s)   ratio {d / r:5.2f}x")
-        os.close(fd)
-
+        stack.callback(os.close, fd)
+        opened = {n: open_backend(n, path, stack) for n in names}
+        print(f"virtio-blk from the host-side driver, {', '.join(names)} and raw preadv/pwritev "
+              f"on one page-cached {IMAGE_BYTES >> 20} MiB file ({args.rounds} alternating "
+              f"rounds x {args.seconds} s, order rotated each round)")
+        for label, op, size, depth, offsets in cases:
+            runs: dict[str, list[float]] = {n: [] for n in [*names, "raw"]}
+            order = [*names, "raw"]
+            for r in range(args.rounds):
+                for n in order[r % len(order):] + order[:r % len(order)]:
+                    if n == "raw":
+                        runs[n].append(raw_workload(fd, op, size, offsets, args.seconds))
+                    else:
+                        driver, wait = opened[n]
+                        runs[n].append(device_workload(driver, wait, op, size, depth, offsets,
+                                                       args.seconds))
+            med = {n: statistics.median(v) for n, v in runs.items()}
+            mib = size / (1 << 20)
+            print(f"{label}:")
+            for n in order:
+                print(f"  {n:<14} {med[n]:9.0f} req/s ({med[n] * mib:7.1f} MiB/s)  "
+                      f"{med[n] / med['raw']:5.2f}x raw")
+            peers = [n for n in names if n.startswith("qsd")]
+            if peers:
+                best = max(peers, key=med.get)
+                for ours in (n for n in names if not n.startswith("qsd")):
+                    ratio = med[ours] / med[best]
+                    print(f"  {ours} / best peer ({best}) {ratio:5.2f}x  "
+                          f"goal >= 1.0x: {'met' if ratio >= 1.0 else 'NOT met'}")
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,8 @@ guest runs each job on each backend in turn, round after round, the backend orde
 round; a job is `direct=1`, time-based.  Printed per job and backend: the median over rounds of
 IOPS (with +-% = half the range over rounds, relative to the median), bandwidth and the backend's
 CPU time per request (utime+stime of its processes from /proc/<pid>/stat, sampled when the guest
-prints the job's begin and end markers), then the ratios to the first backend.  UML is one vCPU
+prints the job's begin and end markers), then the first backend's ratios to each other one and to the best
+of them (Bulkhead's backend is first by default: the goal is >= 1.0x the best peer).  UML is one vCPU
 whose own overhead dominates small requests (it caps QD32 near QD1 here): compare backends at QD1
 and 1 MiB first, and by CPU per request.
 
@@ -167,12 +168,19 @@ def report(names: list[str], table) -> None:
             row += f"{iops:>{width - 4}.0f}{spread:>6.0f}{bw / MIB:>10.1f}{cpu_text}"
         print(row)
     for b in range(1, len(names)):
-        print(f"\n{names[b]} / {names[0]}:   (>1 throughput = faster; <1 CPU = cheaper)")
+        print(f"\n{names[0]} / {names[b]}:   (>1 throughput = {names[0]} faster; "
+              f"<1 CPU = {names[0]} cheaper)")
         for j, job in enumerate(JOBS):
             (i0, c0), (i1, c1) = medians[(j, 0)], medians[(j, b)]
-            cpu_ratio = f"{c1 / c0:5.2f}x" if c0 and c1 is not None else "  n/a"
-            print(f"  {job.label:<30} throughput {i1 / i0:5.2f}x   CPU per request {cpu_ratio}")
-
+            cpu_ratio = f"{c0 / c1:5.2f}x" if c1 and c0 is not None else "  n/a"
+            print(f"  {job.label:<30} throughput {i0 / i1:5.2f}x   CPU per request {cpu_ratio}")
+    if len(names) > 2:
+        print(f"\n{names[0]} / the best of the others (goal >= 1.0x at every job):")
+        for j, job in enumerate(JOBS):
+            best = max(range(1, len(names)), key=lambda b: medians[(j, b)][0])
+            ratio = medians[(j, 0)][0] / medians[(j, best)][0]
+            print(f"  {job.label:<30} {ratio:5.2f}x of {names[best]}  "
+                  f"{'met' if ratio >= 1.0 else 'NOT met'}")
 
 if __name__ == "__main__":
     main()

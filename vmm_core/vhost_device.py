@@ -53,6 +53,7 @@ class DeviceArgs:
     socket_path: str
     disk: str | None = None
     readonly: bool = False
+    lock: bool = True
     output: str | None = None
     once: bool = False
     seccomp: str = "kill"
@@ -60,16 +61,20 @@ class DeviceArgs:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DeviceArgs":
-        disk, readonly = None, False
+        disk, readonly, lock = None, False, True
         if args.device_kind == "blk":
             disk, _, options = args.disk.partition(",")
             for opt in filter(None, options.split(",")):
-                if opt not in ("readonly", "ro"):
-                    raise BulkheadError(f"--disk {args.disk}: unknown option {opt!r} (known: readonly)")
-                readonly = True
+                if opt in ("readonly", "ro"):
+                    readonly = True
+                elif opt == "nolock":
+                    lock = False
+                else:
+                    raise BulkheadError(f"--disk {args.disk}: unknown option {opt!r} "
+                                        "(known: readonly, nolock)")
         level = ("WARNING", "INFO", "DEBUG")[min(args.verbose, 2)]
-        return cls(args.device_kind, args.socket, disk, readonly, getattr(args, "output", None),
-                   args.once, args.seccomp, level)
+        return cls(args.device_kind, args.socket, disk, readonly, lock,
+                   getattr(args, "output", None), args.once, args.seccomp, level)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -90,8 +95,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--socket", required=True, metavar="PATH",
                        help="the vhost-user socket to listen on (created; a stale one is replaced)")
         if kind == "blk":
-            p.add_argument("--disk", required=True, metavar="IMG[,readonly]",
-                           help="raw image: a regular file, size a multiple of 512 bytes")
+            p.add_argument("--disk", required=True, metavar="IMG[,readonly][,nolock]",
+                           help="raw image: a regular file, size a multiple of 512 bytes; "
+                                "nolock: skip the image lock (backends sharing one image)")
         if kind == "console":
             p.add_argument("--output", metavar="FILE",
                            help="where the guest's console output goes (default: stdout)")
@@ -156,7 +162,8 @@ class Launcher:
         cfg = self.cfg
         if cfg.kind == "blk":
             assert cfg.disk is not None
-            self.resources["disk"] = open_image(cfg.disk, cfg.readonly, f"--disk {cfg.disk}")
+            self.resources["disk"] = open_image(cfg.disk, cfg.readonly, f"--disk {cfg.disk}",
+                                               lock=cfg.lock)
         elif cfg.kind == "console":
             output = cfg.output or "stdout"
             self.resources["output"] = open_output(output, f"--output {output}")

@@ -72,8 +72,9 @@ def _lock(fd: int, exclusive: bool, where: str) -> None:
         raise
 
 
-def open_image(path: str, readonly: bool, where: str) -> int:
-    """A raw image: a regular file of whole 512-byte sectors, locked (see the module doc)."""
+def open_image(path: str, readonly: bool, where: str, lock: bool = True) -> int:
+    """A raw image: a regular file of whole 512-byte sectors, locked (see the module doc) unless
+    `lock` is False (several backends sharing one image, as QEMU's `locking=off`)."""
     fd = _open(path, os.O_RDONLY if readonly else os.O_RDWR, where)
     try:
         st = os.fstat(fd)
@@ -84,7 +85,8 @@ def open_image(path: str, readonly: bool, where: str) -> int:
         if st.st_size % SECTOR:
             raise ConfigError(f"{where}: the image is {st.st_size} bytes, not a whole number of "
                               f"512-byte sectors (e.g. `truncate -s {st.st_size // SECTOR * SECTOR + SECTOR} PATH`)")
-        _lock(fd, exclusive=not readonly, where=where)
+        if lock:
+            _lock(fd, exclusive=not readonly, where=where)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         return fd
     except BaseException:

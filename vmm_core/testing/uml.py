@@ -470,6 +470,13 @@ class UmlBed:
         self._stack.callback(backend.stop)
         return self.add_device(name, "blk", socket_path)
 
+    def add_backend(self, name: str, kind: str, backend: "BulkheadBackend", *args: str) -> Device:
+        """Start a `bulkhead device` backend with `args` now (stopped when the bed closes)."""
+        self._check_name(name)
+        socket_path = backend.start_with(*args)
+        self._stack.callback(backend.stop)
+        return self.add_device(name, kind, socket_path)
+
     def run(self, script: str, *, python: bool = False, env: dict[str, str] | None = None,
             timeout: float = 60.0, on_line: Callable[[str], None] | None = None) -> UmlRun:
         """Boot, run `script` (shell, or Python with `python=True`) in the guest, power off.
@@ -706,9 +713,119 @@ class QsdBlkBackend:
             self._dir = None
 
 
+class BulkheadBackend:
+    """`bulkhead device KIND --socket S ARGS...` in the background: one of our devices as a
+    vhost-user backend, each frontend served by a fresh jailed device process.
+
+    stderr is collected line by line (`lines`): the launcher says when it listens and which
+    jailed pid serves each frontend (`device_pids`), which is how tests inspect the jail and
+    kill the device; `pids` is the launcher plus its live device processes (for CPU figures).
+    Only processes this object started are signalled, through pidfds."""
+
+    def __init__(self, kind: str, *args: str, name: str | None = None,
+                 start_timeout: float = 20.0) -> None:
+        self.kind, self.args = kind, args
+        self.name = name or f"bulkhead-{kind}"
+        self.start_timeout = start_timeout
+        self.lines: list[str] = []
+        self.socket_path: str | None = None
+        self._proc: subprocess.Popen | None = None
+        self._ref: ProcessRef | None = None
+        self._dir: str | None = None
+        self._reader: threading.Thread | None = None
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def start_with(self, *extra: str) -> str:
+        """Start with `extra` arguments after ARGS; the socket path once it listens."""
+        from vmm_core.testing import ROOT, bulkhead_argv  # (the package imports nothing of ours)
+        if self._proc is not None:
+            raise UmlError(f"{self.name} already started")
+        self._dir = tempfile.mkdtemp(prefix=f"bulkhead-{self.kind}-")
+        self.socket_path = os.path.join(self._dir, f"{self.kind}.sock")
+        argv = ["setpriv", "--pdeathsig", "KILL",
+                *bulkhead_argv("device", self.kind, "--socket", self.socket_path, *self.args,
+                               *extra, "-v")]
+        self._proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self._ref = ProcessRef(self._proc.pid)
+        self._reader = threading.Thread(target=self._read, args=(self._proc,), daemon=True)
+        self._reader.start()
+        try:
+            self.wait_line(r"listening on", self.start_timeout)
+        except UmlError:
+            self.stop()
+            raise UmlError(f"{self.name} did not start: {self.log.strip()[-2000:]}") from None
+        return self.socket_path
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_line(self, pattern: str, timeout: float = 10.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in list(self.lines):
+                m = re.search(pattern, line)
+                if m:
+                    return m
+            done = self._proc is None or (self._proc.poll() is not None and
+                                          not (self._reader and self._reader.is_alive()))
+            if done or time.monotonic() > deadline:
+                raise UmlError(f"{self.name}: no line matching {pattern!r}:\n{self.log}")
+            time.sleep(0.02)
+
+    def device_pids(self) -> list[int]:
+        """Every jailed device process the launcher reported, in order (live or not)."""
+        return [int(m.group(1)) for line in list(self.lines)
+                if (m := re.search(r"served by jailed pid (\d+)", line))]
+
+    def pids(self) -> list[int]:
+        if self._proc is None or self._proc.poll() is not None:
+            return []
+        return [self._proc.pid] + [p for p in self.device_pids() if os.path.exists(f"/proc/{p}")]
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._ref.send(signal.SIGTERM)
+                try:
+                    self._proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self._ref.send(signal.SIGKILL)
+                    self._proc.wait()
+            if self._reader is not None:
+                self._reader.join(5)
+            self._ref.close()
+            self._proc = self._ref = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+class BulkheadBlkBackend(BulkheadBackend):
+    """`bulkhead device blk`: a `BlkBackend` like the qemu-storage-daemon ones."""
+
+    def __init__(self, *, locking: bool = True, readonly: bool = False,
+                 name: str = "bulkhead") -> None:
+        super().__init__("blk", name=name)
+        self.options = ("" if locking else ",nolock") + (",readonly" if readonly else "")
+
+    def start(self, image: str) -> str:
+        return self.start_with("--disk", os.path.abspath(image) + self.options)
+
+
 # The vhost-user-blk backends the Linux tests and benchmarks/linux_blk.py run against: one entry
 # per backend, a factory taking `locking` (False when several backends share one image).
 BLK_BACKENDS: dict[str, Callable[..., BlkBackend]] = {
+    "bulkhead": lambda locking=True: BulkheadBlkBackend(locking=locking),
     "qsd-threads": lambda locking=True: QsdBlkBackend(aio="threads", locking=locking),
     "qsd-io_uring": lambda locking=True: QsdBlkBackend(aio="io_uring", iothread=True,
                                                        locking=locking,

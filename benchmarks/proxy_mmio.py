@@ -14,7 +14,7 @@ all see the same machine noise.  Rows, one per access the core answers different
 Also prints the CPU time all processes burn per access, and every mode again with the whole VM
 pinned to one CPU (`taskset -c 0`: the core's vCPU and the device share it).
 
-    .venv/bin/python benchmarks/proxy_mmio.py [--n 5000] [--runs 5]
+    .venv/bin/python benchmarks/proxy_mmio.py [--n 100000] [--runs 3] [--only NAME]
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ def timed(elf: str, mode: list[str], pin: bool) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=5000)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--n", type=int, default=100_000,
+                    help="accesses per run (large: a VM start varies by tens of ms)")
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", help="run only the rows whose name contains this")
     args = ap.parse_args()
     base_addr = layout.VIRTIO_MMIO_BASE  # slot 0: the rng device

@@ -615,6 +615,17 @@ def _boot(argv: list[str], cwd: str, env: dict[str, str], timeout: float,
 
 # --- block backends ------------------------------------------------------------------------------
 
+def _terminate(proc: subprocess.Popen, ref: ProcessRef) -> None:
+    """SIGTERM (through its pidfd) a backend this module started; SIGKILL after 10 s."""
+    if proc.poll() is None:
+        ref.send(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            ref.send(signal.SIGKILL)
+            proc.wait()
+
+
 class BlkBackend(Protocol):
     """A vhost-user-blk backend the bed can start on an image and stop again.
 
@@ -697,13 +708,7 @@ class QsdBlkBackend:
 
     def stop(self) -> None:
         if self._proc is not None:
-            if self._proc.poll() is None:
-                self._ref.send(signal.SIGTERM)
-                try:
-                    self._proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self._ref.send(signal.SIGKILL)
-                    self._proc.wait()
+            _terminate(self._proc, self._ref)
             self._ref.close()
             self._proc = self._ref = None
         if self._dir is not None:
@@ -794,13 +799,7 @@ class BulkheadBackend:
 
     def stop(self) -> None:
         if self._proc is not None:
-            if self._proc.poll() is None:
-                self._ref.send(signal.SIGTERM)
-                try:
-                    self._proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self._ref.send(signal.SIGKILL)
-                    self._proc.wait()
+            _terminate(self._proc, self._ref)
             if self._reader is not None:
                 self._reader.join(5)
             self._ref.close()

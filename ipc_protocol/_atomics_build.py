@@ -20,6 +20,10 @@ void bh_store64(uint64_t *p, uint64_t v);
 void bh_fence(void);
 void *bh_map(int fd, long offset, size_t length);
 int bh_unmap(void *p, size_t length);
+int bh_check_words(const uint8_t *base, const uint32_t *offsets, const uint32_t *masks,
+                   const uint32_t *expect, int n);
+int bh_seqlock_copy(const uint32_t *seq, const uint32_t *len, const uint8_t *src, uint32_t max,
+                    uint32_t offset, uint32_t length, uint8_t *out, int tries);
 """)
 ffibuilder.set_source("ipc_protocol._atomics", r"""
 #include <stdint.h>
@@ -40,6 +44,34 @@ void *bh_map(int fd, long offset, size_t length) {
     return p == MAP_FAILED ? 0 : p;
 }
 int bh_unmap(void *p, size_t length) { return munmap(p, length); }
+/* The register page's hot path in one call each (a cffi call costs ~0.2 us; a config read took
+   a dozen).  The first word i with (word & masks[i]) != expect[i], or -1. */
+int bh_check_words(const uint8_t *base, const uint32_t *offsets, const uint32_t *masks,
+                   const uint32_t *expect, int n) {
+    for (int i = 0; i < n; i++) {
+        uint32_t w = __atomic_load_n((const uint32_t *)(base + offsets[i]), __ATOMIC_SEQ_CST);
+        if ((w & masks[i]) != expect[i]) return i;
+    }
+    return -1;
+}
+/* Bytes [offset, offset+length) of src (min(*len, max) bytes valid, zero past them) as one
+   snapshot under the seqlock *seq (odd while the writer writes); 0, or -1 after `tries`. */
+int bh_seqlock_copy(const uint32_t *seq, const uint32_t *len, const uint8_t *src, uint32_t max,
+                    uint32_t offset, uint32_t length, uint8_t *out, int tries) {
+    for (int t = 0; t < tries; t++) {
+        uint32_t s = __atomic_load_n(seq, __ATOMIC_SEQ_CST);
+        if (s & 1) continue;
+        uint32_t size = __atomic_load_n(len, __ATOMIC_SEQ_CST);
+        if (size > max) size = max;
+        for (uint32_t i = 0; i < length; i++) {
+            uint64_t at = (uint64_t)offset + i;
+            out[i] = at < size ? __atomic_load_n(src + at, __ATOMIC_RELAXED) : 0;
+        }
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (__atomic_load_n(seq, __ATOMIC_SEQ_CST) == s) return 0;
+    }
+    return -1;
+}
 """)
 
 if __name__ == "__main__":

@@ -66,6 +66,14 @@ class RegisterPage:
                      for off in (_MAGIC, _VERSION, _VALID, _FLAGS, _INTERRUPT, _GENERATION,
                                  _CONFIG_SEQ, _CONFIG_LEN)}
         self._applied = ffi.cast("uint64_t *", self._base + _APPLIED)
+        # The words the hot path checks in one C call: (offset, mask, expected) -- a word is
+        # bad when (word & mask) != expected.  `corruption()` says which and why.
+        checks = [(_MAGIC, 0xFFFFFFFF, PAGE_MAGIC), (_VERSION, 0xFFFFFFFF, PAGE_VERSION),
+                  (_VALID, ~1 & 0xFFFFFFFF, 0), (_FLAGS, ~FLAG_NEEDS_RESET & 0xFFFFFFFF, 0),
+                  (_INTERRUPT, ~INTERRUPT_BITS & 0xFFFFFFFF, 0)]
+        self._check = tuple(ffi.new("uint32_t[]", [c[k] for c in checks]) for k in range(3))
+        self._check_n = len(checks)
+        self._out = ffi.new("uint8_t[]", MAX_CONFIG + 8)
 
     # -- the creator (the core, once) ------------------------------------------------------------
     def initialize(self) -> None:
@@ -113,6 +121,11 @@ class RegisterPage:
         return lib.bh_load32(self._u32[_VALID]) == 1 and \
             lib.bh_load32(self._u32[_MAGIC]) == PAGE_MAGIC
 
+    def intact(self) -> bool:
+        """The hot path's check, one C call: every word only the device writes looks like one
+        of our devices wrote it (`corruption()` names what is wrong, and checks more)."""
+        return lib.bh_check_words(self._base, *self._check, self._check_n) < 0
+
     def corruption(self) -> str | None:
         """What makes this page one no device of ours would write, or None.  The words only the
         device writes are checked (the core never trusts them); a corrupt page fails the device
@@ -144,19 +157,13 @@ class RegisterPage:
         """Config bytes [offset, offset+length) as one consistent snapshot, zero past the
         device's config (as `VirtioDevice.read_config` answers); None if no stable snapshot
         could be read (a device holding the lock odd: the caller asks through the ring)."""
-        for _ in range(SEQLOCK_TRIES):
-            seq = lib.bh_load32(self._u32[_CONFIG_SEQ])
-            if seq & 1:
-                continue
-            size = min(lib.bh_load32(self._u32[_CONFIG_LEN]), MAX_CONFIG)
-            end = min(size, offset + length)
-            chunk = ffi.buffer(self._base + _CONFIG + offset, end - offset)[:] \
-                if 0 <= offset < size else b""
-            lib.bh_fence()
-            if lib.bh_load32(self._u32[_CONFIG_SEQ]) == seq:
-                return chunk + bytes(length - len(chunk))
-        return None
-
+        if not 0 <= length <= MAX_CONFIG + 8 or offset < 0:
+            return None
+        if lib.bh_seqlock_copy(self._u32[_CONFIG_SEQ], self._u32[_CONFIG_LEN],
+                               self._base + _CONFIG, MAX_CONFIG, min(offset, 0xFFFFFFFF), length,
+                               self._out, SEQLOCK_TRIES) < 0:
+            return None
+        return ffi.buffer(self._out, length)[:]
 
 def _unmap(base: object) -> None:
     lib.bh_unmap(base, PAGE_BYTES)

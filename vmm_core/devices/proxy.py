@@ -244,8 +244,8 @@ class ProxyDevice:
     # -- answered here, from the register page and the shadow (lock held) -----------------------
     def _page_current(self) -> bool:
         """The page reflects every write we posted (the device publishes as it applies them)."""
-        return self._page is not None and self._page.valid and \
-            self._page.applied_seq() >= self._last_write_seq
+        # (Only called from _local_read, which has checked the page is valid and intact.)
+        return self._page is not None and self._page.applied_seq() >= self._last_write_seq
 
     def _local_read(self, offset: int, size: int) -> bytes | None:
         """The answer without asking the device, or None (then the ring: correct, slower).
@@ -255,9 +255,8 @@ class ProxyDevice:
         page = self._page
         if page is None or (self._watch_fds and self._gone_poller.poll(0)):
             return None  # (a process that exited: the ring path reports it)
-        corrupt = page.corruption()
-        if corrupt is not None:
-            raise RemoteProtocolError(f"register page: {corrupt}")
+        if not page.intact():
+            raise RemoteProtocolError(f"register page: {page.corruption() or 'changed'}")
         if not page.valid:
             return None
         if offset >= regs.CONFIG:

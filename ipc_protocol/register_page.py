@@ -49,6 +49,14 @@ SEQLOCK_TRIES = 64
 _MAGIC, _VERSION, _VALID, _FLAGS, _INTERRUPT = 0, 4, 64, 68, 128
 _GENERATION, _CONFIG_SEQ, _CONFIG_LEN, _APPLIED, _CONFIG = 192, 196, 200, 256, 320
 
+# The words only the device writes, as checked on every local read (one C call) and named when
+# one is wrong: (offset, mask, expected, what) -- bad when (word & mask) != expected.
+_CHECKS = ((_MAGIC, 0xFFFFFFFF, PAGE_MAGIC, "magic overwritten:"),
+           (_VERSION, 0xFFFFFFFF, PAGE_VERSION, "version overwritten:"),
+           (_VALID, ~1 & 0xFFFFFFFF, 0, "valid has bits no device sets:"),
+           (_FLAGS, ~FLAG_NEEDS_RESET & 0xFFFFFFFF, 0, "flags have bits no device sets:"),
+           (_INTERRUPT, ~INTERRUPT_BITS & 0xFFFFFFFF, 0, "interrupt status has bits no device sets:"))
+
 
 class RegisterPage:
     """Either side's view of one device's page: PAGE_BYTES of a memfd at a page-aligned offset,
@@ -68,11 +76,7 @@ class RegisterPage:
         self._applied = ffi.cast("uint64_t *", self._base + _APPLIED)
         # The words the hot path checks in one C call: (offset, mask, expected) -- a word is
         # bad when (word & mask) != expected.  `corruption()` says which and why.
-        checks = [(_MAGIC, 0xFFFFFFFF, PAGE_MAGIC), (_VERSION, 0xFFFFFFFF, PAGE_VERSION),
-                  (_VALID, ~1 & 0xFFFFFFFF, 0), (_FLAGS, ~FLAG_NEEDS_RESET & 0xFFFFFFFF, 0),
-                  (_INTERRUPT, ~INTERRUPT_BITS & 0xFFFFFFFF, 0)]
-        self._check = tuple(ffi.new("uint32_t[]", [c[k] for c in checks]) for k in range(3))
-        self._check_n = len(checks)
+        self._check = tuple(ffi.new("uint32_t[]", [c[k] for c in _CHECKS]) for k in range(3))
         self._out = ffi.new("uint8_t[]", MAX_CONFIG + 8)
 
     # -- the creator (the core, once) ------------------------------------------------------------
@@ -124,21 +128,16 @@ class RegisterPage:
     def intact(self) -> bool:
         """The hot path's check, one C call: every word only the device writes looks like one
         of our devices wrote it (`corruption()` names what is wrong, and checks more)."""
-        return lib.bh_check_words(self._base, *self._check, self._check_n) < 0
+        return lib.bh_check_words(self._base, *self._check, len(_CHECKS)) < 0
 
     def corruption(self) -> str | None:
         """What makes this page one no device of ours would write, or None.  The words only the
         device writes are checked (the core never trusts them); a corrupt page fails the device
         like a garbage ring answer."""
-        magic, version = lib.bh_load32(self._u32[_MAGIC]), lib.bh_load32(self._u32[_VERSION])
-        if magic != PAGE_MAGIC or version != PAGE_VERSION:
-            return f"magic/version {magic:#x}/{version} overwritten"
-        checks = ((_VALID, 1, "valid"), (_FLAGS, FLAG_NEEDS_RESET, "flags"),
-                  (_INTERRUPT, INTERRUPT_BITS, "interrupt status"))
-        for off, allowed, what in checks:
-            value = lib.bh_load32(self._u32[off])
-            if value & ~allowed:
-                return f"{what} {value:#x} has bits no device sets"
+        bad = lib.bh_check_words(self._base, *self._check, len(_CHECKS))
+        if bad >= 0:
+            offset, _, _, what = _CHECKS[bad]
+            return f"{what} {lib.bh_load32(self._u32[offset]):#x}"
         length = lib.bh_load32(self._u32[_CONFIG_LEN])
         if length > MAX_CONFIG:
             return f"config length {length} > {MAX_CONFIG}"
@@ -164,6 +163,7 @@ class RegisterPage:
                                self._out, SEQLOCK_TRIES) < 0:
             return None
         return ffi.buffer(self._out, length)[:]
+
 
 def _unmap(base: object) -> None:
     lib.bh_unmap(base, PAGE_BYTES)

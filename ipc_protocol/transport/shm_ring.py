@@ -131,10 +131,7 @@ class ShmRings:
     def close(self) -> None:
         self.register_page = None  # type: ignore[assignment]  # unmapped with its last user
         for v in reversed(self._views):
-            try:
-                v.release()
-            except BufferError:
-                pass
+            v.release()
         self._views = []
         try:
             self._mmap.close()

@@ -132,7 +132,7 @@ CONSOLE = DeviceKind(
 )
 
 NET = DeviceKind(
-    name="net", virtio_id=1, queue_max_sizes=(256, 256, 64),  # receiveq, transmitq, controlq
+    name="net", virtio_id=1, queue_max_sizes=(256, 256, 256),  # receiveq, transmitq, controlq
     implementation="device_procs.virtio.net:NetDevice",
     flag="net", name_prefix="net",
     help="a virtio-net NIC on a tap the core opens in a network namespace (repeatable)",

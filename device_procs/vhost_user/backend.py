@@ -658,6 +658,25 @@ class VhostUserBackend:
             self.pending.discard(index)
             self.device.process_queue(index)
 
+    def resume_rings(self) -> None:
+        """After a journal replay in a fresh process: what the predecessor had done to the rings
+        is only in guest memory.  A ring with inflight records was placed from them; every other
+        served ring continues at the used index (chains taken but not completed are taken
+        again: the driver cannot have reused them).  Backend-channel requests of the replay
+        were sent by the predecessor already; every ring is processed and signalled once (a
+        completion whose call was lost to the crash must not stall the driver)."""
+        self.outbox.clear()
+        self.awaiting_acks = 0
+        for ring in self.rings:
+            q = ring.queue
+            if q is None:
+                continue
+            if ring.inflight is None:
+                q.next_avail = q.signalled_used = q.used_idx
+            self.pending.add(ring.index)
+        self.run_pending()
+        self.signal_used()
+
     def kick(self, index: int) -> None:
         """The ring's kick fd was readable (and drained)."""
         self.counters["kicks"] += 1

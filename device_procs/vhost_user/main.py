@@ -4,12 +4,15 @@ Started by the `bulkhead device` launcher (`vmm_core.vhost_device`) through `jai
 once per frontend connection.  Its life, in order:
 
 1. inherit its fds from the launcher: the connected vhost-user socket (accepted outside the jail:
-   device policies forbid accept) and the host resources (the disk image, the console output);
+   device policies forbid accept) and the host resources (the disk image, the console output,
+   the tap);
 2. build the device on duplicates of those fds (it never opens a path), wrap the socket,
    create, seal and map the inflight memfd;
 3. **enter the jail** (the marked call site) -- before reading a single frontend byte;
-4. serve the frontend until it leaves (`serve.Server`), then exit: 0 when it disconnected,
-   1 when it broke the protocol or the device failed.
+4. with `--resume` (its predecessor died while the frontend stayed connected), replay the
+   session from the launcher's journal (`ipc_protocol.vhost_user_journal`);
+5. serve the frontend until it leaves (`serve.Server`), journalling every request, then exit:
+   0 when it disconnected, 1 when it broke the protocol or the device failed.
 """
 
 from __future__ import annotations
@@ -25,13 +28,15 @@ from device_procs.virtio import DeviceSpecError, VirtioDevice, create_device
 from jail.errors import JailError
 from jail.sandbox import ENV_VAR as JAIL_ENV, enter_jail
 
+from ipc_protocol.vhost_user_journal import DeviceJournal
+
 from .backend import InflightStore, VhostUserBackend
 from .serve import EXIT_PROTOCOL, Server, describe
 
 log = logging.getLogger("device_procs.vhost_user")
 
 EXIT_SETUP = 2
-DEVICE_TYPES = ("blk", "console", "rng")
+DEVICE_TYPES = ("blk", "console", "rng", "net")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -41,6 +46,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--disk-fd", type=int, help="blk: the image, opened by the launcher")
     p.add_argument("--readonly", action="store_true", help="blk: refuse writes (VIRTIO_BLK_F_RO)")
     p.add_argument("--output-fd", type=int, help="console: where the guest's output goes")
+    p.add_argument("--tap-fd", type=int, help="net: the tap, opened by the launcher")
+    p.add_argument("--mac", help="net: the guest's MAC")
+    p.add_argument("--mtu", type=int, default=1500, help="net: the tap's MTU")
+    p.add_argument("--journal-fd", type=int, help="the launcher's session journal (resumable)")
+    p.add_argument("--resume", action="store_true",
+                   help="replay the journal first: the predecessor of this process died")
     p.add_argument("--log-level", default="WARNING")
     return p.parse_args(argv)
 
@@ -58,6 +69,11 @@ def build_device(args: argparse.Namespace) -> VirtioDevice:
         if args.output_fd is None:
             raise DeviceSpecError("console needs --output-fd")
         fds["output"] = args.output_fd
+    elif args.device_type == "net":
+        if args.tap_fd is None or args.mac is None:
+            raise DeviceSpecError("net needs --tap-fd and --mac")
+        spec.update(mac=args.mac, mtu=args.mtu)
+        fds["tap"] = args.tap_fd
     try:
         return create_device(spec, fds)
     finally:
@@ -86,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=args.socket_fd)
         device = build_device(args)
         backend = VhostUserBackend(device, inflight_store=InflightStore.create(device))
+        journal = DeviceJournal(args.journal_fd) if args.journal_fd is not None else None
     except (OSError, DeviceSpecError) as err:
         log.error("cannot start: %s", err)
         return EXIT_SETUP
@@ -104,7 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------------------------------------
 
     try:
-        return Server(backend, conn).run()
+        server = Server(backend, conn, journal)
+        if args.resume:
+            if journal is None:
+                log.error("--resume needs --journal-fd")
+                return EXIT_SETUP
+            server.resume()
+        return server.run()
     except Exception as err:  # a device bug: say where, then exit for the next frontend
         log.error("device failed: %s", describe(err))
         return EXIT_PROTOCOL
@@ -112,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         backend.close()
         device.close()
         conn.close()
+        if journal is not None:
+            journal.close()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ Plain receive -> apply -> reply -> process (crosvm's child loop), single-threade
 - a kick fd: read it once (poll said readable, so the read cannot block even on the frontend's
   blocking file description) and process the ring;
 - rings in polling mode (SET_VRING_KICK with NOFD) are processed on every wake-up, at least
-  every `POLL_INTERVAL_MS`.
+  every `POLL_INTERVAL_MS`;
+- the device's own host fds and timers (a net device's tap, a rate limiter's refill), kept in
+  step with `poll_fds()` / `next_deadline_ns()` after every dispatch (`virtio.hostfds.HostFds`),
+  as in a `bulkhead run` device process.
 
 Returns when the frontend disconnects (0) or breaks the protocol (1); the process then exits and
 its launcher waits for the next frontend.
@@ -24,6 +27,10 @@ import socket
 from ipc_protocol import vhost_user as vu
 from ipc_protocol.errors import PeerGone, ProtocolError
 from ipc_protocol.transport.vhost_user_socket import VhostUserSocket
+
+from device_procs.virtio.hostfds import HostFds
+
+from ipc_protocol.vhost_user_journal import DeviceJournal
 
 from .backend import VhostUserBackend
 
@@ -47,13 +54,16 @@ def describe(err: BaseException) -> str:
 class Server:
     """Serves one connected frontend for `backend`; `run()` until it leaves."""
 
-    def __init__(self, backend: VhostUserBackend, conn: socket.socket) -> None:
+    def __init__(self, backend: VhostUserBackend, conn: socket.socket,
+                 journal: DeviceJournal | None = None) -> None:
         self.backend = backend
+        self.journal = journal
         self.conn = VhostUserSocket(conn, vu.Channel.FRONTEND, incoming="requests")
         self.channel: VhostUserSocket | None = None
         self._generation = -1
         self._poller = select.poll()
         self._kicks: dict[int, int] = {}
+        self._host_fds = HostFds(self._poller)
 
     def _rewatch(self) -> None:
         """Follow the backend's fd set (kick fds, backend channel) when it changed."""
@@ -72,6 +82,7 @@ class Server:
             self.channel = VhostUserSocket(sock, vu.Channel.BACKEND, incoming="replies")
         self._kicks = b.kick_fds()
         self._poller = select.poll()
+        self._host_fds = HostFds(self._poller)
         for fd in (self.conn.fileno(), *self._kicks):
             self._poller.register(fd, select.POLLIN)
         if self.channel is not None:
@@ -82,9 +93,14 @@ class Server:
             while True:
                 self._flush_outbox()
                 self._rewatch()
-                timeout = POLL_INTERVAL_MS if self.backend.polling else None
+                device = self.backend.device
+                self._host_fds.sync(device.poll_fds())
+                timeout = self._host_fds.timeout_ms(
+                    device.next_deadline_ns(), POLL_INTERVAL_MS if self.backend.polling else None)
                 for fd, events in self._poller.poll(timeout):
-                    if fd == self.conn.fileno():
+                    if self._host_fds.owns(fd):
+                        device.on_ready(fd, self._host_fds.to_select(events))
+                    elif fd == self.conn.fileno():
                         self._on_message()
                         if self._generation != self.backend.generation:
                             break  # fds may have been closed or replaced: poll afresh
@@ -92,6 +108,7 @@ class Server:
                         self._on_channel()
                     elif fd in self._kicks and events & _READABLE:
                         self._on_kick(fd)
+                self._host_fds.fire_timer(device)
                 if self.backend.polling:
                     self.backend.poll_rings()
         except PeerGone as err:
@@ -108,11 +125,29 @@ class Server:
     def _on_message(self) -> None:
         msg = self.conn.recv()
         log.debug("<- %r", msg)
-        reply = self.backend.handle(msg)
-        if reply is not None:
-            log.debug("-> %r", reply)
-            self.conn.send(reply)
+        if self.journal is not None:
+            self.journal.record(msg)  # before applying it: a successor must see it
+        self._apply(msg, reply=True)
         self.backend.run_pending()
+
+    def _apply(self, msg: vu.Message, *, reply: bool) -> None:
+        answer = self.backend.handle(msg)
+        if answer is not None and reply:
+            log.debug("-> %r", answer)
+            self.conn.send(answer)
+        if self.journal is not None and reply:
+            self.journal.done()
+
+    def resume(self) -> None:
+        """Rebuild the session from the journal (the frontend is still connected and knows
+        nothing): apply every request silently, answer the one the predecessor did not finish,
+        then continue each served ring from the guest's used index."""
+        assert self.journal is not None
+        records = self.journal.replay()
+        for msg, unfinished in records:
+            self._apply(msg, reply=unfinished)  # rings are not processed before their positions
+        self.backend.resume_rings()             # are fixed here
+        log.info("resumed the session: %d requests replayed", len(records))
 
     def _on_channel(self) -> None:
         assert self.channel is not None

@@ -63,7 +63,7 @@ RECEIVEQ = 0
 TRANSMITQ = 1
 CONTROLQ = 2
 QUEUE_SIZE = 256
-CONTROL_QUEUE_SIZE = 64
+CONTROL_QUEUE_SIZE = 256  # vhost-user frontends (UML) size every ring 256
 
 # TUNSETOFFLOAD = _IOW('T', 208, unsigned int) from <linux/if_tun.h>; the jail policy pins the
 # same number by name (jail_configs/net.toml).

@@ -177,7 +177,39 @@ def test_a_returning_frontend_gets_a_fresh_jailed_process(blk_cli: DeviceCli, im
     assert image.read_bytes() == expected
 
 
-def test_killed_backend_the_launcher_serves_the_next_frontend(blk_cli: DeviceCli, image: Path) -> None:
+def test_killed_backend_resumes_the_session_on_the_same_connection(blk_cli: DeviceCli,
+                                                                   image: Path) -> None:
+    """The frontend never notices: a fresh jailed process replays the session's journal and
+    continues the ring at the used index; every write lands once, in order."""
+    expected = bytearray(image.read_bytes())
+    with blk_cli.session() as fe:
+        random_io(fe, expected, rounds=10, seed=4)
+        victim_pid = blk_cli.device_pid(1)
+        for n in range(3):
+            victim = ProcessRef(victim_pid)
+            assert victim.send(signal.SIGKILL)
+            victim.close()
+            pattern = r"frontend 1 resumed \((\d+) requests replayed\), served by jailed pid (\d+)"
+            blk_cli.wait_line(pattern)
+            resumed = [m for line in blk_cli.lines if (m := re.search(pattern, line))]
+            deadline = time.monotonic() + 20
+            while len(resumed) < n + 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+                resumed = [m for line in blk_cli.lines if (m := re.search(pattern, line))]
+            assert len(resumed) == n + 1, blk_cli.lines
+            replayed, new_pid = int(resumed[-1].group(1)), int(resumed[-1].group(2))
+            assert new_pid != victim_pid and replayed >= 8  # owner, features, table, ring setup
+            random_io(fe, expected, rounds=10, seed=10 + n)  # same connection, no reconnect
+            assert_jailed(new_pid)
+            victim_pid = new_pid
+        assert fe.driver.queue(0).used_idx() == 80  # 40 writes and 40 reads, each once
+    assert image.read_bytes() == expected
+    assert not any("frontend 2" in line for line in blk_cli.lines), blk_cli.lines
+
+
+def test_killed_backend_without_resume_the_launcher_serves_the_next_frontend(
+        tmp_path: Path, image: Path) -> None:
+    blk_cli = DeviceCli(tmp_path, "blk", "--disk", str(image), "--no-resume")
     expected = bytearray(image.read_bytes())
     with blk_cli.session() as fe:
         random_io(fe, expected, rounds=10, seed=4)
@@ -190,13 +222,15 @@ def test_killed_backend_the_launcher_serves_the_next_frontend(blk_cli: DeviceCli
         blk_cli.device_pid(2)
         random_io(fe, expected, rounds=10, seed=5)
     assert image.read_bytes() == expected
+    blk_cli.wait_line(r"not resuming the session: --no-resume")
+    blk_cli.stop()
 
 
 def test_inflight_request_is_resubmitted_after_a_backend_crash(tmp_path: Path) -> None:
     """A console write blocks in the jailed process (its output, the launcher's stdout, is a pipe
     nobody reads): the chain is in flight, recorded in the inflight buffer the frontend holds.
     The process is killed; the next one, given the buffer back, writes it again and completes it."""
-    cli = DeviceCli(tmp_path, "console", "-v")  # output: stdout, a pipe to this test
+    cli = DeviceCli(tmp_path, "console", "-v", "--no-resume")  # output: stdout, a pipe to this test
     assert cli.proc.stdout is not None
     reader = cli.proc.stdout.fileno()
     os.set_blocking(reader, False)  # our own end of our own pipe
@@ -320,9 +354,15 @@ def test_one_frontend_at_a_time(blk_cli: DeviceCli) -> None:
     (["blk", "--disk", "{tmp}/odd.img,sparse"], "unknown option"),
     (["blk", "--disk", "{tmp}/good.img", "--socket-is-file"], "is not a socket"),
     (["console", "--output", "{tmp}"], "is a directory"),
-    (["net"], "invalid choice"),
+    (["vsock"], "invalid choice"),
+    (["net"], "required: --tap"),
+    (["net", "--tap", "bad/name"], "tap"),
+    (["net", "--tap", "bhx0", "--mac", "01:00:00:00:00:01"], "--mac"),
+    (["net", "--tap", "bhx0", "--mtu", "20"], "--mtu 20"),
+    (["net", "--tap", "bhx0", "--netns", "bh-no-such-namespace"], "ip netns add"),
 ], ids=["missing", "directory", "odd-size", "empty", "symlink", "bad-option", "not-a-socket",
-        "output-directory", "unknown-device"])
+        "output-directory", "unknown-device", "net-no-tap", "net-bad-tap", "net-multicast-mac",
+        "net-mtu", "net-missing-netns"])
 def test_bad_input_is_one_line_and_status_2(tmp_path: Path, args: list[str], needle: str) -> None:
     (tmp_path / "odd.img").write_bytes(b"x" * 1000)
     (tmp_path / "empty.img").write_bytes(b"")

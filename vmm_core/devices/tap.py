@@ -80,6 +80,18 @@ def check_ifname(name: str) -> bytes:
     return raw
 
 
+def check_mac(text: str) -> str:
+    """`text` if it is a unicast MAC written as six hex octets (aa:bb:cc:dd:ee:ff), else TapError
+    (the device checks again: this is for a one-line error before anything starts)."""
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p)
+                                  for p in parts):
+        raise TapError(f"{text!r} is not a MAC address (six hex octets: 52:54:00:12:34:56)")
+    if int(parts[0], 16) & 1:
+        raise TapError(f"{text} is a multicast address: a NIC needs a unicast MAC")
+    return text.lower()
+
+
 def default_mac(vm_name: str, index: int) -> str:
     """A stable, locally administered unicast MAC for NIC `index` of VM `vm_name`.
 

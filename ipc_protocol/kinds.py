@@ -154,7 +154,26 @@ NET = DeviceKind(
     policy="net",
 )
 
-KINDS: dict[str, DeviceKind] = {k.name: k for k in (BLK, RNG, CONSOLE, NET)}
+VSOCK = DeviceKind(
+    name="vsock", virtio_id=19, queue_max_sizes=(256, 256, 256),  # rx, tx, event (§5.10.2)
+    implementation="device_procs.virtio.vsock:VsockDevice",
+    flag="vsock", name_prefix="vsock",
+    help="virtio-vsock: guest AF_VSOCK <-> host Unix sockets, brokered by the core "
+         "(Firecracker's protocol on SOCKET)",
+    fields=(
+        SpecField("cid", int, "the guest's context id (3..4294967294), unique among running VMs",
+                  required=True),
+        SpecField("socket", str, "the VM's vsock socket: host programs connect here and send "
+                                 "'CONNECT <port>\\n'; guest connections to port P go to "
+                                 "SOCKET_P", derive="vm-vsock-socket"),
+        SpecField("max_connections", int, "connections open at once (more get RST)", default=256),
+    ),
+    shorthand="cid",
+    resources=(HostResource("broker", "socket", "vsock-broker"),),
+    max_instances=1,
+)
+
+KINDS: dict[str, DeviceKind] = {k.name: k for k in (BLK, RNG, CONSOLE, NET, VSOCK)}
 
 # A kind only tests use: a device process built by a factory the test names (no virtio device).
 TEST_KIND_NAME = "test"

@@ -37,6 +37,8 @@ from ipc_protocol import kinds
 from ipc_protocol.vhost_user_journal import SessionJournal, socketpair as journal_pair
 
 from .devices.resources import open_image, open_output
+from .unix_socket import listen
+from .vsock_broker import VsockBroker
 from .devices.tap import NetNamespace, Tap, TapError, check_mac, default_mac, open_tap_resource
 from .devices.untrusted import escape
 from .errors import BulkheadError
@@ -65,6 +67,9 @@ class DeviceArgs:
     netns: str | None = None
     mac: str | None = None
     mtu: int | None = None
+    cid: int | None = None
+    uds: str | None = None
+    max_connections: int = 256
     once: bool = False
     resume: bool = True
     seccomp: str = "kill"
@@ -92,11 +97,17 @@ class DeviceArgs:
         mtu = getattr(args, "mtu", None)
         if mtu is not None and not 68 <= mtu <= 65535:
             raise BulkheadError(f"--mtu {mtu}: must be 68..65535")
+        cid = getattr(args, "cid", None)
+        if cid is not None and not 3 <= cid <= 0xFFFFFFFE:
+            raise BulkheadError(f"--cid {cid}: a guest's CID is 3..4294967294 (0-2 are reserved)")
+        max_connections = getattr(args, "max_connections", 256)
+        if not 1 <= max_connections <= 4096:
+            raise BulkheadError(f"--max-connections {max_connections}: must be 1..4096")
         level = ("WARNING", "INFO", "DEBUG")[min(args.verbose, 2)]
         return cls(args.device_kind, args.socket, disk, readonly, lock,
                    getattr(args, "output", None), getattr(args, "tap", None),
-                   getattr(args, "netns", None), mac, mtu, args.once, not args.no_resume,
-                   args.seccomp, level)
+                   getattr(args, "netns", None), mac, mtu, cid, getattr(args, "uds", None),
+                   max_connections, args.once, not args.no_resume, args.seccomp, level)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -110,12 +121,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "  bulkhead device console --socket /tmp/hvc.sock --output console.txt\n"
                "  bulkhead device rng --socket /tmp/rng.sock --once\n"
                "  bulkhead device net --socket /tmp/eth.sock --tap bhtap0 --netns tenant1\n"
-               "  linux.uml ... virtio_uml.device=/tmp/eth.sock:1\n")
+               "  linux.uml ... virtio_uml.device=/tmp/eth.sock:1\n"
+               "  bulkhead device vsock --socket /tmp/vsock-dev.sock --cid 3 --uds /tmp/v.sock\n")
     verbs = device.add_subparsers(dest="device_kind", required=True, parser_class=type(device))
     for kind, text in (("blk", "virtio-blk on a raw image"),
                        ("console", "virtio-console port 0, output to a file or stdout"),
                        ("rng", "virtio-rng from the host CSPRNG"),
-                       ("net", "virtio-net on a tap the launcher opens (in --netns)")):
+                       ("net", "virtio-net on a tap the launcher opens (in --netns)"),
+                       ("vsock", "virtio-vsock to host Unix sockets, brokered by the launcher")):
         p = verbs.add_parser(kind, help=text)
         p.add_argument("--socket", required=True, metavar="PATH",
                        help="the vhost-user socket to listen on (created; a stale one is replaced)")
@@ -137,6 +150,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--mac", help="the guest's MAC (default: stable per tap name)")
             p.add_argument("--mtu", type=int, help="MTU of the tap and the device (68..65535; "
                                                    "default: the tap's)")
+        if kind == "vsock":
+            p.add_argument("--cid", type=int, required=True, help="the guest's CID (3..)")
+            p.add_argument("--uds", required=True, metavar="PATH",
+                           help="host programs connect here and send 'CONNECT <port>\\n'; "
+                                "guest connections to host port P go to PATH_P")
+            p.add_argument("--max-connections", type=int, default=256,
+                           help="connections open at once (more get RST; default 256)")
         p.add_argument("--once", action="store_true",
                        help="exit when the first frontend leaves instead of waiting for the next")
         p.add_argument("--no-resume", action="store_true",
@@ -150,33 +170,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 # -- host resources, opened once outside the jail -------------------------------------------------
 # The image and the console output are opened as for `bulkhead run` (vmm_core.devices.resources:
 # O_NOFOLLOW, fstat checks with one-line errors, an OFD lock on the image).
-
-def listen(path: str) -> socket.socket:
-    """Listen on `path`; a stale socket (nobody listening) is replaced, anything else refused."""
-    if os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise BulkheadError(f"--socket {path} exists and is not a socket: remove it or choose "
-                                "another path")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # a leftover of a backend that is gone
-        except OSError as err:
-            raise BulkheadError(f"--socket {path}: cannot check the existing socket: {err.strerror}") from None
-        else:
-            raise BulkheadError(f"--socket {path}: another backend is listening there")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(path)
-        sock.listen(1)
-    except OSError as err:
-        sock.close()
-        raise BulkheadError(f"--socket {path}: cannot listen there: {err.strerror}") from None
-    return sock
-
 
 # -- the launcher ----------------------------------------------------------------------------------
 
@@ -195,6 +188,7 @@ class Launcher:
         self._log_buf = b""
         self.tap: Tap | None = None
         self.netns: NetNamespace | None = None  # --netns new: ours, closed at exit
+        self.broker: VsockBroker | None = None
 
     def say(self, text: str) -> None:
         print(f"bulkhead device {self.cfg.kind}: {text}", file=sys.stderr, flush=True)
@@ -213,6 +207,11 @@ class Launcher:
             # The tap outlives every device process: a frontend that reconnects finds it as it was.
             self.tap, self.netns = open_tap_resource(cfg.tap, cfg.netns, cfg.mtu, f"--tap {cfg.tap}")
             self.resources["tap"] = self.tap.fd
+        elif cfg.kind == "vsock":
+            assert cfg.uds is not None
+            # Connections are the broker's (this process) to make; the device moves bytes.
+            self.broker = VsockBroker(cfg.uds, what="--uds")
+            self.resources["broker"] = self.broker.open()
         self.listener = listen(cfg.socket_path)
         what = ""
         if cfg.kind == "blk":
@@ -222,6 +221,8 @@ class Launcher:
             where = f", netns {self.netns.path}" if self.netns is not None else \
                 (f", netns {cfg.netns}" if cfg.netns else "")
             what = f" (tap {self.tap.name}, mtu {self.tap.mtu}, mac {self.mac}{where})"
+        elif self.broker is not None:
+            what = f" (cid {cfg.cid}, host sockets {cfg.uds})"
         self.say(f"listening on {cfg.socket_path}{what}")
 
     @property
@@ -241,6 +242,9 @@ class Launcher:
             argv += ["--output-fd", str(self.resources["output"])]
         if self.tap is not None:
             argv += ["--tap-fd", str(self.tap.fd), "--mac", self.mac, "--mtu", str(self.tap.mtu)]
+        if self.broker is not None:
+            argv += ["--broker-fd", str(self.resources["broker"]), "--cid", str(cfg.cid),
+                     "--max-connections", str(cfg.max_connections)]
         return argv
 
     def start_device(self, conn: socket.socket,
@@ -453,7 +457,7 @@ class Launcher:
                 pass
             self.listener = None
         for role, fd in self.resources.items():
-            if role != "tap":
+            if role not in ("tap", "broker"):  # those two are closed by their owners below
                 os.close(fd)
         self.resources.clear()
         if self.tap is not None:
@@ -462,6 +466,9 @@ class Launcher:
         if self.netns is not None:
             self.netns.close()
             self.netns = None
+        if self.broker is not None:
+            self.broker.close()
+            self.broker = None
         os.close(self._wake_r)
         os.close(self._wake_w)
 

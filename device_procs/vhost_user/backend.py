@@ -675,6 +675,8 @@ class VhostUserBackend:
                 q.next_avail = q.signalled_used = q.used_idx
             self.pending.add(ring.index)
         self.run_pending()
+        if any(r.queue is not None for r in self.rings):
+            self.device.on_resumed()
         self.signal_used()
 
     def kick(self, index: int) -> None:

@@ -36,7 +36,7 @@ from .serve import EXIT_PROTOCOL, Server, describe
 log = logging.getLogger("device_procs.vhost_user")
 
 EXIT_SETUP = 2
-DEVICE_TYPES = ("blk", "console", "rng", "net")
+DEVICE_TYPES = ("blk", "console", "rng", "net", "vsock")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,6 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tap-fd", type=int, help="net: the tap, opened by the launcher")
     p.add_argument("--mac", help="net: the guest's MAC")
     p.add_argument("--mtu", type=int, default=1500, help="net: the tap's MTU")
+    p.add_argument("--broker-fd", type=int, help="vsock: the launcher's broker socket")
+    p.add_argument("--cid", type=int, help="vsock: the guest's CID")
+    p.add_argument("--max-connections", type=int, default=256, help="vsock: connections at once")
     p.add_argument("--journal-fd", type=int, help="the launcher's session journal (resumable)")
     p.add_argument("--resume", action="store_true",
                    help="replay the journal first: the predecessor of this process died")
@@ -74,6 +77,11 @@ def build_device(args: argparse.Namespace) -> VirtioDevice:
             raise DeviceSpecError("net needs --tap-fd and --mac")
         spec.update(mac=args.mac, mtu=args.mtu)
         fds["tap"] = args.tap_fd
+    elif args.device_type == "vsock":
+        if args.broker_fd is None or args.cid is None:
+            raise DeviceSpecError("vsock needs --broker-fd and --cid")
+        spec.update(cid=args.cid, max_connections=args.max_connections)
+        fds["broker"] = args.broker_fd
     try:
         return create_device(spec, fds)
     finally:

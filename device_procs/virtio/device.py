@@ -147,6 +147,11 @@ class VirtioDevice(abc.ABC):
         """The deadline passed; True if buffers were used."""
         return False
 
+    def on_resumed(self) -> None:
+        """This device replaces one that died, with the driver's rings as they were: state the
+        predecessor held outside guest memory is gone (vsock's connections: it tells the
+        driver).  Called once, after the rings were processed again."""
+
     def process_queue(self, index: int) -> bool:
         """Handle what the driver made available on queue `index`; True if buffers were used.
 

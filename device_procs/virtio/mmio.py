@@ -219,6 +219,7 @@ class MmioDevice:
             for i, c in enumerate(self.queues):
                 if c.ready:
                     self._notify_locked(i)
+            self.device.on_resumed()
             self.signal_used()
 
     # -- host loop hooks (`VirtioDevice.poll_fds` and friends), under the register lock --------

@@ -128,6 +128,19 @@ def open_tap(spec: DeviceSpec, r: HostResource, where: str) -> "tuple[int, Calla
     return tap.fd, (ns.close if ns is not None else lambda: None)
 
 
+def open_vsock_broker(spec: DeviceSpec, r: HostResource, where: str) -> "tuple[int, Callable[[], None]]":
+    """A vsock device's broker (`vmm_core.vsock_broker`): the core listens on the VM's vsock
+    socket and makes every connection; the device gets its end of the broker's socketpair."""
+    from ..vsock_broker import VsockBroker
+    broker = VsockBroker(spec.params[r.field], what=where)
+    fd = broker.open()
+    try:
+        return os.dup(fd), broker.close
+    except BaseException:
+        broker.close()
+        raise
+
+
 # An opener returns the fd, or (fd, what to call when the VM ends besides closing it).
 Opener = Callable[[DeviceSpec, HostResource, str], "int | tuple[int, Callable[[], None]]"]
 OPENERS: dict[str, Opener] = {
@@ -136,6 +149,7 @@ OPENERS: dict[str, Opener] = {
     "output": lambda spec, r, where: open_output(spec.params[r.field], where),
     "input": lambda spec, r, where: open_input(spec.params[r.field], where),
     "tap": open_tap,
+    "vsock-broker": open_vsock_broker,
 }
 
 

@@ -15,6 +15,8 @@ keys as a TOML table (`device_from_table`).
 
 from __future__ import annotations
 
+import os
+
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -178,8 +180,10 @@ def check_unique(specs: list[DeviceSpec]) -> None:
 def derive_defaults(spec: DeviceSpec, vm_name: str, index: int) -> DeviceSpec:
     """Fill the fields the core derives when absent (a net device's MAC: stable per VM name
     and device index, so a restarted or re-created VM keeps it)."""
+    from ..registry import registry_dir
     from .tap import default_mac
-    derivers = {"vm-mac": lambda: default_mac(vm_name, index)}
+    derivers = {"vm-mac": lambda: default_mac(vm_name, index),
+                "vm-vsock-socket": lambda: os.path.join(registry_dir().parent, f"{vm_name}.vsock")}
     missing = {f.name: derivers[f.derive]() for f in spec.device_kind.fields
                if f.derive is not None and f.name not in spec.params}
     if not missing:

@@ -21,6 +21,7 @@ static const struct test tests[] = {
 	{"virtio-rng", test_virtio_rng},
 	{"virtio-console", test_virtio_console},
 	{"virtio-net", test_virtio_net},
+	{"virtio-vsock", test_virtio_vsock},
 };
 
 int fail(char *d, const char *f, ...)

@@ -23,6 +23,7 @@ int test_blk_workload(char *d);
 int test_virtio_rng(char *d);
 int test_virtio_console(char *d);
 int test_virtio_net(char *d);
+int test_virtio_vsock(char *d);
 
 extern u64 gk_ncpus; /* from rdx at entry */
 

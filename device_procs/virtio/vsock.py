@@ -137,13 +137,12 @@ class VsockDevice(VirtioDevice):
         self.guest_cid = _check_cid(guest_cid)
         if type(max_connections) is not int or not 1 <= max_connections <= 65536:
             raise DeviceSpecError(f"vsock: max_connections {max_connections!r} is not in 1..65536")
+        # Family and type given, not asked: the jail allows CPython's getsockname check of the
+        # fd but not the getsockopt it would add to learn the type.  The broker is the core.
         try:
-            broker = socket.socket(fileno=broker_fd)
+            broker = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=broker_fd)
         except OSError as e:
-            raise DeviceSpecError(f"vsock: the broker fd is not a socket ({e.strerror})") from None
-        if broker.family != socket.AF_UNIX or broker.type != socket.SOCK_SEQPACKET:
-            broker.detach()
-            raise DeviceSpecError("vsock: the broker fd must be an AF_UNIX SOCK_SEQPACKET socket")
+            raise DeviceSpecError(f"vsock: the broker fd is not usable ({e.strerror})") from None
         self.broker = broker
         self.max_connections = max_connections
         self._owns_fd = owns_fd
@@ -645,8 +644,8 @@ class VsockDevice(VirtioDevice):
 
     def _attach(self, link: _Link, fd: int) -> bool:
         """Take `fd` as the link's host end (non-blocking); False (fd closed) if unusable."""
-        # Family, type and protocol given: CPython would otherwise ask getsockopt/getsockname,
-        # which the jail does not allow (the broker, trusted, only passes connected streams).
+        # Family, type and protocol given: CPython would otherwise ask getsockopt, which the jail
+        # does not allow (the broker, trusted, only passes connected streams).
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
         except OSError:

@@ -425,9 +425,12 @@ class UmlBed:
     removes its directory (`keep=True` leaves the directory for a post-mortem)."""
 
     def __init__(self, *, mem_mib: int = 256, parent_dir: str | None = None, keep: bool = False,
-                 kernel_args: tuple[str, ...] = ("quiet",)) -> None:
+                 kernel_args: tuple[str, ...] = ("quiet",), netns: str | None = None) -> None:
         self.mem_mib = mem_mib
         self.kernel_args = kernel_args
+        # UML itself runs in this `ip netns` namespace (its built-in transports, e.g.
+        # vec0:transport=tap in kernel_args, open their taps there).
+        self.netns = netns
         self.keep = keep
         self.dir = tempfile.mkdtemp(prefix="bulkhead-uml-", dir=parent_dir)
         os.chmod(self.dir, 0o755)
@@ -516,6 +519,8 @@ class UmlBed:
                     for i, d in enumerate(self.devices)]
         argv = ["setpriv", "--pdeathsig", "KILL", "unshare", *_pid_namespace_flags(),
                 "--kill-child=SIGKILL", _which(UML_BINARY) or UML_BINARY, *cmdline]
+        if self.netns is not None:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
         memdir = tempfile.mkdtemp(prefix="bulkhead-uml-mem-", dir=SHM)
         try:
             boot = _boot(argv, run_dir, {**os.environ, "TMPDIR": memdir, "HOME": run_dir},

@@ -1,0 +1,66 @@
+"""The test guest's virtio-vsock driver (guest_kit/vsock.c) through the real CLI: the device jailed
+in its own process (and in-process for comparison), the core's broker connecting the guest to a
+host program listening on `<vsock socket>_PORT`, and a host program connecting to the guest's
+socket with Firecracker's `CONNECT <port>` line."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+
+from vmm_core.testing import TEST_GUEST, run_bulkhead
+
+pytestmark = [pytest.mark.kvm, pytest.mark.root, pytest.mark.timeout(180)]
+
+PORT = 5005
+
+
+def echo_server(path: str) -> tuple[socket.socket, list[bytes]]:
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(path)
+    lst.listen(4)
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = lst.accept()
+            except OSError:
+                return
+            with conn:
+                while b := conn.recv(4096):
+                    seen.append(b)
+                    conn.sendall(b)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return lst, seen
+
+
+@pytest.mark.parametrize("mode", ["sandboxed", "in-process"])
+def test_guest_kit_vsock_echo_through_the_broker(tmp_path, mode: str) -> None:
+    vsock = str(tmp_path / "v.sock")
+    lst, seen = echo_server(f"{vsock}_{PORT}")
+    extra = ["--no-sandbox"] if mode == "in-process" else []
+    try:
+        run = run_bulkhead("run", "--kernel", TEST_GUEST, "--mem", "64",
+                           "--vsock", f"cid=42,socket={vsock}", *extra,
+                           "--cmdline", f"gk.tests=virtio-vsock gk.vsock={PORT}", timeout=150)
+    finally:
+        lst.close()
+    ok, detail = run.results.get("virtio-vsock", (False, "no result"))
+    assert ok and run.done == (1, 1) and run.returncode == 0, run.explain()
+    assert f"cid=42 port={PORT} echoed=" in detail, detail
+    assert b"".join(seen).startswith(b"bulkhead vsock echo"), seen
+    assert not os.path.exists(vsock), "the VM's vsock socket outlived it"
+
+
+@pytest.mark.parametrize("cid", ["0", "2", "4294967295", "x"])
+def test_a_reserved_or_bad_cid_is_one_line_and_status_2(tmp_path, cid: str) -> None:
+    run = run_bulkhead("run", "--kernel", TEST_GUEST, "--mem", "64",
+                       "--vsock", f"cid={cid},socket={tmp_path}/v.sock", timeout=60)
+    assert run.returncode == 2, run.explain()
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cid" in lines[0], run.stderr

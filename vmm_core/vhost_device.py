@@ -210,7 +210,8 @@ class Launcher:
         elif cfg.kind == "vsock":
             assert cfg.uds is not None
             # Connections are the broker's (this process) to make; the device moves bytes.
-            self.broker = VsockBroker(cfg.uds, what="--uds")
+            assert cfg.cid is not None
+            self.broker = VsockBroker(cfg.uds, cfg.cid, what="--uds", cid_what="--cid ")
             self.resources["broker"] = self.broker.open()
         self.listener = listen(cfg.socket_path)
         what = ""

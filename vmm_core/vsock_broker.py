@@ -17,6 +17,10 @@ and fds the device sends are closed; a device that floods is read at most `DEVIC
 messages per wake-up.  Host programs that connect but never finish their CONNECT line are
 closed after `CONNECT_TIMEOUT`, and at most `MAX_PENDING` wait at a time.
 
+A guest CID is unique among the host's running VMs: `claim_cid` takes an exclusive OFD lock on
+`<host runtime dir>/vsock-cids/<cid>`, held while the VM (or `bulkhead device vsock`) runs and
+released by the kernel when its holder dies, so a crashed core never leaves a CID taken.
+
 `VsockBroker` runs on its own thread (the core's vCPU and supervisor threads never wait for a
 host program); `open()` returns the device's end of the pair, `close()` stops the thread,
 closes everything and removes the socket.
@@ -25,11 +29,14 @@ closes everything and removes the socket.
 from __future__ import annotations
 
 import array
+import errno
+import fcntl
 import logging
 import os
 import re
 import select
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -50,6 +57,24 @@ FIRST_HOST_PORT = 1 << 30  # host-side ports the broker hands out (Firecracker s
 _CONNECT = re.compile(rb"CONNECT ([0-9]{1,10})\n")
 
 
+def claim_cid(cid: int, what: str = "--vsock cid=") -> int:
+    """Hold `cid` for this process; the lock fd (close it to release).  BulkheadError if a
+    running VM holds it."""
+    from .registry import registry_dir
+    directory = registry_dir().parent / "vsock-cids"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(directory / str(cid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    lock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, "F_OFD_SETLK", 37), lock)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise BulkheadError(f"{what}{cid}: another running VM has this CID; choose another") from None
+        raise
+    return fd
+
+
 @dataclass
 class _Pending:
     sock: socket.socket
@@ -59,8 +84,11 @@ class _Pending:
 class VsockBroker:
     """Brokers one VM's vsock connections; see the module doc."""
 
-    def __init__(self, socket_path: str, *, what: str = "--vsock socket") -> None:
+    def __init__(self, socket_path: str, cid: int, *, what: str = "--vsock socket",
+                 cid_what: str = "--vsock cid=") -> None:
         self.socket_path = socket_path
+        self.cid, self.cid_what = cid, cid_what
+        self._cid_lock = -1
         self.what = what
         self.listener: socket.socket | None = None
         self.device_end: socket.socket | None = None
@@ -78,7 +106,13 @@ class VsockBroker:
         """Listen, start the thread; the fd to give the device (role "broker")."""
         if len(self.socket_path) + 12 > 107:  # sun_path, with room for "_<port>"
             raise BulkheadError(f"{self.what} {self.socket_path}: path too long for a Unix socket")
-        self.listener = listen(self.socket_path, self.what, backlog=16)
+        self._cid_lock = claim_cid(self.cid, self.cid_what)
+        try:
+            self.listener = listen(self.socket_path, self.what, backlog=16)
+        except BaseException:
+            os.close(self._cid_lock)
+            self._cid_lock = -1
+            raise
         self.listener.setblocking(False)
         self._ours, self.device_end = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -114,6 +148,9 @@ class VsockBroker:
             except OSError:
                 pass
         self._wake_r = self._wake_w = -1
+        if self._cid_lock >= 0:
+            os.close(self._cid_lock)
+            self._cid_lock = -1
 
     # -- the thread -----------------------------------------------------------------------------
     def _run(self) -> None:

@@ -64,3 +64,23 @@ def test_a_reserved_or_bad_cid_is_one_line_and_status_2(tmp_path, cid: str) -> N
     assert run.returncode == 2, run.explain()
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "cid" in lines[0], run.stderr
+
+
+def test_a_cid_held_by_a_running_vm_is_refused(tmp_path) -> None:
+    """CIDs are claimed by an OFD lock the holder keeps while it runs (released if it dies)."""
+    from vmm_core.testing.uml import BulkheadBackend
+
+    first = BulkheadBackend("vsock", "--cid", "77", "--uds", str(tmp_path / "a.sock"))
+    first.start_with()
+    try:
+        run = run_bulkhead("run", "--kernel", TEST_GUEST, "--mem", "64",
+                           "--vsock", f"cid=77,socket={tmp_path}/b.sock", timeout=60)
+        assert run.returncode == 2, run.explain()
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and "cid=77: another running VM has this CID" in lines[0], run.stderr
+    finally:
+        first.stop()
+    run = run_bulkhead("run", "--kernel", TEST_GUEST, "--mem", "64",
+                       "--vsock", f"cid=77,socket={tmp_path}/b.sock", "--cmdline", "gk.tests=pio",
+                       timeout=120)
+    assert run.returncode == 0, run.explain()  # released when its holder ended

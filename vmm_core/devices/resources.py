@@ -132,7 +132,8 @@ def open_vsock_broker(spec: DeviceSpec, r: HostResource, where: str) -> "tuple[i
     """A vsock device's broker (`vmm_core.vsock_broker`): the core listens on the VM's vsock
     socket and makes every connection; the device gets its end of the broker's socketpair."""
     from ..vsock_broker import VsockBroker
-    broker = VsockBroker(spec.params[r.field], what=where)
+    broker = VsockBroker(spec.params[r.field], int(spec.params["cid"]), what=where,
+                         cid_what="--vsock cid=")
     fd = broker.open()
     try:
         return os.dup(fd), broker.close

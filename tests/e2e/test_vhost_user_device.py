@@ -354,7 +354,9 @@ def test_one_frontend_at_a_time(blk_cli: DeviceCli) -> None:
     (["blk", "--disk", "{tmp}/odd.img,sparse"], "unknown option"),
     (["blk", "--disk", "{tmp}/good.img", "--socket-is-file"], "is not a socket"),
     (["console", "--output", "{tmp}"], "is a directory"),
-    (["vsock"], "invalid choice"),
+    (["fs"], "invalid choice"),
+    (["vsock", "--cid", "2", "--uds", "{tmp}/v.sock"], "--cid 2"),
+    (["vsock", "--cid", "3", "--uds", "{tmp}"], "is not a socket"),
     (["net"], "required: --tap"),
     (["net", "--tap", "bad/name"], "tap"),
     (["net", "--tap", "bhx0", "--mac", "01:00:00:00:00:01"], "--mac"),
@@ -362,7 +364,7 @@ def test_one_frontend_at_a_time(blk_cli: DeviceCli) -> None:
     (["net", "--tap", "bhx0", "--netns", "bh-no-such-namespace"], "ip netns add"),
 ], ids=["missing", "directory", "odd-size", "empty", "symlink", "bad-option", "not-a-socket",
         "output-directory", "unknown-device", "net-no-tap", "net-bad-tap", "net-multicast-mac",
-        "net-mtu", "net-missing-netns"])
+        "net-mtu", "net-missing-netns", "vsock-reserved-cid", "vsock-uds-directory"])
 def test_bad_input_is_one_line_and_status_2(tmp_path: Path, args: list[str], needle: str) -> None:
     (tmp_path / "odd.img").write_bytes(b"x" * 1000)
     (tmp_path / "empty.img").write_bytes(b"")

@@ -119,6 +119,12 @@ class HostSide:
             lst.close()
 
 
+def echo(conn: socket.socket) -> None:
+    with conn:
+        while b := conn.recv(64):
+            conn.sendall(b)
+
+
 def fds_of(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -181,11 +187,6 @@ def test_streams_both_ways_and_a_refused_port(tmp_path):
 def test_a_thousand_short_connections_leave_no_fd_behind(tmp_path):
     host = HostSide(str(tmp_path))
 
-    def echo(conn: socket.socket) -> None:
-        with conn:
-            while b := conn.recv(64):
-                conn.sendall(b)
-
     host.listen(5001, echo)
     counts: dict[str, tuple[int, int]] = {}
     backend_box: list[BulkheadBackend] = []
@@ -211,11 +212,6 @@ def test_a_thousand_short_connections_leave_no_fd_behind(tmp_path):
 
 def test_killing_the_device_resets_open_connections_and_new_ones_work(tmp_path):
     host = HostSide(str(tmp_path))
-
-    def echo(conn: socket.socket) -> None:
-        with conn:
-            while b := conn.recv(64):
-                conn.sendall(b)
 
     host.listen(5002, echo)
     killed: list[int] = []

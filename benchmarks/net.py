@@ -7,7 +7,11 @@ sink in the namespace (throughput: guest-side time from connect to the peer's ac
 of the last byte), then does `--rr` one-byte request/response round trips with TCP_NODELAY.
 Printed: the median over `--rounds` of each, and Bulkhead's ratio to the built-in transport.
 
-    .venv/bin/python benchmarks/net.py [--mib 256] [--rr 2000] [--rounds 3]
+Then (`--pings N`, 0 to skip) guest_kit's virtio-net driver under `bulkhead run` (real KVM
+exits, ioeventfd/irqfd), the device jailed and in-process, alternating: ICMP echo round trips to
+the tap's address in a namespace, timed as (run with N pings - run with none) / N.
+
+    .venv/bin/python benchmarks/net.py [--mib 256] [--rr 2000] [--rounds 3] [--pings 2000]
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vmm_core.testing.netns import Namespaces, sh  # noqa: E402
+from vmm_core.testing import TEST_GUEST, run_bulkhead  # noqa: E402
 from vmm_core.testing.uml import BulkheadBackend, UmlBed  # noqa: E402
 
 HOST_IP, GUEST_IP, PORT = "10.78.0.1", "10.78.0.2", 5301
@@ -104,11 +110,45 @@ def one_boot(transport: str, ns: str, mib: int, rr: int) -> tuple[float, float]:
     return float(run.results["mbps"]), float(run.results["rr"])
 
 
+def guest_kit_run(ns: str, pings: int, sandboxed: bool) -> float:
+    """Seconds of one `bulkhead run` of guest_kit's virtio-net test with `pings` extra echoes."""
+    extra = [] if sandboxed else ["--no-sandbox"]
+    t = time.perf_counter()
+    run = run_bulkhead("run", "--kernel", TEST_GUEST, "--mem", "64",
+                       "--net", f"tap=bhgk0,netns={ns},mac=52:54:00:12:34:56", *extra, "--cmdline",
+                       f"gk.tests=virtio-net gk.net=10.0.2.15/24,10.0.2.2 gk.net_pings={pings}",
+                       timeout=600)
+    secs = time.perf_counter() - t
+    ok, detail = run.results.get("virtio-net", (False, "no result"))
+    if not ok or run.returncode != 0:
+        raise SystemExit(f"guest_kit run failed: {run.explain()}")
+    return secs
+
+
+def icmp_rounds(ns: str, pings: int, rounds: int) -> dict[str, float]:
+    sh(ns, "ip tuntap add dev bhgk0 mode tap vnet_hdr")
+    sh(ns, "ip addr add 10.0.2.2/24 dev bhgk0")
+    per_rtt: dict[str, list[float]] = {"sandboxed": [], "in-process": []}
+    try:
+        for r in range(rounds):
+            for mode in (per_rtt if r % 2 == 0 else reversed(list(per_rtt))):
+                sandboxed = mode == "sandboxed"
+                base = guest_kit_run(ns, 0, sandboxed)
+                full = guest_kit_run(ns, pings, sandboxed)
+                per_rtt[mode].append((full - base) / pings * 1e6)
+                print(f"round {r + 1} guest_kit icmp {mode:10s} {per_rtt[mode][-1]:8.1f} us/round trip",
+                      flush=True)
+    finally:
+        sh(ns, "ip link del bhgk0")
+    return {m: statistics.median(v) for m, v in per_rtt.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--rr", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pings", type=int, default=2000)
     args = ap.parse_args()
     spaces = Namespaces()
     results: dict[str, list[tuple[float, float]]] = {"bulkhead": [], "uml-vec0-tap": []}
@@ -120,6 +160,7 @@ def main() -> int:
                 mbps, rr = one_boot(transport, ns, args.mib, args.rr)
                 results[transport].append((mbps, rr))
                 print(f"round {r + 1} {transport:14s} {mbps:8.1f} Mbit/s {rr:8.0f} req/s", flush=True)
+        icmp = icmp_rounds(ns, args.pings, args.rounds) if args.pings > 0 else None
     finally:
         spaces.cleanup()
     med = {t: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
@@ -129,6 +170,10 @@ def main() -> int:
         print(f"  {t:14s} {mbps:8.1f} Mbit/s {rr:8.0f} req/s")
     b, v = med["bulkhead"], med["uml-vec0-tap"]
     print(f"  bulkhead / uml-vec0-tap: throughput {b[0] / v[0]:.2f}x, request/response {b[1] / v[1]:.2f}x")
+    if icmp is not None:
+        print(f"\nguest_kit ICMP echo through bulkhead run, {args.pings} round trips, median of "
+              f"{args.rounds}: sandboxed {icmp['sandboxed']:.1f} us, in-process "
+              f"{icmp['in-process']:.1f} us ({icmp['sandboxed'] / icmp['in-process']:.2f}x)")
     return 0
 
 

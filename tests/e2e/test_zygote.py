@@ -47,7 +47,7 @@ def gone(pid: int) -> bool:
     """Exited (a zombie waiting for its parent counts as gone)."""
     try:
         return proc_status(pid)["State"].startswith("Z")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: it vanished while being read
         return True
 
 

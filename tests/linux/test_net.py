@@ -19,7 +19,7 @@ import time
 import pytest
 
 from vmm_core.testing.netns import Namespaces, sh
-from vmm_core.testing.uml import BulkheadBackend, UmlBed
+from vmm_core.testing.uml import BulkheadBackend, UmlBed, UmlTimeout
 
 pytestmark = [pytest.mark.linux, pytest.mark.root]
 
@@ -156,7 +156,10 @@ def test_tcp_stream_checksums_match_on_both_ends(netns, mode, mib):
         try:
             env = {"MODE": mode, "MIB": str(mib), "HOST_IP": HOST_IP, "GUEST_IP": GUEST_IP,
                    "PORT": str(PORT)}
-            run = bed.run(GUEST, python=True, env=env, timeout=240).check()
+            try:
+                run = bed.run(GUEST, python=True, env=env, timeout=240).check()
+            except UmlTimeout as stalled:
+                raise AssertionError(f"{stalled}\n--- backend\n{backend.log}") from None
             theirs = peer.result()
         finally:
             peer.close()

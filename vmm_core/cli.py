@@ -121,6 +121,9 @@ def default_guest_path() -> str:
 
 
 def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
+    p.add_argument("--config", metavar="FILE", action="append",
+                   help="a VM config file (TOML: every flag is a key, devices are tables; flags "
+                        "given here override it; see `bulkhead config check`)")
     p.add_argument("--kernel", required=kernel_required, metavar="PATH",
                    help="test guest ELF, Linux bzImage or vmlinux")
     p.add_argument("--initrd", metavar="PATH", help="initramfs for a Linux kernel")
@@ -221,9 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_parsers(sub, _positive_int)
     from .vhost_device import add_parser as add_device_parser
     add_device_parser(sub)
+    config = sub.add_parser("config", help="`bulkhead config check FILE...`: validate VM config "
+                            "files without starting anything")
+    config.add_argument("action", choices=("check",))
+    config.add_argument("files", nargs="+", metavar="FILE")
+    config.add_argument("-v", "--verbose", action="count", default=0)
     for verb in ("ps", "stats", "stop", "fault"):
         sub.choices[verb].add_argument("-v", "--verbose", action="count", default=0)
     return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, verb: str) -> argparse.ArgumentParser:
+    for action in parser._actions:  # argparse keeps its subparsers here and nowhere public
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[verb]
+    raise KeyError(verb)
 
 
 DEMO_TESTS = "pio,mmio,irq,irqfd,hlt,smp"
@@ -334,6 +349,15 @@ def _report_demo(config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("run", "demo") and any(a == "--config" or a.startswith("--config=")
+                                                   for a in argv[1:]):
+        from .vm_config import expand
+        try:
+            argv = [argv[0], *expand(argv[1:], _subparser(parser, argv[0]))]
+        except BulkheadError as e:
+            print(f"bulkhead: {e}", file=sys.stderr)
+            return EXIT_USAGE
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="bulkhead %(levelname)s %(name)s: %(message)s")
@@ -350,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
             from .chaos import run_chaos
             return run_chaos(args.count, args.interval_ms, args.device, args.seed, jitter=args.jitter,
                              fault=args.fault)
+        if args.verb == "config":
+            from .vm_config import check
+            return check(args.files, _subparser(parser, "run"))
         if args.verb == "device":
             from .vhost_device import run_device
             return run_device(args)

@@ -84,3 +84,30 @@ def test_a_cid_held_by_a_running_vm_is_refused(tmp_path) -> None:
                        "--vsock", f"cid=77,socket={tmp_path}/b.sock", "--cmdline", "gk.tests=pio",
                        timeout=120)
     assert run.returncode == 0, run.explain()  # released when its holder ended
+
+
+def test_a_vm_config_file_starts_the_same_devices(tmp_path) -> None:
+    """`bulkhead run --config vm.toml`: run flags as keys, devices as tables; a flag given with
+    it overrides the file (here --cmdline)."""
+    vsock = str(tmp_path / "v.sock")
+    lst, _ = echo_server(f"{vsock}_{PORT}")
+    config = tmp_path / "vm.toml"
+    config.write_text(f'''
+kernel = "{TEST_GUEST}"
+mem = 64
+cmdline = "gk.tests=pio"
+rng = true
+
+[vsock]
+cid = 43
+socket = "{vsock}"
+''')
+    try:
+        assert run_bulkhead("config", "check", str(config)).returncode == 0
+        run = run_bulkhead("run", "--config", str(config), "--cmdline",
+                           f"gk.tests=virtio-rng,virtio-vsock gk.vsock={PORT}", timeout=150)
+    finally:
+        lst.close()
+    assert run.returncode == 0 and run.done == (2, 2), run.explain()
+    ok, detail = run.results["virtio-vsock"]
+    assert ok and "cid=43" in detail, detail

@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("device failed: %s", describe(err))
         return EXIT_PROTOCOL
     finally:
+        log.info("session counters: %s; device: %s", backend.stats(),
+                 {k: v for k, v in device.stats().items() if v})
         backend.close()
         device.close()
         conn.close()

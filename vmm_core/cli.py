@@ -124,6 +124,9 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
     p.add_argument("--config", metavar="FILE", action="append",
                    help="a VM config file (TOML: every flag is a key, devices are tables; flags "
                         "given here override it; see `bulkhead config check`)")
+    p.add_argument("--firecracker-config", metavar="FILE", action="append",
+                   help="a Firecracker JSON config (boot-source, machine-config, drives, "
+                        "network-interfaces, vsock; anything else is refused by name)")
     p.add_argument("--kernel", required=kernel_required, metavar="PATH",
                    help="test guest ELF, Linux bzImage or vmlinux")
     p.add_argument("--initrd", metavar="PATH", help="initramfs for a Linux kernel")
@@ -350,7 +353,8 @@ def _report_demo(config) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("run", "demo") and any(a == "--config" or a.startswith("--config=")
+    from .vm_config import CONFIG_FLAGS
+    if argv and argv[0] in ("run", "demo") and any(a.partition("=")[0] in CONFIG_FLAGS
                                                    for a in argv[1:]):
         from .vm_config import expand
         try:

@@ -40,7 +40,8 @@ from .devices.spec import build_spec
 from .errors import ConfigError
 
 # Keys that are not run flags.
-_NOT_KEYS = {"help", "config", "verb"}
+_NOT_KEYS = {"help", "config", "firecracker_config", "verb"}
+CONFIG_FLAGS = ("--config", "--firecracker-config")
 
 
 def _line_of(text: str, key: str) -> int:
@@ -142,25 +143,28 @@ def _option_args(action: argparse.Action, value: Any, where: str) -> list[str]:
 
 
 def expand(argv: list[str], run_parser: argparse.ArgumentParser) -> list[str]:
-    """`argv` of `run`/`demo` with each `--config FILE` replaced by the file's arguments, placed
+    """`argv` of `run`/`demo` with each `--config FILE` (TOML) and `--firecracker-config FILE`
+    (Firecracker's JSON, `vmm_core.firecracker_config`) replaced by the file's arguments, placed
     first (so the command line's own flags win)."""
-    files, rest, i = [], [], 0
+    from . import firecracker_config
+    files: list[tuple[str, str]] = []
+    rest, i = [], 0
     while i < len(argv):
         a = argv[i]
-        if a == "--config":
-            if i + 1 >= len(argv):
-                raise ConfigError("--config needs a FILE")
-            files.append(argv[i + 1])
-            i += 2
-            continue
-        if a.startswith("--config="):
-            files.append(a.split("=", 1)[1])
+        flag, eq, value = a.partition("=")
+        if flag in CONFIG_FLAGS:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{flag} needs a FILE")
+                value = argv[i + 1]
+                i += 1
+            files.append((flag, value))
         else:
             rest.append(a)
         i += 1
     expanded: list[str] = []
-    for path in files:
-        expanded += load(path, run_parser)
+    for flag, path in files:
+        expanded += load(path, run_parser) if flag == "--config" else firecracker_config.load(path)
     return expanded + rest
 
 

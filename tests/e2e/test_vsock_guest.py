@@ -111,3 +111,30 @@ socket = "{vsock}"
     assert run.returncode == 0 and run.done == (2, 2), run.explain()
     ok, detail = run.results["virtio-vsock"]
     assert ok and "cid=43" in detail, detail
+
+
+def test_a_firecracker_config_runs_with_its_drive_and_vsock(tmp_path) -> None:
+    """Firecracker's JSON config, mapped: boot-source, machine-config, a drive with a rate
+    limiter, vsock (the guest echoes through the CID and socket the JSON names)."""
+    import json
+
+    image = tmp_path / "root.img"
+    image.write_bytes(bytes(4 << 20))
+    vsock = str(tmp_path / "fc.vsock")
+    lst, _ = echo_server(f"{vsock}_{PORT}")
+    config = tmp_path / "vm.json"
+    config.write_text(json.dumps({
+        "boot-source": {"kernel_image_path": TEST_GUEST,
+                        "boot_args": f"gk.tests=virtio-blk,virtio-vsock gk.vsock={PORT}"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "smt": False},
+        "drives": [{"drive_id": "rootfs", "path_on_host": str(image), "is_root_device": True,
+                    "is_read_only": False,
+                    "rate_limiter": {"ops": {"size": 1000, "refill_time": 100}}}],
+        "vsock": {"vsock_id": "vsock0", "guest_cid": 46, "uds_path": vsock},
+    }))
+    try:
+        run = run_bulkhead("run", "--firecracker-config", str(config), timeout=150)
+    finally:
+        lst.close()
+    assert run.returncode == 0 and run.done == (2, 2), run.explain()
+    assert "cid=46" in run.results["virtio-vsock"][1]

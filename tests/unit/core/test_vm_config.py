@@ -3,6 +3,8 @@ flags as tables; every error names the file, the line and the key."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from vmm_core.cli import _subparser, build_parser, main
@@ -96,3 +98,66 @@ def test_run_with_a_bad_config_is_one_line_and_status_2(tmp_path, capsys):
     assert main(["run", "--config", path]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "vm.toml:2: vcpus:" in err[0], err
+
+
+# -- Firecracker's JSON config ------------------------------------------------------------------
+
+FIRECRACKER = {
+    "boot-source": {"kernel_image_path": "vmlinux", "boot_args": "console=ttyS0",
+                    "initrd_path": "initrd.img"},
+    "drives": [{"drive_id": "rootfs", "path_on_host": "root,fs.ext4", "is_root_device": True,
+                "is_read_only": True,
+                "rate_limiter": {"bandwidth": {"size": 1048576, "refill_time": 100,
+                                               "one_time_burst": 4096},
+                                 "ops": {"size": 100, "refill_time": 1000}}}],
+    "machine-config": {"vcpu_count": 2, "mem_size_mib": 512, "smt": False},
+    "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:AC:10:00:02",
+                            "tx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 10}}}],
+    "vsock": {"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "/tmp/v.sock"},
+}
+
+
+def test_firecracker_config_maps_onto_our_flags(tmp_path, run_parser):
+    import json
+
+    from vmm_core import firecracker_config
+    path = tmp_path / "vm.json"
+    path.write_text(json.dumps(FIRECRACKER))
+    argv = firecracker_config.load(str(path))
+    assert argv == ["--kernel", "vmlinux", "--cmdline", "console=ttyS0", "--initrd", "initrd.img",
+                    "--vcpus", "2", "--mem", "512",
+                    "--disk", "path=root,,fs.ext4,readonly=on,id=rootfs,bandwidth=1048576/100/4096,"
+                              "ops=100/1000",
+                    "--net", "tap=tap0,mac=06:00:AC:10:00:02,id=eth0,tx_bandwidth=1000/10",
+                    "--vsock", "cid=3,socket=/tmp/v.sock"]
+    args = run_parser.parse_args(expand(["--firecracker-config", str(path), "--mem", "64"], run_parser))
+    assert args.mem == 64 and args.vcpus == 2  # the command line still wins
+    from vmm_core.devices.spec import parse_device_arg
+    from ipc_protocol.kinds import KINDS
+    disk = parse_device_arg(KINDS["blk"], args.disk[0], 0)
+    assert disk.name == "rootfs" and disk.params["path"] == "root,fs.ext4" and disk.params["readonly"]
+    nic = parse_device_arg(KINDS["net"], args.net[0], 0)
+    assert nic.params["tap"] == "tap0" and nic.params["tx_bandwidth"] == "1000/10"
+
+
+@pytest.mark.parametrize("patch, needle", [
+    ({"logger": {"log_path": "/tmp/fc.log"}}, "'logger' is not supported"),
+    ({"balloon": {}}, "'balloon' is not supported"),
+    ({"surprise": {}}, "unknown section 'surprise'"),
+    ({"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "smt": True}}, "smt=true"),
+    ({"drives": [{"path_on_host": "x", "io_engine": "Async"}]}, "io_engine Sync"),
+    ({"drives": [{"path_on_host": "x", "socket": "/tmp/s"}]}, "'socket' is not supported"),
+    ({"network-interfaces": [{"iface_id": "eth0"}]}, "host_dev_name is required"),
+    ({"boot-source": {"boot_args": "x"}}, "kernel_image_path is required"),
+], ids=["logger", "balloon", "unknown", "smt", "io-engine", "vhost-user-drive", "no-tap", "no-kernel"])
+def test_firecracker_config_refuses_what_it_cannot_honour_by_name(tmp_path, patch, needle):
+    import json
+
+    from vmm_core import firecracker_config
+    path = tmp_path / "vm.json"
+    path.write_text(json.dumps({"boot-source": {"kernel_image_path": "k"}, **patch}))
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        firecracker_config.load(str(path))
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        firecracker_config.load(str(path))

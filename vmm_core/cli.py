@@ -183,6 +183,11 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
     p.add_argument("--device-cpu-quota", type=float, default=DEFAULT_DEVICE_CPU_QUOTA,
                    metavar="CPUS", help=f"CPU quota of each device process (default "
                    f"{DEFAULT_DEVICE_CPU_QUOTA:g} CPU; 0 = none); throttling is counted in stats")
+    p.add_argument("--metrics", metavar="PATH",
+                   help="append one JSON record of the VM's counters per line to PATH every "
+                        "--metrics-interval seconds, and one at exit")
+    p.add_argument("--metrics-interval", type=_seconds, default=5.0, metavar="SECONDS",
+                   help="seconds between metrics records (default 5)")
     p.add_argument("--hold", action="store_true",
                    help="keep the VM alive after the test guest's checks until SIGTERM/Ctrl-C")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
@@ -326,11 +331,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = _config_from_args(args, scratch)
         machine = Machine(config)
         endpoint = None
+        metrics = None
         try:
             endpoint = ControlEndpoint(machine)  # `bulkhead ps|stats|stop|fault NAME`
             endpoint.start()
+            if args.metrics:
+                from .metrics import MetricsWriter
+                metrics = MetricsWriter(args.metrics, args.metrics_interval, machine.name,
+                                        machine.devices.stats)
+                metrics.start()
             stop = machine.run(timeout=args.timeout)
         finally:
+            if metrics is not None:
+                metrics.close()
             if endpoint is not None:
                 endpoint.close()
             machine.close()

@@ -23,7 +23,6 @@ import os
 import select
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time

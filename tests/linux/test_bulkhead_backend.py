@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import signal
-import threading
 import time
 
 import pytest
@@ -164,13 +162,7 @@ def test_killing_the_device_under_fio_the_guest_does_not_notice(tmp_path):
     def kill_during_fio(line: str) -> None:
         if "UML-RESULT fio=started" in line and not killed:
             time.sleep(1.0)  # fio is writing now
-            pid = backend.device_pids()[-1]
-            fd = os.pidfd_open(pid)
-            try:
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-            finally:
-                os.close(fd)
-            killed.append(pid)
+            killed.append(backend.kill_device())
 
     with UmlBed() as bed:
         bed.add_blk("disk", backend, image)

@@ -177,13 +177,7 @@ def test_killing_the_device_mid_stream_loses_nothing(netns):
     def kill_mid_stream(line: str) -> None:
         if "UML-RESULT stream=started" in line and not killed:
             time.sleep(0.3)
-            pid = backend.device_pids()[-1]
-            fd = os.pidfd_open(pid)
-            try:
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-            finally:
-                os.close(fd)
-            killed.append(pid)
+            killed.append(backend.kill_device())
 
     with UmlBed() as bed:
         bed.add_backend("eth", "net", backend)

@@ -793,6 +793,17 @@ class BulkheadBackend:
         return [int(m.group(1)) for line in list(self.lines)
                 if (m := re.search(r"served by jailed pid (\d+)", line))]
 
+    def kill_device(self, sig: int = signal.SIGKILL) -> int:
+        """Send `sig` to the device process serving now (a descendant of the launcher this
+        object started), through a pidfd; its pid."""
+        pid = self.device_pids()[-1]
+        fd = os.pidfd_open(pid)
+        try:
+            signal.pidfd_send_signal(fd, sig)
+        finally:
+            os.close(fd)
+        return pid
+
     def pids(self) -> list[int]:
         if self._proc is None or self._proc.poll() is not None:
             return []

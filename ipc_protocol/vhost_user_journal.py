@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from . import vhost_user as vu
 from .errors import RemoteProtocolError
+from .transport.fds import fds_from_ancdata
 
 MAX_RECORD = 64 * 1024   # larger than any request (a full memory table is 8 + 8 * 32 bytes)
 MAX_RECORDS = 4096       # a session longer than this is no longer kept (replay would be slow)
@@ -46,11 +47,6 @@ _PURE = frozenset((vu.Request.GET_FEATURES, vu.Request.GET_PROTOCOL_FEATURES,
                    vu.Request.GET_MAX_MEM_SLOTS, vu.Request.GET_STATUS))
 
 
-def socketpair() -> tuple[socket.socket, socket.socket]:
-    """(launcher end, device end), close-on-exec."""
-    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-
-
 def send_record(sock: socket.socket, tag: bytes, data: bytes = b"", fds: list[int] | tuple[int, ...] = ()) -> None:
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
     sock.sendmsg([tag + data], anc)
@@ -60,16 +56,12 @@ def recv_record(sock: socket.socket, flags: int = 0) -> tuple[bytes, bytes, list
     """(tag, data, fds); (b"", b"", []) at EOF.  A truncated record is a protocol error."""
     data, ancdata, msg_flags, _ = sock.recvmsg(MAX_RECORD + 1, _ANCILLARY,
                                                socket.MSG_CMSG_CLOEXEC | flags)
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(payload[:len(payload) - len(payload) % a.itemsize])
-            fds.extend(a)
-    if msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+    fds, other = fds_from_ancdata(ancdata)
+    if msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or other:
         for fd in fds:
             os.close(fd)
-        raise RemoteProtocolError("journal record too large or with too many fds")
+        raise RemoteProtocolError("journal record too large, with too many fds or other "
+                                  "control data")
     return data[:1], data[1:], fds
 
 

@@ -33,7 +33,8 @@ from jail.options import JailOptions
 from jail.sandbox import JailExit, JailedProcess, spawn
 
 from ipc_protocol import kinds
-from ipc_protocol.vhost_user_journal import SessionJournal, socketpair as journal_pair
+from ipc_protocol.transport.fds import socketpair as journal_pair
+from ipc_protocol.vhost_user_journal import SessionJournal
 
 from .devices.resources import open_image, open_output
 from .unix_socket import listen
@@ -414,7 +415,6 @@ class Launcher:
                     watched.append(journal)
                 ready = select.select(watched, [], [], timeout)[0]
                 if journal in ready and not session.take(journal):
-                    watched.remove(journal)
                     journal = None  # the device's end is closed: it is exiting
                 if self._device_log in ready:
                     self._relay_log()
@@ -435,9 +435,10 @@ class Launcher:
                     self.say("turned away a frontend: one frontend at a time")
             how = proc.wait()
             self._relay_log(final=True)
-            while journal is not None and session.take(journal) and \
-                    select.select([journal], [], [], 0)[0]:
-                pass  # the records the device wrote just before it ended
+            # The records the device wrote just before it ended.
+            while journal is not None and select.select([journal], [], [], 0)[0] \
+                    and session.take(journal):
+                pass
         finally:
             os.close(launcher_fd)
             proc.release()

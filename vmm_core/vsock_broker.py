@@ -30,18 +30,18 @@ from __future__ import annotations
 
 import array
 import errno
-import fcntl
 import logging
 import os
 import re
 import select
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass
 
 import msgpack
+
+from ipc_protocol.transport.fds import fds_from_ancdata, socketpair
 
 from .errors import BulkheadError
 from .unix_socket import listen
@@ -60,13 +60,13 @@ _CONNECT = re.compile(rb"CONNECT ([0-9]{1,10})\n")
 def claim_cid(cid: int, what: str = "--vsock cid=") -> int:
     """Hold `cid` for this process; the lock fd (close it to release).  BulkheadError if a
     running VM holds it."""
+    from .devices.resources import ofd_lock
     from .registry import registry_dir
     directory = registry_dir().parent / "vsock-cids"
     directory.mkdir(mode=0o700, exist_ok=True)
     fd = os.open(directory / str(cid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    lock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
     try:
-        fcntl.fcntl(fd, getattr(fcntl, "F_OFD_SETLK", 37), lock)
+        ofd_lock(fd, exclusive=True)
     except OSError as e:
         os.close(fd)
         if e.errno in (errno.EAGAIN, errno.EACCES):
@@ -114,8 +114,7 @@ class VsockBroker:
             self._cid_lock = -1
             raise
         self.listener.setblocking(False)
-        self._ours, self.device_end = socket.socketpair(
-            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self._ours, self.device_end = socketpair()
         self._ours.setblocking(False)
         self._thread = threading.Thread(target=self._run, name="bulkhead-vsock-broker", daemon=True)
         self._thread.start()
@@ -236,11 +235,11 @@ class VsockBroker:
                 return
             except OSError:
                 return
-            for level, kind, payload in anc:  # the device has no business sending fds
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    for fd in array.array("i", payload[:len(payload) - len(payload) % 4]):
-                        os.close(fd)
-                    self.counters["device_errors"] += 1
+            fds, other = fds_from_ancdata(anc)
+            for fd in fds:  # the device has no business sending fds (or other control data)
+                os.close(fd)
+            if fds or other:
+                self.counters["device_errors"] += 1
             if not data:
                 return
             self._on_device_message(data, flags)

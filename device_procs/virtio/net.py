@@ -54,7 +54,7 @@ from .net_header import (GUEST_GSO, HEADER_SIZE, MAX_GSO_FRAME, NUM_BUFFERS_OFFS
                          VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, NetHeader,
                          check_rx, check_tx, effective_features, feature_error, max_plain_frame,
                          tap_offloads)
-from .queue import DescriptorChain, Queue, slice_views
+from .queue import DescriptorChain, Queue, slice_views, write_stream
 from .rate_limiter import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -568,12 +568,3 @@ class NetDevice(VirtioDevice):
             self.set_link(False)
         else:
             log.info("net: tap %s: %s", what, err)
-
-
-def write_stream(views: list[memoryview] | tuple[memoryview, ...], start: int,
-                 data: bytes | bytearray) -> None:
-    """Write `data` at offset `start` of the byte stream made of `views` (§2.6.4: any framing)."""
-    pos = 0
-    for view in slice_views(views, start, len(data)):
-        view[:] = data[pos:pos + len(view)]
-        pos += len(view)

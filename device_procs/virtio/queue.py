@@ -107,6 +107,15 @@ def slice_views(views: tuple[memoryview, ...] | list[memoryview], start: int,
     return out
 
 
+def write_stream(views: list[memoryview] | tuple[memoryview, ...], start: int,
+                 data: bytes | bytearray) -> None:
+    """Write `data` at offset `start` of the byte stream made of `views` (§2.6.4: any framing)."""
+    pos = 0
+    for view in slice_views(views, start, len(data)):
+        view[:] = data[pos:pos + len(view)]
+        pos += len(view)
+
+
 class Queue:
     """The device's side of one split virtqueue, configured by the driver through the transport.
 

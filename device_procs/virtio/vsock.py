@@ -54,7 +54,7 @@ from ipc_protocol.transport.fds import fds_from_ancdata
 
 from .device import COMMON_FEATURES, Interrupt, VirtioDevice
 from .errors import DeviceSpecError
-from .queue import DescriptorChain, Queue, slice_views
+from .queue import DescriptorChain, Queue, slice_views, write_stream
 from .vsock_conn import State, Verdict, VsockConnection
 from .vsock_packet import (EVENT, HEADER_SIZE, MAX_CID, MAX_PAYLOAD, RESERVED_CIDS,
                            VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, VIRTIO_VSOCK_OP_CREDIT_REQUEST,
@@ -111,16 +111,6 @@ def _check_cid(cid: Any) -> int:
 
 def _u32(value: Any) -> bool:
     return type(value) is int and 0 <= value <= 0xFFFFFFFF
-
-
-def write_stream(views: list[memoryview] | tuple[memoryview, ...], start: int,
-                 data: bytes | bytearray) -> None:
-    """Write `data` at offset `start` of the byte stream made of `views` (§2.6.4: any framing).
-    (The same helper as net's; kept here so this module does not depend on net.)"""
-    pos = 0
-    for view in slice_views(views, start, len(data)):
-        view[:] = data[pos:pos + len(view)]
-        pos += len(view)
 
 
 class VsockDevice(VirtioDevice):

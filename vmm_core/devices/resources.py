@@ -59,12 +59,18 @@ def _open(path: str, flags: int, where: str, mode: int = 0o600) -> int:
         raise ConfigError(f"{where}: cannot open: {e.strerror}") from None
 
 
-def _lock(fd: int, exclusive: bool, where: str) -> None:
+def ofd_lock(fd: int, exclusive: bool) -> None:
+    """Lock the whole file with an open-file-description lock (held until the last fd of that
+    description closes, so a holder that dies releases it); OSError EAGAIN/EACCES if taken."""
     # struct flock: l_type, l_whence (short), l_start, l_len (off_t), l_pid (int) + padding.
     lock = struct.pack("hhqqi4x", fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, os.SEEK_SET,
                        0, 0, 0)
+    fcntl.fcntl(fd, F_OFD_SETLK, lock)
+
+
+def _lock(fd: int, exclusive: bool, where: str) -> None:
     try:
-        fcntl.fcntl(fd, F_OFD_SETLK, lock)
+        ofd_lock(fd, exclusive)
     except OSError as e:
         if e.errno in (errno.EAGAIN, errno.EACCES):
             raise ConfigError(f"{where}: the image is in use (attached read-write elsewhere, or "

@@ -11,11 +11,12 @@ import pytest
 
 from ipc_protocol import vhost_user as vu
 from ipc_protocol import vhost_user_journal as j
+from ipc_protocol.transport.fds import socketpair
 
 
 @pytest.fixture
 def pair():
-    launcher, device = j.socketpair()
+    launcher, device = socketpair()
     yield launcher, j.DeviceJournal(device.detach())
     launcher.close()
 

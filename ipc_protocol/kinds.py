@@ -33,6 +33,7 @@ class SpecField:
     derive: str | None = None  # absent: the core derives it ("vm-mac": stable per VM and index)
     pattern: str | None = None  # a str field must match this (re.fullmatch) ...
     pattern_help: str = ""      # ... or the error says this
+    frontend: bool = False      # only for a vhost-user frontend device (never sent to a device process)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,10 @@ class DeviceKind:
     fsize_growth: int = 0
     max_instances: int = 8
     workload: str | None = None        # "module:function" that `bulkhead jail learn` drives it with
+    # The field naming a vhost-user backend's socket: given, the core is that backend's frontend
+    # (`vmm_core/vhost_frontend/`) and no device process of ours runs (a kind without an
+    # implementation is always one).
+    frontend_field: str | None = None
 
     @property
     def queue_count(self) -> int:
@@ -84,11 +89,25 @@ class DeviceKind:
             return 0
         return max(1, resource_sizes[self.fsize_limit_from] + self.fsize_growth)
 
+    @property
+    def frontend_only(self) -> bool:
+        return not self.implementation
+
     def field_named(self, name: str) -> SpecField | None:
         return next((f for f in self.fields if f.name == name), None)
 
 
 _LIMIT = "SIZE/REFILL_MS[/BURST] token bucket"
+
+# Keys of every vhost-user frontend device (`--disk vhost-user=S,...`, `--vhost-user`, `--fs`).
+FRONTEND_FIELDS = (
+    SpecField("reconnect", bool, "when the backend's socket closes, wait for it to come back "
+                                 "(on, the default) or fail the device at once (off)",
+              frontend=True),
+    SpecField("reconnect_timeout", int, "seconds a lost backend may stay away before the device "
+                                        "fails (DEVICE_NEEDS_RESET); default: no limit",
+              frontend=True),
+)
 _BUCKET = {"pattern": r"[1-9][0-9]*/[1-9][0-9]*(/[0-9]+)?",
            "pattern_help": "SIZE/REFILL_MS[/BURST] in tokens and milliseconds, e.g. 1048576/100"}
 
@@ -100,8 +119,13 @@ BLK = DeviceKind(
             SpecField("readonly", bool, "refuse writes (VIRTIO_BLK_F_RO)", default=False),
             SpecField("serial", str, "the id the guest reads (at most 20 bytes)"),
             SpecField("bandwidth", str, f"bytes limit, {_LIMIT}", **_BUCKET),
-            SpecField("ops", str, f"requests limit, {_LIMIT}", **_BUCKET)),
-    shorthand="path",
+            SpecField("ops", str, f"requests limit, {_LIMIT}", **_BUCKET),
+            SpecField("vhost_user", str, "a vhost-user-blk backend's socket (qemu-storage-daemon, "
+                                         "`bulkhead device blk`): the core is its frontend; no path",
+                      frontend=True),
+            SpecField("queues", int, "request queues (vhost-user only; default 1)", frontend=True),
+            *FRONTEND_FIELDS),
+    shorthand="path", frontend_field="vhost_user",
     resources=(HostResource("disk", "path", "image"),),
     fsize_limit_from="disk",
     workload="vmm_core.testing.workload:blk_workload",
@@ -173,7 +197,33 @@ VSOCK = DeviceKind(
     max_instances=1,
 )
 
-KINDS: dict[str, DeviceKind] = {k.name: k for k in (BLK, RNG, CONSOLE, NET, VSOCK)}
+VHOST_USER = DeviceKind(
+    name="vhost-user", virtio_id=0, queue_max_sizes=(),  # both from the spec: type=, queues=
+    implementation="", flag="vhost-user", name_prefix="vu",
+    help="any virtio device served by an external vhost-user backend, behind the core's "
+         "virtio-mmio (repeatable)",
+    fields=(SpecField("type", int, "the virtio device id (VIRTIO 1.2 §5: 2 block, 26 fs, ...)",
+                      required=True, frontend=True),
+            SpecField("socket", str, "the backend's listening socket", required=True, frontend=True),
+            SpecField("queues", int, "virtqueues", default=1, frontend=True),
+            *FRONTEND_FIELDS),
+    frontend_field="socket",
+)
+
+FS = DeviceKind(
+    name="fs", virtio_id=26, queue_max_sizes=(),  # hiprio + `queues` request queues
+    implementation="", flag="fs", name_prefix="fs",
+    help="virtio-fs served by virtiofsd over vhost-user; the core builds the config (tag, "
+         "request queues)",
+    fields=(SpecField("socket", str, "virtiofsd's --socket-path", required=True, frontend=True),
+            SpecField("tag", str, "the mount tag the guest names (at most 36 bytes)", required=True,
+                      pattern=r"[^\x00]{1,36}", pattern_help="1 to 36 characters", frontend=True),
+            SpecField("queues", int, "request queues", default=1, frontend=True),
+            *FRONTEND_FIELDS),
+    frontend_field="socket",
+)
+
+KINDS: dict[str, DeviceKind] = {k.name: k for k in (BLK, RNG, CONSOLE, NET, VSOCK, VHOST_USER, FS)}
 
 # A kind only tests use: a device process built by a factory the test names (no virtio device).
 TEST_KIND_NAME = "test"
@@ -195,6 +245,6 @@ def device_spec_fields(spec: dict[str, Any]) -> dict[str, Any]:
     """The part of a spec the device process gets: its kind's fields, never a resource's path
     (the device receives the resource's fd instead)."""
     k = kind(spec["type"])
-    hidden = {r.field for r in k.resources}
+    hidden = {r.field for r in k.resources} | {f.name for f in k.fields if f.frontend}
     return {"type": k.name, **{f.name: spec[f.name] for f in k.fields
                                if f.name in spec and f.name not in hidden}}

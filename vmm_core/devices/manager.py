@@ -99,18 +99,22 @@ class DeviceManager:
             base, irq = layout.virtio_slot(index)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        resources = open_resources(spec)
+        frontend = spec.frontend_socket is not None
+        resources = DeviceResources() if frontend else open_resources(spec)
         vm = self.ports.vm
         irqfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         vm.register_irqfd(irqfd, irq)
         kick_fds = []
-        for q in range(KINDS[spec.kind].queue_count):
+        for q in range(spec.queue_count):
             fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             vm.register_ioeventfd(fd, base + regs.QUEUE_NOTIFY, 4, datamatch=q)
             kick_fds.append(fd)
         slot = DeviceSlot(spec, index, base, irq, irqfd, kick_fds, resources)
         self.slots.append(slot)  # from here on, close() releases it whatever happens
-        if self.supervisor is not None:
+        if frontend:
+            from .frontend import FrontendBackend  # the backend is the isolated party
+            slot.backend = FrontendBackend(spec, self.ports.memory, irqfd, kick_fds)
+        elif self.supervisor is not None:
             from .sandboxed import SandboxedBackend
             backend = SandboxedBackend(spec, resources, self.ports.memory, irqfd, kick_fds,
                                        self.supervisor, self.options, self.ports.cgroup)
@@ -185,6 +189,9 @@ class DeviceManager:
         if not self.options.allow_faults:
             raise ConfigError("faults are off: start the VM with --allow-faults")
         sup = self.supervisor
+        if slot.spec.frontend_socket is not None:
+            raise ConfigError(f"device {device} is served by the vhost-user backend on "
+                              f"{slot.spec.frontend_socket}: fault that process itself")
         if sup is None:
             raise ConfigError(f"device {device} runs inside the core (--no-sandbox): faults need "
                               "a device process")

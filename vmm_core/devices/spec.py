@@ -51,6 +51,21 @@ class DeviceSpec:
         """Type plus every field, paths included (for an in-process device, which gets fds too)."""
         return {"type": self.kind, **self.params}
 
+    @property
+    def frontend_socket(self) -> str | None:
+        """The vhost-user backend's socket if the core is this device's frontend, else None."""
+        k = self.device_kind
+        return self.params.get(k.frontend_field) if k.frontend_field else None
+
+    @property
+    def queue_count(self) -> int:
+        """Virtqueues: the kind's, or for a vhost-user device what its spec says (virtio-fs:
+        the hiprio queue plus the request queues)."""
+        if self.frontend_socket is None:
+            return self.device_kind.queue_count
+        queues = int(self.params.get("queues") or 1)
+        return queues + 1 if self.kind == "fs" else queues
+
     def device_spec(self) -> dict[str, Any]:
         """What a device process is told (`Configure.spec`): no resource paths, only fds."""
         return device_spec_fields(self.full_spec())
@@ -125,7 +140,17 @@ def build_spec(kind: DeviceKind, values: Mapping[str, Any], index: int, where: s
                 raise ConfigError(f"{where}: unknown key {raw_key!r} (known: "
                                   f"{', '.join(known) or 'none'})")
             params[fname] = _convert(kind, fname, value, where)
+    frontend = kind.frontend_only or (kind.frontend_field is not None
+                                      and kind.frontend_field in params)
     for f in kind.fields:
+        if f.name in params and f.frontend != frontend:
+            if frontend:
+                raise ConfigError(f"{where}: {f.name} is not for a vhost-user device (the "
+                                  "backend decides it: set it there)")
+            raise ConfigError(f"{where}: {f.name} is only for a vhost-user device (give "
+                              f"{kind.frontend_field.replace('_', '-')}=SOCKET)")
+        if f.frontend != frontend:
+            continue  # required/defaults of the other way of providing the device
         if f.required and f.name not in params:
             hint = f" (e.g. --{kind.flag} {f.name}=...)" if kind.shorthand != f.name else \
                 f" (e.g. --{kind.flag} PATH)"

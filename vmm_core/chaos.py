@@ -38,11 +38,23 @@ FAULTS = MIX + ("slow", "mix")
 SLOW_MS = 300  # longer than the device timeout would restart; shorter only delays
 
 
+_BACK = re.compile(r"device (\S+): vhost-user backend back after ([0-9.]+) ms")
+_RESUBMITTED = re.compile(r"device (\S+) ring \d+: resubmitting (\d+) request")
+EXTERNAL_IO_TIMEOUT_MS = 60_000  # a guest request may wait this long for a backend to return
+
+
 def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", seed: int = 1,
-              sectors: int = 128, jitter: bool = False, fault: str = "kill", out=sys.stdout) -> int:
+              sectors: int = 128, jitter: bool = False, fault: str = "kill", out=sys.stdout,
+              backend: str = "device") -> int:
     if fault not in FAULTS:
         print(f"chaos: --fault {fault}: choose one of {', '.join(FAULTS)}", file=sys.stderr)
         return 2
+    if backend != "device":
+        if fault != "kill":
+            print(f"chaos: --backend {backend} takes --fault kill only (the backend is not ours "
+                  "to inject faults into)", file=sys.stderr)
+            return 2
+        return _run_external(backend, count, interval_ms, device, seed, sectors, jitter, out)
     rng = random.Random(seed)
     kinds: dict[str, int] = {}
     rounds = max(200, count * interval_ms // 8)
@@ -111,3 +123,91 @@ def _stop(vm: BackgroundVm, name: str) -> None:
         except Exception:  # noqa: BLE001 - then the hard way
             pass
     vm.kill()
+
+
+def _run_external(backend: str, count: int, interval_ms: int, device: str, seed: int,
+                  sectors: int, jitter: bool, out) -> int:
+    """The same workload against `--disk vhost-user=`: chaos starts the backend on the image,
+    SIGKILLs it `count` times (through its pidfd) and starts it again on the same socket; the
+    core reconnects and resumes the rings."""
+    from .testing.uml import BulkheadBlkBackend, QsdBlkBackend, UmlError
+    rng = random.Random(seed)
+    rounds = max(200, count * interval_ms // 4)
+    with tempfile.TemporaryDirectory(prefix="bulkhead-chaos-") as tmp:
+        disk = os.path.join(tmp, "disk.img")
+        with open(disk, "wb") as f:
+            f.truncate(max(1 << 20, sectors * SECTOR))
+        sock = os.path.join(tmp, "backend.sock")
+        server = QsdBlkBackend(socket_path=sock, name="qemu-storage-daemon") if backend == "qsd" \
+            else BulkheadBlkBackend(socket_path=sock, name="bulkhead device blk")
+        try:
+            server.start(disk)
+        except UmlError as err:
+            print(f"chaos: {err}", file=sys.stderr)
+            return 2
+        name = f"chaos{os.getpid()}"
+        vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", f"vhost-user={sock}", "--name",
+                          name, "--cmdline",
+                          f"gk.tests=blk-workload gk.blk_sectors={sectors} gk.blk_rounds={rounds} "
+                          f"gk.blk_seed={seed} gk.io_timeout_ms={EXTERNAL_IO_TIMEOUT_MS}")
+        killed = 0
+        try:
+            try:
+                wait_for_vm(name)
+                devices = [d["name"] for d in request(name, cp.Ps())["devices"]]
+            except ControlError as err:
+                print(f"chaos: the VM did not start: {err}", file=sys.stderr)
+                return 2
+            if device not in devices:
+                print(f"chaos: no device {device} (devices: {', '.join(devices)})", file=sys.stderr)
+                return 2
+            while killed < count and vm.proc.poll() is None:
+                time.sleep(interval_ms / 1000 * (rng.uniform(0.5, 1.5) if jitter else 1.0))
+                server.kill()
+                killed += 1
+                try:
+                    server.start(disk)
+                except UmlError as err:
+                    print(f"chaos: the backend did not come back: {err}", file=sys.stderr)
+                    break
+                _await_reconnect(name, device, vm)
+            status = vm.wait(900)
+        finally:
+            _stop(vm, name)
+            server.stop()
+        results, _ = vm.results()
+        ok, detail = results.get("blk-workload", (False, "no result"))
+        with open(disk, "rb") as f:
+            image = f.read()
+    last_seed = seed + rounds - 1
+    bad = [s for s in range(sectors)
+           if image[s * SECTOR:(s + 1) * SECTOR] != blk_pattern_sector(s, last_seed)]
+    recoveries = [float(m.group(2)) for line in vm.stderr
+                  if (m := _BACK.search(line)) and m.group(1) == device]
+    resubmitted = sum(int(m.group(2)) for line in vm.stderr
+                      if (m := _RESUBMITTED.search(line)) and m.group(1) == device)
+    print(f"chaos: {killed} kills of the {server.name} backend of {device}, {interval_ms} ms "
+          f"apart (seed {seed})", file=out)
+    print(f"  reconnects:          {len(recoveries)}", file=out)
+    print(f"  resubmitted by core: {resubmitted} request(s)", file=out)
+    print(f"  guest workload:      {'ok' if ok else 'FAILED'} ({detail})", file=out)
+    print(f"  sectors lost/corrupt: {len(bad)} of {sectors} (checked on the host after exit)", file=out)
+    if recoveries:
+        print(f"  lost -> reconnected: p50 {statistics.median(recoveries):.1f} ms, "
+              f"p99 {_percentile(recoveries, 0.99):.1f} ms (backend restart included)", file=out)
+    print(f"  VM exit status:      {status}", file=out)
+    return 0 if ok and not bad and status == 0 else 1
+
+
+def _await_reconnect(name: str, device: str, vm: BackgroundVm, timeout: float = 30.0) -> None:
+    """Until the core serves `device` from the new backend again (so that every kill hits a
+    connected backend), or the VM ends."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and vm.proc.poll() is None:
+        try:
+            devs = {d["name"]: d for d in request(name, cp.Ps())["devices"]}
+        except ControlError:
+            return
+        if devs.get(device, {}).get("state") == "running":
+            return
+        time.sleep(0.02)

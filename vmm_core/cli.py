@@ -227,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--fault", default="kill",
                        choices=("kill", "hang", "bad-reply", "crash-in-request", "slow", "mix"),
                        help="fault to inject (default kill; mix = a seeded random mix)")
+    chaos.add_argument("--backend", default="device", choices=("device", "qsd", "bulkhead"),
+                       help="who serves the disk: the VM's own device process (default), or an "
+                            "external vhost-user backend behind --disk vhost-user= "
+                            "(qemu-storage-daemon, `bulkhead device blk`) that chaos SIGKILLs "
+                            "and starts again")
     chaos.add_argument("-v", "--verbose", action="count", default=0)
     from .cli_control import add_parsers
     add_parsers(sub, _positive_int)
@@ -390,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "chaos":
             from .chaos import run_chaos
             return run_chaos(args.count, args.interval_ms, args.device, args.seed, jitter=args.jitter,
-                             fault=args.fault)
+                             fault=args.fault, backend=args.backend)
         if args.verb == "config":
             from .vm_config import check
             return check(args.files, _subparser(parser, "run"))

@@ -620,6 +620,13 @@ def _boot(argv: list[str], cwd: str, env: dict[str, str], timeout: float,
 
 # --- block backends ------------------------------------------------------------------------------
 
+def _kill(proc: subprocess.Popen | None, ref: ProcessRef | None) -> None:
+    """SIGKILL (through its pidfd) a backend this module started, and reap it."""
+    if proc is not None and ref is not None and proc.poll() is None:
+        ref.send(signal.SIGKILL)
+        proc.wait()
+
+
 def _terminate(proc: subprocess.Popen, ref: ProcessRef) -> None:
     """SIGTERM (through its pidfd) a backend this module started; SIGKILL after 10 s."""
     if proc.poll() is None:
@@ -657,12 +664,14 @@ class QsdBlkBackend:
     the daemon runs; the daemon's `--pidfile` says its start-up finished."""
 
     def __init__(self, *, aio: str = "threads", iothread: bool = False, cache_direct: bool = False,
-                 locking: bool = True, name: str | None = None, start_timeout: float = 10.0) -> None:
+                 locking: bool = True, name: str | None = None, start_timeout: float = 10.0,
+                 socket_path: str | None = None) -> None:
         if aio not in ("threads", "io_uring", "native"):
             raise UmlError(f"aio={aio!r}: threads, io_uring or native")
         self.aio, self.iothread, self.cache_direct, self.locking = aio, iothread, cache_direct, locking
         self.name = name or f"qsd-{aio}" + ("+iothread" if iothread else "")
         self.start_timeout = start_timeout
+        self.socket_path = socket_path  # fixed: every start listens there (a frontend redials it)
         self.log = ""
         self._proc: subprocess.Popen | None = None
         self._ref: ProcessRef | None = None
@@ -688,7 +697,9 @@ class QsdBlkBackend:
         if _which(QSD_BINARY) is None:
             raise UmlError(f"{QSD_BINARY} not found: install qemu-system-common (./dev.sh setup)")
         self._dir = tempfile.mkdtemp(prefix="bulkhead-qsd-")
-        path = os.path.join(self._dir, "vhost-user-blk.sock")
+        path = self.socket_path or os.path.join(self._dir, "vhost-user-blk.sock")
+        if self.socket_path is not None and os.path.lexists(path):
+            os.unlink(path)  # our own previous start's socket
         pidfile = os.path.join(self._dir, "qsd.pid")
         log = os.path.join(self._dir, "qsd.log")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener, open(log, "w") as logf:
@@ -710,6 +721,11 @@ class QsdBlkBackend:
 
     def pids(self) -> list[int]:
         return [self._proc.pid] if self._proc is not None and self._proc.poll() is None else []
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (through its pidfd) and clean up; `start` may follow."""
+        _kill(self._proc, self._ref)
+        self.stop()
 
     def stop(self) -> None:
         if self._proc is not None:
@@ -733,11 +749,12 @@ class BulkheadBackend:
     Only processes this object started are signalled, through pidfds."""
 
     def __init__(self, kind: str, *args: str, name: str | None = None,
-                 start_timeout: float = 20.0) -> None:
+                 start_timeout: float = 20.0, socket_path: str | None = None) -> None:
         self.kind, self.args = kind, args
         self.name = name or f"bulkhead-{kind}"
         self.start_timeout = start_timeout
         self.lines: list[str] = []
+        self.fixed_socket = socket_path  # every start listens there (a frontend redials it)
         self.socket_path: str | None = None
         self._proc: subprocess.Popen | None = None
         self._ref: ProcessRef | None = None
@@ -754,17 +771,18 @@ class BulkheadBackend:
         if self._proc is not None:
             raise UmlError(f"{self.name} already started")
         self._dir = tempfile.mkdtemp(prefix=f"bulkhead-{self.kind}-")
-        self.socket_path = os.path.join(self._dir, f"{self.kind}.sock")
+        self.socket_path = self.fixed_socket or os.path.join(self._dir, f"{self.kind}.sock")
         argv = ["setpriv", "--pdeathsig", "KILL",
                 *bulkhead_argv("device", self.kind, "--socket", self.socket_path, *self.args,
                                *extra, "-v")]
         self._proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self._ref = ProcessRef(self._proc.pid)
+        mark = len(self.lines)
         self._reader = threading.Thread(target=self._read, args=(self._proc,), daemon=True)
         self._reader.start()
         try:
-            self.wait_line(r"listening on", self.start_timeout)
+            self.wait_line(r"listening on", self.start_timeout, since=mark)
         except UmlError:
             self.stop()
             raise UmlError(f"{self.name} did not start: {self.log.strip()[-2000:]}") from None
@@ -775,10 +793,10 @@ class BulkheadBackend:
         for line in proc.stderr:
             self.lines.append(line.rstrip("\n"))
 
-    def wait_line(self, pattern: str, timeout: float = 10.0) -> re.Match:
+    def wait_line(self, pattern: str, timeout: float = 10.0, since: int = 0) -> re.Match:
         deadline = time.monotonic() + timeout
         while True:
-            for line in list(self.lines):
+            for line in list(self.lines)[since:]:
                 m = re.search(pattern, line)
                 if m:
                     return m
@@ -809,6 +827,12 @@ class BulkheadBackend:
             return []
         return [self._proc.pid] + [p for p in self.device_pids() if os.path.exists(f"/proc/{p}")]
 
+    def kill(self) -> None:
+        """SIGKILL the launcher (through its pidfd; its jailed device goes with it) and clean
+        up; `start` may follow."""
+        _kill(self._proc, self._ref)
+        self.stop()
+
     @property
     def returncode(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
@@ -829,8 +853,8 @@ class BulkheadBlkBackend(BulkheadBackend):
     """`bulkhead device blk`: a `BlkBackend` like the qemu-storage-daemon ones."""
 
     def __init__(self, *, locking: bool = True, readonly: bool = False,
-                 name: str = "bulkhead") -> None:
-        super().__init__("blk", name=name)
+                 name: str = "bulkhead", socket_path: str | None = None) -> None:
+        super().__init__("blk", name=name, socket_path=socket_path)
         self.options = ("" if locking else ",nolock") + (",readonly" if readonly else "")
 
     def start(self, image: str) -> str:

@@ -374,7 +374,7 @@ class VhostUserFrontend:
             conn.close()
             self.counters["disconnects"] += 1
             log.warning("device %s: vhost-user backend lost: %s", self.name, why)
-        self._note_error(why)
+        self.last_error = why
         self.running_epoch = 0
         self.running_rings = []
         if self.lost_at is None:
@@ -386,6 +386,8 @@ class VhostUserFrontend:
                     self._fail_locked(f"its vhost-user backend was lost ({why}) and reconnect is off")
 
     def _note_error(self, why: str) -> None:
+        if why != self.last_error:  # a backend failing the same way again is not news
+            log.warning("device %s: %s", self.name, why)
         self.last_error = why
 
     def _reconcile(self) -> None:

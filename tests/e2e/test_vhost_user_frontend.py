@@ -1,0 +1,171 @@
+"""The core as a vhost-user frontend (issue 14): guest_kit's virtio-blk driver, through real
+exits, the core's register file and KVM ioeventfds/irqfds, against qemu-storage-daemon and
+`bulkhead device blk`; backends killed, gone for over a minute, hostile."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+
+from vmm_core.testing import TEST_GUEST, BackgroundVm, blk_pattern_sector, run_bulkhead
+from vmm_core.testing.uml import BulkheadBlkBackend, QsdBlkBackend
+from vmm_core.testing.vhost_proxy import HostileProxy
+
+pytestmark = pytest.mark.kvm
+
+BACKENDS = {
+    "qsd": lambda sock: QsdBlkBackend(socket_path=sock),
+    "bulkhead": lambda sock: BulkheadBlkBackend(socket_path=sock),
+}
+SECTORS = 64
+
+
+def _image(tmp_path, size: int = 8 << 20) -> str:
+    path = str(tmp_path / "disk.img")
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def _bad_sectors(image: str, seed: int, sectors: int = SECTORS) -> list[int]:
+    with open(image, "rb") as f:
+        data = f.read(sectors * 512)
+    return [s for s in range(sectors) if data[s * 512:(s + 1) * 512] != blk_pattern_sector(s, seed)]
+
+
+def _workload(rounds: int, timeout_ms: int = 10_000) -> str:
+    return (f"gk.tests=blk-workload gk.blk_sectors={SECTORS} gk.blk_rounds={rounds} "
+            f"gk.io_timeout_ms={timeout_ms}")
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_guest_kit_blk_checks_through_an_external_backend(tmp_path, backend):
+    image, sock = _image(tmp_path), str(tmp_path / "backend.sock")
+    server = BACKENDS[backend](sock)
+    server.start(image)
+    try:
+        run = run_bulkhead("run", "--kernel", TEST_GUEST, "--disk", f"vhost-user={sock}",
+                           "--cmdline", "gk.tests=virtio-blk,blk-workload gk.blk_rounds=4",
+                           timeout=180)
+    finally:
+        server.stop()
+    assert run.returncode == 0, run.explain()
+    assert run.ok("virtio-blk") and run.ok("blk-workload"), run.explain()
+    # capacity comes from the backend's config space (GET_CONFIG): 8 MiB
+    assert "capacity=16384" in run.stdout, run.stdout
+    assert _bad_sectors(image, seed=4) == []  # the last round's pattern, read on the host
+
+
+@pytest.mark.parametrize("backend", ["qsd", "bulkhead"])
+def test_chaos_kills_the_external_backend_20_times_and_loses_nothing(backend):
+    run = run_bulkhead("chaos", "--backend", backend, "--count", "20", "--interval-ms", "150",
+                       "--seed", "3", timeout=600)
+    assert run.returncode == 0, run.explain()
+    assert re.search(r"chaos: 20 kills of the .* backend of blk0", run.stdout), run.stdout
+    assert "reconnects:          20" in run.stdout, run.stdout
+    assert "sectors lost/corrupt: 0 of 128" in run.stdout
+    assert re.search(r"guest workload:      ok \(rounds=\d+ errors=0", run.stdout), run.stdout
+
+
+def test_a_backend_gone_for_over_a_minute_is_picked_up(tmp_path):
+    image, sock = _image(tmp_path), str(tmp_path / "backend.sock")
+    server = QsdBlkBackend(socket_path=sock)
+    server.start(image)
+    vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", f"vhost-user={sock}",
+                      "--cmdline", _workload(rounds=400, timeout_ms=120_000))
+    try:
+        deadline = time.monotonic() + 60
+        while not any("round 20/" in line for line in vm.stdout):
+            assert time.monotonic() < deadline and vm.proc.poll() is None, vm.explain()
+            time.sleep(0.05)
+        server.kill()
+        time.sleep(65)
+        assert vm.proc.poll() is None, vm.explain()
+        stalled_at = sum("round" in line for line in vm.stdout)
+        server.start(image)
+        assert vm.wait(300) == 0, vm.explain()
+    finally:
+        vm.kill()
+        server.stop()
+    results, _ = vm.results()
+    assert results["blk-workload"][0], vm.explain()
+    assert stalled_at < 400  # the outage really fell in the middle of the workload
+    back = [float(m.group(1)) for line in vm.stderr
+            if (m := re.search(r"backend back after ([0-9.]+) ms", line))]
+    assert back and back[0] > 65_000, vm.explain()
+    assert _bad_sectors(image, seed=400) == []
+
+
+def test_reconnect_timeout_fails_the_device_like_a_failed_process(tmp_path):
+    image, sock = _image(tmp_path), str(tmp_path / "backend.sock")
+    server = QsdBlkBackend(socket_path=sock)
+    server.start(image)
+    vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk",
+                      f"vhost-user={sock},reconnect-timeout=2",
+                      "--cmdline", _workload(rounds=100000, timeout_ms=30_000))
+    try:
+        deadline = time.monotonic() + 60
+        while not any("round 5/" in line for line in vm.stdout):
+            assert time.monotonic() < deadline and vm.proc.poll() is None, vm.explain()
+            time.sleep(0.05)
+        server.kill()
+        status = vm.wait(60)
+    finally:
+        vm.kill()
+        server.stop()
+    results, _ = vm.results()
+    ok, detail = results["blk-workload"]
+    assert not ok and "device-needs-reset" in detail, vm.explain()
+    assert status == 1, vm.explain()  # the guest's verdict; the core itself stayed up
+    assert any("gone for more than 2 s" in line for line in vm.stderr), vm.explain()
+
+
+def test_a_hostile_backend_is_disconnected_and_the_guest_continues(tmp_path):
+    image, real = _image(tmp_path), str(tmp_path / "real.sock")
+    server = BulkheadBlkBackend(socket_path=real)
+    server.start(image)
+    front = str(tmp_path / "front.sock")
+    proxy = HostileProxy(front, real, ["clean", "bad-size", "extra-fds", "channel-unknown",
+                                       "unsolicited", "silent", "clean"])
+    proxy.start()
+    vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", f"vhost-user={front}",
+                      "--cmdline", _workload(rounds=300, timeout_ms=60_000))
+    try:
+        deadline = time.monotonic() + 60
+        while not any("round 10/" in line for line in vm.stdout):
+            assert time.monotonic() < deadline and vm.proc.poll() is None, vm.explain()
+            time.sleep(0.05)
+        proxy.drop()
+        assert vm.wait(300) == 0, vm.explain() + "\n" + "\n".join(proxy.events)
+    finally:
+        vm.kill()
+        proxy.close()
+        server.stop()
+    results, _ = vm.results()
+    assert results["blk-workload"][0], vm.explain()
+    assert proxy.connections == 7, proxy.events
+    err = "".join(vm.stderr)
+    for why in ("payload is 8 bytes|is not 8 bytes|8 bytes", "must carry 0 fds",
+                "backend channel", "nobody asked for", "stopped|did not|timed out|timeout"):
+        assert re.search(why, err), (why, err[-4000:])
+    assert _bad_sectors(image, seed=300) == []
+
+
+def test_no_backend_at_start_is_one_line_and_exit_2(tmp_path):
+    run = run_bulkhead("run", "--kernel", TEST_GUEST, "--disk",
+                       f"vhost-user={tmp_path}/nobody.sock", timeout=60)
+    assert run.returncode == 2, run.explain()
+    assert "no vhost-user backend listens on" in run.stderr and "start it first" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_flags_a_vhost_user_disk_does_not_take_are_refused(tmp_path):
+    run = run_bulkhead("run", "--kernel", TEST_GUEST, "--disk",
+                       f"vhost-user={tmp_path}/b.sock,readonly=on", timeout=60)
+    assert run.returncode == 2 and "readonly is not for a vhost-user device" in run.stderr, run.explain()
+    run = run_bulkhead("run", "--kernel", TEST_GUEST, "--disk",
+                       f"{tmp_path}/x.img,reconnect-timeout=3", timeout=60)
+    assert run.returncode == 2 and "only for a vhost-user device" in run.stderr, run.explain()

@@ -14,7 +14,14 @@ irqfd / call eventfd until the device signals.  Backends, alternating round by r
 Printed: req/s per backend, each one's ratio to raw and Bulkhead's (mmio, vhost-user) to the best
 qemu-storage-daemon (goal >= 1.0x; >= 0.8x raw at 1 MiB).
 
+`--through-core ROUNDS` adds rows through the Bulkhead core (issue 14): guest_kit's blk workload
+(4 KiB requests, QD1, write then verify-read) in a VM whose blk0 is, alternating VM by VM,
+Bulkhead's own device process (`--disk IMG`), `bulkhead device blk` behind the core's vhost-user
+frontend, and qemu-storage-daemon behind the same frontend.  The rate counts the requests
+between two round lines of the guest's output, timestamped as they arrive.
+
     .venv/bin/python benchmarks/blk.py [--seconds 2] [--rounds 3] [--backends mmio,...]
+                                       [--through-core 3]
 """
 
 from __future__ import annotations
@@ -144,7 +151,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per case")
     ap.add_argument("--backends", default=",".join(BACKENDS),
                     help=f"comma-separated, of {', '.join(BACKENDS)} (raw always runs)")
+    ap.add_argument("--through-core", type=int, default=0, metavar="ROUNDS",
+                    help="also time guest_kit through the core: ROUNDS VMs per way of serving blk0")
+    ap.add_argument("--only-through-core", action="store_true", help="skip the host-side rows")
     args = ap.parse_args()
+    if args.through_core:
+        through_core(args.through_core)
+        if args.only_through_core:
+            return
     names = [n for n in args.backends.split(",") if n]
     if unknown := [n for n in names if n not in BACKENDS]:
         ap.error(f"unknown backends {unknown}; known: {', '.join(BACKENDS)}")
@@ -193,6 +207,64 @@ def main() -> None:
                     ratio = med[ours] / med[best]
                     print(f"  {ours} / best peer ({best}) {ratio:5.2f}x  "
                           f"goal >= 1.0x: {'met' if ratio >= 1.0 else 'NOT met'}")
+
+GUEST_SECTORS, GUEST_ROUNDS, CHUNK_SECTORS = 512, 60, 8  # guest_kit: 8 sectors per request
+
+
+def _guest_rate(disk_arg: str) -> float:
+    """Requests per second of one VM's blk workload, from its round lines' arrival times."""
+    import subprocess
+    from vmm_core.testing import TEST_GUEST, bulkhead_argv
+    cmdline = (f"gk.tests=blk-workload gk.blk_sectors={GUEST_SECTORS} "
+               f"gk.blk_rounds={GUEST_ROUNDS}")
+    proc = subprocess.Popen(bulkhead_argv("run", "--kernel", TEST_GUEST, "--disk", disk_arg,
+                                          "--cmdline", cmdline),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    stamps: dict[int, float] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "blk-workload round" in line:
+            stamps[int(line.split("round ")[1].split("/")[0])] = time.monotonic()
+    if proc.wait() != 0 or len(stamps) < GUEST_ROUNDS:
+        raise SystemExit(f"the VM with --disk {disk_arg} failed")
+    first, last = 5, GUEST_ROUNDS  # rounds 1-4 warm up
+    requests = (last - first) * 2 * GUEST_SECTORS // CHUNK_SECTORS
+    return requests / (stamps[last] - stamps[first])
+
+
+def through_core(rounds: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        image = os.path.join(tmp, "disk.img")
+        with open(image, "wb") as f:
+            f.truncate(GUEST_SECTORS * SECTOR)
+        sock = os.path.join(tmp, "vu.sock")
+        ways = {
+            "device process (--disk IMG)": (None, image),
+            "bulkhead device blk via frontend": (lambda: BulkheadBlkBackend(socket_path=sock),
+                                                 f"vhost-user={sock}"),
+            "qsd-threads via frontend": (lambda: QsdBlkBackend(socket_path=sock),
+                                         f"vhost-user={sock}"),
+        }
+        rates: dict[str, list[float]] = {w: [] for w in ways}
+        for r in range(rounds):
+            order = list(ways)
+            for way in order[r % 3:] + order[:r % 3]:
+                make, disk = ways[way]
+                server = make() if make else None
+                if server is not None:
+                    server.start(image)
+                try:
+                    rates[way].append(_guest_rate(disk))
+                finally:
+                    if server is not None:
+                        server.stop()
+    med = {w: statistics.median(v) for w, v in rates.items()}
+    peer = med["qsd-threads via frontend"]
+    print(f"guest_kit virtio-blk through the core (4 KiB QD1 write+verify, {rounds} VMs per way, "
+          "alternating; kvm_pvm: every request is a few emulated exits)")
+    for w, v in med.items():
+        print(f"  {w:<36} {v:8.0f} req/s  {v / peer:5.2f}x qsd via the frontend")
+
 
 if __name__ == "__main__":
     main()

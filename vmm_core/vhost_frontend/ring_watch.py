@@ -36,15 +36,28 @@ class RingWatch:
     size: int
     avail_pos: int = 0           # the next available position not yet seen (mod 2^16)
     used_pos: int = 0            # the next used position not yet seen
-    outstanding: dict[int, int] = field(default_factory=dict)  # head -> avail position, avail order
+    # Per head: publications minus completions seen, and where it was last published.  Within
+    # one sample the order of the two rings' events is unknown (a head may complete and be
+    # published again between two looks), so counts, not a set: a head is outstanding when
+    # its count is 1, and a correct driver and backend never leave another value at rest.
+    counts: dict[int, int] = field(default_factory=dict)
+    last_pos: dict[int, int] = field(default_factory=dict)
     exact: bool = True
-    strays: int = 0              # used ids that were not outstanding, heads published twice
+    strays: int = 0              # completions of heads that were not outstanding
 
     def reset(self, avail_idx: int = 0, used_idx: int = 0) -> None:
         """A fresh ring (guest reset, or a ring programmed at these indices)."""
         self.avail_pos, self.used_pos = avail_idx & 0xFFFF, used_idx & 0xFFFF
-        self.outstanding.clear()
+        self.counts.clear()
+        self.last_pos.clear()
         self.exact = True
+
+    @property
+    def outstanding(self) -> dict[int, int]:
+        """head -> avail position of the outstanding heads, oldest publication first."""
+        heads = sorted((h for h, n in self.counts.items() if n == 1),
+                       key=lambda h: (self.last_pos[h] - self.avail_pos) % U16)
+        return {h: self.last_pos[h] for h in heads}
 
     def sample(self, used_idx: Callable[[], int], avail_idx: Callable[[], int],
                avail_entry: Callable[[int], int], used_id: Callable[[int], int]) -> None:
@@ -59,10 +72,11 @@ class RingWatch:
         for i in range(new_avail):
             pos = (self.avail_pos + i) % U16
             head = avail_entry(pos % self.size)
-            if head in self.outstanding or head >= self.size:
+            if head >= self.size:
                 self.strays += 1
                 continue
-            self.outstanding[head] = pos
+            self.counts[head] = self.counts.get(head, 0) + 1
+            self.last_pos[head] = pos
         self.avail_pos = avail_now
         new_used = (used_now - self.used_pos) % U16
         if new_used > self.size:
@@ -71,21 +85,29 @@ class RingWatch:
             self.used_pos = (used_now - self.size) % U16
         for i in range(new_used):
             head = used_id((self.used_pos + i) % U16 % self.size)
-            if self.outstanding.pop(head, None) is None:
+            n = self.counts.get(head, 0)
+            if n <= 0:
                 self.strays += 1
+                continue
+            if n == 1:
+                del self.counts[head]
+            else:
+                self.counts[head] = n - 1
         self.used_pos = used_now
 
     def pending(self, avail_idx: int, used_idx: int) -> int:
         return (avail_idx - used_idx) % U16
 
     def consistent(self, avail_idx: int, used_idx: int) -> bool:
-        """The watch accounts for every request the driver is waiting for."""
-        return self.exact and len(self.outstanding) == self.pending(avail_idx, used_idx)
+        """The watch accounts for every request the driver is waiting for, and for no other."""
+        return (self.exact and not self.strays and all(n == 1 for n in self.counts.values())
+                and len(self.counts) == self.pending(avail_idx, used_idx))
 
     def resubmit_layout(self, used_idx: int) -> list[tuple[int, int]]:
         """(avail slot, head) writes that put the outstanding heads, oldest first, at the
         positions [used_idx, used_idx + n); the watch is renumbered to match."""
         heads = list(self.outstanding)
         writes = [(((used_idx + i) % U16) % self.size, h) for i, h in enumerate(heads)]
-        self.outstanding = {h: (used_idx + i) % U16 for i, h in enumerate(heads)}
+        for i, h in enumerate(heads):
+            self.last_pos[h] = (used_idx + i) % U16
         return writes

@@ -22,6 +22,7 @@ static const struct test tests[] = {
 	{"virtio-console", test_virtio_console},
 	{"virtio-net", test_virtio_net},
 	{"virtio-vsock", test_virtio_vsock},
+	{"virtio-fs", test_virtio_fs},
 };
 
 int fail(char *d, const char *f, ...)

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
 import time
 
 import pytest
 
+from jail.pidfd import ProcessRef
 from vmm_core.testing import TEST_GUEST, BackgroundVm, blk_pattern_sector, run_bulkhead
 from vmm_core.testing.uml import BulkheadBlkBackend, QsdBlkBackend
 from vmm_core.testing.vhost_proxy import HostileProxy
@@ -169,3 +172,45 @@ def test_flags_a_vhost_user_disk_does_not_take_are_refused(tmp_path):
     run = run_bulkhead("run", "--kernel", TEST_GUEST, "--disk",
                        f"{tmp_path}/x.img,reconnect-timeout=3", timeout=60)
     assert run.returncode == 2 and "only for a vhost-user device" in run.stderr, run.explain()
+
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"  # qemu-system-common (./dev.sh setup installs it)
+
+
+def _fnv1a(data: bytes) -> int:
+    h = 2166136261
+    for b in data:
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+    return h
+
+
+def test_virtio_fs_reads_a_file_from_the_shared_folder_through_virtiofsd(tmp_path):
+    """guest_kit's FUSE client (INIT, LOOKUP, OPEN, READ) against QEMU's C virtiofsd, which
+    offers no CONFIG: the tag and queue count the guest reads are the core's."""
+    share = tmp_path / "share"
+    share.mkdir()
+    data = bytes(((i * 7 + 3) & 0xFF) for i in range(50_000))
+    (share / "data.bin").write_bytes(data)
+    sock = str(tmp_path / "vfs.sock")
+    proc = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", VIRTIOFSD, f"--socket-path={sock}",
+                             "-o", f"source={share}", "-o", "cache=none"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    ref = ProcessRef(proc.pid)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.02)
+        run = run_bulkhead("run", "--kernel", TEST_GUEST, "--fs", f"socket={sock},tag=hostshare",
+                           "--cmdline", "gk.tests=virtio-fs gk.fs_file=data.bin "
+                           f"gk.fs_size={len(data)} gk.fs_tag=hostshare", timeout=120)
+    finally:
+        if proc.poll() is None:
+            ref.send(signal.SIGKILL)
+        proc.wait()
+        ref.close()
+    assert run.returncode == 0, run.explain()
+    assert run.ok("virtio-fs"), run.explain()
+    assert f"size={len(data)} fnv={_fnv1a(data):08x}" in run.stdout, run.stdout
+    assert "tag=hostshare" in run.stdout

@@ -9,7 +9,8 @@ so a config never half-works silently.
                        track_dirty_pages: false only)
     drives[]           path_on_host -> --disk path=, is_read_only -> readonly, drive_id -> id,
                        rate_limiter -> bandwidth/ops (is_root_device is accepted: Bulkhead has
-                       no root-device notion; cache_type "Unsafe" and io_engine "Sync" only)
+                       no root-device notion; cache_type "Unsafe" and io_engine "Sync" only);
+                       socket (a vhost-user drive) -> --disk vhost-user=
     network-interfaces[] host_dev_name -> --net tap=, guest_mac -> mac, iface_id -> id,
                        rx_/tx_rate_limiter -> rx_/tx_bandwidth, rx_/tx_ops
     vsock              guest_cid -> --vsock cid=, uds_path -> socket (vsock_id is accepted)
@@ -123,7 +124,17 @@ def load(path: str) -> list[str]:
         where = f"{path}: drives[{i}]"
         d = _obj(drive, where)
         _keys(d, {"drive_id", "path_on_host", "is_root_device", "is_read_only", "rate_limiter",
-                  "cache_type", "io_engine", "partuuid"}, where)
+                  "cache_type", "io_engine", "partuuid", "socket"}, where)
+        if "socket" in d:  # Firecracker's vhost-user-blk drive: the core is the frontend
+            extra = sorted(set(d) - {"drive_id", "socket", "is_root_device"})
+            if extra or "path_on_host" in d:
+                raise ConfigError(f"{where}: a vhost-user drive (socket) takes only drive_id and "
+                                  f"is_root_device, not {', '.join(extra or ['path_on_host'])}")
+            items = [f"vhost-user={_comma(d['socket'])}"]
+            if d.get("drive_id") is not None:
+                items.append(f"id={_device_id(d['drive_id'], 'disk')}")
+            argv += ["--disk", ",".join(items)]
+            continue
         if d.get("cache_type", "Unsafe") != "Unsafe" or d.get("io_engine", "Sync") != "Sync":
             raise ConfigError(f"{where}: only cache_type Unsafe and io_engine Sync are supported")
         if d.get("partuuid"):

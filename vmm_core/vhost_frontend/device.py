@@ -525,7 +525,9 @@ class VhostUserFrontend:
                 "policy": "reconnect" if self.spec.reconnect else "fail", "socket": self.spec.socket}
 
     def stats(self) -> dict[str, Any]:
-        return {**self.describe(), **dict(self.counters), "last_error": self.last_error,
+        # Requests and bytes are the backend's to count: the data path bypasses the core.
+        return {**self.describe(), **dict(self.counters), "failures": self.counters["failures"],
+                "last_error": self.last_error,
                 "inflight_tracking": "backend" if self.inflight is not None
                 else "ring-watch" if self.watches else "none"}
 

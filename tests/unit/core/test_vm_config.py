@@ -140,13 +140,24 @@ def test_firecracker_config_maps_onto_our_flags(tmp_path, run_parser):
     assert nic.params["tap"] == "tap0" and nic.params["tx_bandwidth"] == "1000/10"
 
 
+def test_firecracker_vhost_user_drive_becomes_a_frontend_disk(tmp_path):
+    import json
+
+    from vmm_core import firecracker_config
+    path = tmp_path / "vm.json"
+    path.write_text(json.dumps({"boot-source": {"kernel_image_path": "k"},
+                                "drives": [{"drive_id": "data", "socket": "/run/qsd.sock",
+                                            "is_root_device": False}]}))
+    assert firecracker_config.load(str(path))[-2:] == ["--disk", "vhost-user=/run/qsd.sock,id=data"]
+
+
 @pytest.mark.parametrize("patch, needle", [
     ({"logger": {"log_path": "/tmp/fc.log"}}, "'logger' is not supported"),
     ({"balloon": {}}, "'balloon' is not supported"),
     ({"surprise": {}}, "unknown section 'surprise'"),
     ({"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "smt": True}}, "smt=true"),
     ({"drives": [{"path_on_host": "x", "io_engine": "Async"}]}, "io_engine Sync"),
-    ({"drives": [{"path_on_host": "x", "socket": "/tmp/s"}]}, "'socket' is not supported"),
+    ({"drives": [{"path_on_host": "x", "socket": "/tmp/s"}]}, "takes only drive_id and is_root_device"),
     ({"network-interfaces": [{"iface_id": "eth0"}]}, "host_dev_name is required"),
     ({"boot-source": {"boot_args": "x"}}, "kernel_image_path is required"),
 ], ids=["logger", "balloon", "unknown", "smt", "io-engine", "vhost-user-drive", "no-tap", "no-kernel"])

@@ -16,6 +16,24 @@ static inline u64 syscall3(u64 nr, u64 a, u64 b, u64 c)
 
 static inline u64 wait_irq(u32 line_mask, u64 timeout_ms) { return syscall3(SYS_WAIT_IRQ, line_mask, timeout_ms, 0); }
 static inline void sleep_ms(u64 ms) { wait_irq(0, ms); }
+
+/* Little-endian fields of `n` bytes in device structures (vsock headers, FUSE messages). */
+static inline void le(u8 *p, u64 v, unsigned n)
+{
+	unsigned i;
+
+	for (i = 0; i < n; i++)
+		p[i] = v >> (8 * i);
+}
+
+static inline u64 rdle(const u8 *p, unsigned n)
+{
+	u64 v = 0;
+
+	while (n--)
+		v = v << 8 | p[n];
+	return v;
+}
 static inline u32 pio_in(u16 port, unsigned size) { return syscall3(SYS_PIO, port | size << 16, 0, 0); }
 static inline void pio_out(u16 port, unsigned size, u32 v) { syscall3(SYS_PIO, port | size << 16 | PIO_WRITE, v, 0); }
 static inline void __attribute__((noreturn)) sys_exit(u32 code)

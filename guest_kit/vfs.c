@@ -24,23 +24,6 @@
 
 static u64 unique;
 
-static void le(u8 *p, u64 v, unsigned n)
-{
-	unsigned i;
-
-	for (i = 0; i < n; i++)
-		p[i] = v >> (8 * i);
-}
-
-static u64 rdle(const u8 *p, unsigned n)
-{
-	u64 v = 0;
-
-	while (n--)
-		v = v << 8 | p[n];
-	return v;
-}
-
 /* One FUSE request: `arg_len` argument bytes already at REQ_OFF + IN_HDR; the reply (at most
  * `reply_len` bytes) lands at REPLY_OFF.  Returns 0 with a detail on transport or FUSE error. */
 static int fuse_call(struct vdev *v, u32 opcode, u64 nodeid, u32 arg_len, u32 reply_len, u32 *got,

@@ -27,23 +27,6 @@
 
 static const char message[] = "bulkhead vsock echo: the quick brown fox jumps over the lazy dog";
 
-static void le(u8 *p, u64 v, unsigned n)
-{
-	unsigned i;
-
-	for (i = 0; i < n; i++)
-		p[i] = v >> (8 * i);
-}
-
-static u64 rdle(const u8 *p, unsigned n)
-{
-	u64 v = 0;
-
-	while (n--)
-		v = v << 8 | p[n];
-	return v;
-}
-
 static u8 *rx_buf(struct vdev *v, unsigned i) { return v->buf + i * RX_STRIDE; }
 
 static int rx_post(struct vdev *v, unsigned i)

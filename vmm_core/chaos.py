@@ -69,14 +69,7 @@ def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", see
                           f"gk.blk_seed={seed}")
         injected = 0
         try:
-            try:
-                wait_for_vm(name)
-                devices = [d["name"] for d in request(name, cp.Ps())["devices"]]
-            except ControlError as err:
-                print(f"chaos: the VM did not start: {err}", file=sys.stderr)
-                return 2
-            if device not in devices:
-                print(f"chaos: no device {device} (devices: {', '.join(devices)})", file=sys.stderr)
+            if not _started_with(name, device):
                 return 2
             while injected < count and vm.proc.poll() is None:
                 delay = interval_ms / 1000 * (rng.uniform(0.5, 1.5) if jitter else 1.0)
@@ -91,13 +84,7 @@ def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", see
             status = vm.wait(600)
         finally:
             _stop(vm, name)
-        results, _ = vm.results()
-        ok, detail = results.get("blk-workload", (False, "no result"))
-        with open(disk, "rb") as f:
-            image = f.read()
-        last_seed = seed + rounds - 1
-        bad = [s for s in range(sectors)
-               if image[s * SECTOR:(s + 1) * SECTOR] != blk_pattern_sector(s, last_seed)]
+        ok, detail, bad = _verdict(vm, disk, sectors, seed + rounds - 1)
         recoveries = [float(m.group(2)) for line in vm.stderr
                       if (m := _RESTARTED.search(line)) and m.group(1) == device]
     mix = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
@@ -111,6 +98,31 @@ def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", see
               f"p99 {_percentile(recoveries, 0.99):.1f} ms", file=out)
     print(f"  VM exit status:      {status}", file=out)
     return 0 if ok and not bad and status == 0 else 1
+
+
+def _started_with(name: str, device: str) -> bool:
+    """The VM answers on its control socket and has `device` (else one line on stderr)."""
+    try:
+        wait_for_vm(name)
+        devices = [d["name"] for d in request(name, cp.Ps())["devices"]]
+    except ControlError as err:
+        print(f"chaos: the VM did not start: {err}", file=sys.stderr)
+        return False
+    if device not in devices:
+        print(f"chaos: no device {device} (devices: {', '.join(devices)})", file=sys.stderr)
+        return False
+    return True
+
+
+def _verdict(vm: BackgroundVm, disk: str, sectors: int, last_seed: int) -> tuple[bool, str, list[int]]:
+    """The guest's verdict and the sectors of the image that do not hold the last round."""
+    results, _ = vm.results()
+    ok, detail = results.get("blk-workload", (False, "no result"))
+    with open(disk, "rb") as f:
+        image = f.read()
+    bad = [s for s in range(sectors)
+           if image[s * SECTOR:(s + 1) * SECTOR] != blk_pattern_sector(s, last_seed)]
+    return ok, detail, bad
 
 
 def _stop(vm: BackgroundVm, name: str) -> None:
@@ -152,14 +164,7 @@ def _run_external(backend: str, count: int, interval_ms: int, device: str, seed:
                           f"gk.blk_seed={seed} gk.io_timeout_ms={EXTERNAL_IO_TIMEOUT_MS}")
         killed = 0
         try:
-            try:
-                wait_for_vm(name)
-                devices = [d["name"] for d in request(name, cp.Ps())["devices"]]
-            except ControlError as err:
-                print(f"chaos: the VM did not start: {err}", file=sys.stderr)
-                return 2
-            if device not in devices:
-                print(f"chaos: no device {device} (devices: {', '.join(devices)})", file=sys.stderr)
+            if not _started_with(name, device):
                 return 2
             while killed < count and vm.proc.poll() is None:
                 time.sleep(interval_ms / 1000 * (rng.uniform(0.5, 1.5) if jitter else 1.0))
@@ -175,13 +180,7 @@ def _run_external(backend: str, count: int, interval_ms: int, device: str, seed:
         finally:
             _stop(vm, name)
             server.stop()
-        results, _ = vm.results()
-        ok, detail = results.get("blk-workload", (False, "no result"))
-        with open(disk, "rb") as f:
-            image = f.read()
-    last_seed = seed + rounds - 1
-    bad = [s for s in range(sectors)
-           if image[s * SECTOR:(s + 1) * SECTOR] != blk_pattern_sector(s, last_seed)]
+        ok, detail, bad = _verdict(vm, disk, sectors, seed + rounds - 1)
     recoveries = [float(m.group(2)) for line in vm.stderr
                   if (m := _BACK.search(line)) and m.group(1) == device]
     resubmitted = sum(int(m.group(2)) for line in vm.stderr

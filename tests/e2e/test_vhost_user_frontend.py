@@ -39,6 +39,13 @@ def _bad_sectors(image: str, seed: int, sectors: int = SECTORS) -> list[int]:
     return [s for s in range(sectors) if data[s * 512:(s + 1) * 512] != blk_pattern_sector(s, seed)]
 
 
+def _await_round(vm: BackgroundVm, n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(f"round {n}/" in line for line in vm.stdout):
+        assert time.monotonic() < deadline and vm.proc.poll() is None, vm.explain()
+        time.sleep(0.05)
+
+
 def _workload(rounds: int, timeout_ms: int = 10_000) -> str:
     return (f"gk.tests=blk-workload gk.blk_sectors={SECTORS} gk.blk_rounds={rounds} "
             f"gk.io_timeout_ms={timeout_ms}")
@@ -80,10 +87,7 @@ def test_a_backend_gone_for_over_a_minute_is_picked_up(tmp_path):
     vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", f"vhost-user={sock}",
                       "--cmdline", _workload(rounds=400, timeout_ms=120_000))
     try:
-        deadline = time.monotonic() + 60
-        while not any("round 20/" in line for line in vm.stdout):
-            assert time.monotonic() < deadline and vm.proc.poll() is None, vm.explain()
-            time.sleep(0.05)
+        _await_round(vm, 20)
         server.kill()
         time.sleep(65)
         assert vm.proc.poll() is None, vm.explain()
@@ -110,10 +114,7 @@ def test_reconnect_timeout_fails_the_device_like_a_failed_process(tmp_path):
                       f"vhost-user={sock},reconnect-timeout=2",
                       "--cmdline", _workload(rounds=100000, timeout_ms=30_000))
     try:
-        deadline = time.monotonic() + 60
-        while not any("round 5/" in line for line in vm.stdout):
-            assert time.monotonic() < deadline and vm.proc.poll() is None, vm.explain()
-            time.sleep(0.05)
+        _await_round(vm, 5)
         server.kill()
         status = vm.wait(60)
     finally:
@@ -137,10 +138,7 @@ def test_a_hostile_backend_is_disconnected_and_the_guest_continues(tmp_path):
     vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", f"vhost-user={front}",
                       "--cmdline", _workload(rounds=300, timeout_ms=60_000))
     try:
-        deadline = time.monotonic() + 60
-        while not any("round 10/" in line for line in vm.stdout):
-            assert time.monotonic() < deadline and vm.proc.poll() is None, vm.explain()
-            time.sleep(0.05)
+        _await_round(vm, 10)
         proxy.drop()
         assert vm.wait(300) == 0, vm.explain() + "\n" + "\n".join(proxy.events)
     finally:

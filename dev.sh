@@ -10,7 +10,8 @@ cd "$here"
 APT_PACKAGES=(build-essential libcap-dev libseccomp-dev acpica-tools
     # the user-mode Linux test bed (tests/linux, benchmarks/linux_blk.py): the UML kernel and its
     # modules, qemu-storage-daemon, and the tools the guest and the host checks run
-    user-mode-linux kmod fio qemu-system-common e2fsprogs iperf3 socat iproute2 iputils-ping liburing-dev)
+    user-mode-linux kmod fio qemu-system-common e2fsprogs iperf3 socat iproute2 iputils-ping liburing-dev
+    curl)
 
 log() { printf '[dev.sh] %s\n' "$*" >&2; }
 

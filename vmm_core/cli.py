@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("action", choices=("check",))
     config.add_argument("files", nargs="+", metavar="FILE")
     config.add_argument("-v", "--verbose", action="count", default=0)
-    for verb in ("ps", "stats", "stop", "fault"):
+    for verb in ("ps", "stats", "stop", "pause", "resume", "fault"):
         sub.choices[verb].add_argument("-v", "--verbose", action="count", default=0)
     return parser
 
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "device":
             from .vhost_device import run_device
             return run_device(args)
-        if args.verb in ("ps", "stats", "stop", "fault"):
+        if args.verb in ("ps", "stats", "stop", "pause", "resume", "fault"):
             from .cli_control import run_verb
             return run_verb(args)
     except BulkheadError as e:

@@ -1,4 +1,4 @@
-"""`bulkhead ps | stats | stop | fault`: the verbs that talk to running VMs (`vmm_core.control`).
+"""`bulkhead ps | stats | stop | pause | resume | fault`: the verbs that talk to running VMs (`vmm_core.control`).
 
 Bad input (unknown VM or device, a refused fault) is one line on stderr and exit status 2, like
 every other verb; the output for people is a table, `--json` gives the raw reply for scripts.
@@ -28,6 +28,9 @@ def add_parsers(sub: Any, positive_int: Callable[[str], int]) -> None:
     stop.add_argument("vm", metavar="VM")
     stop.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
                       help="how long to wait for the VM to exit (default 10)")
+    for verb, what in (("pause", "stop a VM's vCPUs (its devices keep their state)"),
+                       ("resume", "run a paused VM's vCPUs again")):
+        sub.add_parser(verb, help=what).add_argument("vm", metavar="VM")
     fault = sub.add_parser(
         "fault", help="testing: make a device misbehave (the VM must run with --allow-faults)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -67,6 +70,10 @@ def _run_verb(args: argparse.Namespace) -> int:
         return cmd_stats(args.vm, args.json)
     if args.verb == "stop":
         return cmd_stop(args.vm, args.wait)
+    if args.verb in ("pause", "resume"):
+        body = request(args.vm, cp.Pause() if args.verb == "pause" else cp.Resume())
+        print(f"VM {args.vm}: {body.get('state', '?')}")
+        return 0
     return cmd_fault(args.vm, args.device, args.action, args.ms)
 
 
@@ -158,7 +165,7 @@ def wait_for_vm(name: str, timeout: float = 30.0) -> registry.VmEntry:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         entry = registry.lookup(name)
-        if entry is not None and os.path.exists(entry.endpoint[len("ipc://"):]):
+        if entry is not None and os.path.exists(entry.api_socket):
             return entry
         time.sleep(0.02)
     raise ControlError(f"VM {name} did not come up within {timeout:.0f} s")

@@ -1,23 +1,29 @@
-"""The VM control protocol (`bulkhead ps|stats|stop|fault` <-> a running VM): sans-I/O.
+"""The VM control protocol: its HTTP API (`bulkhead ps|stats|stop|fault`, `curl`) -- sans-I/O.
+
+Each VM serves JSON over HTTP/1.1 on `<runtime dir>/api.sock` (0600, in its 0700 directory),
+shaped like cloud-hypervisor's API (`docs/openapi.yaml` documents it):
+
+    GET /api/v1/vm.info       Ps          name, core pid, state, devices
+    GET /api/v1/vm.counters   GetStats    per-device counters
+    PUT /api/v1/vm.shutdown   Stop        power off (the core exits 0)
+    PUT /api/v1/vm.pause      Pause       vCPUs stopped (devices keep their state)
+    PUT /api/v1/vm.resume     Resume
+    PUT /api/v1/vm.fault      InjectFault {"device": ..., "action": ..., "ms": ...}
 
 A closed set of requests, each a frozen dataclass whose fields carry their limits, checked when we
 build one (our bug: `LocalProtocolError`) and when we decode one (the peer's fault:
-`RemoteProtocolError`) -- the same style as `ipc_protocol.messages`, but a separate set: the
-device protocol is between the core and untrusted children, this one is between the core and
-local tools of the same user, and neither should accept the other's messages.
-
-Wire format: one msgpack map, ``{"type": <tag>, <field>: <value>, ...}``.  Every request gets one
-`Reply`: ``{"type": "Reply", "ok": bool, "error": str, "body": map}``; the body is plain data
-(ps rows, stats) bounded by `MAX_REPLY_BYTES`, read defensively by the CLI.
+`RemoteProtocolError`, with the HTTP status to answer).  Every request gets one `Reply`: 2xx
+with the body as JSON, or 4xx/5xx with ``{"error": "<one line>"}``.  The CLI is a client of the
+same API (one control plane).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import msgpack
 
 from ipc_protocol.errors import LocalProtocolError, RemoteProtocolError
 
@@ -85,70 +91,116 @@ class InjectFault(Request):
             raise ValueError("ms must be a whole number of milliseconds in [0, 600000]")
 
 
+@_request
+class Pause(Request):
+    """Stop every vCPU (the devices keep running and keep their state)."""
+
+
+@_request
+class Resume(Request):
+    """Run the vCPUs of a paused VM again."""
+
+
 @dataclass(frozen=True)
 class Reply:
     ok: bool
     error: str = ""
     body: dict[str, Any] = dataclasses.field(default_factory=dict)
+    status: int = 400  # the HTTP status of a refusal
 
 
-def _refuse_ext(code: int, data: bytes) -> Any:
-    raise RemoteProtocolError(f"msgpack extension type {code} is not allowed")
+class HttpError(RemoteProtocolError):
+    """A request the API refuses: `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-def _unpack(data: bytes, limit: int) -> dict[str, Any]:
-    if len(data) > limit:
-        raise RemoteProtocolError(f"message of {len(data)} bytes exceeds {limit}")
-    try:
-        body = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, ext_hook=_refuse_ext)
-    except RemoteProtocolError:
-        raise
-    except Exception as err:  # msgpack raises several types for invalid input
-        raise RemoteProtocolError(f"not valid msgpack: {err}") from None
-    if type(body) is not dict:
-        raise RemoteProtocolError("message is not a map")
-    return body
+API_PREFIX = "/api/v1/"
+ROUTES: dict[str, tuple[str, type[Request]]] = {}   # path -> (method, request class)
+_PATHS: dict[type[Request], str] = {}
 
 
-def encode_request(req: Request) -> bytes:
-    if type(req).TAG not in _REQUESTS:
+def _route(method: str, name: str, cls: type[Request]) -> None:
+    ROUTES[API_PREFIX + name] = (method, cls)
+    _PATHS[cls] = API_PREFIX + name
+
+
+_route("GET", "vm.info", Ps)
+_route("GET", "vm.counters", GetStats)
+_route("PUT", "vm.shutdown", Stop)
+_route("PUT", "vm.pause", Pause)
+_route("PUT", "vm.resume", Resume)
+_route("PUT", "vm.fault", InjectFault)
+UNSUPPORTED = {API_PREFIX + "vm.reboot": "Bulkhead does not reboot a VM in place: shut it down "
+                                         "and start it again",
+               API_PREFIX + "vm.boot": "a Bulkhead VM boots when it starts: use `bulkhead run|up`"}
+
+
+def to_http(req: Request) -> tuple[str, str, bytes]:
+    """(method, path, JSON body) of a request we send."""
+    if type(req) not in _PATHS:
         raise LocalProtocolError(f"not a control request: {req!r}")
     try:
         req.validate()
     except ValueError as err:
         raise LocalProtocolError(f"{req.TAG}: {err}") from None
-    return msgpack.packb({"type": req.TAG, **dataclasses.asdict(req)}, use_bin_type=True)
+    method = ROUTES[_PATHS[type(req)]][0]
+    fields = dataclasses.asdict(req)
+    return method, _PATHS[type(req)], json.dumps(fields).encode() if fields else b""
 
 
-def decode_request(data: bytes) -> Request:
-    body = _unpack(data, MAX_REQUEST_BYTES)
-    tag = body.pop("type", None)
-    cls = _REQUESTS.get(tag) if type(tag) is str else None
-    if cls is None:
-        raise RemoteProtocolError(f"unknown request {tag!r} (known: {', '.join(sorted(_REQUESTS))})")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    if set(body) - fields:
-        raise RemoteProtocolError(f"{tag}: unknown fields {sorted(set(body) - fields)}")
+def from_http(method: str, path: str, body: bytes) -> Request:
+    """The request a client sent; `HttpError` (404, 405, 400, 413) for anything else."""
+    route = ROUTES.get(path)
+    if route is None:
+        if path in UNSUPPORTED:
+            raise HttpError(404, UNSUPPORTED[path])
+        raise HttpError(404, f"no such endpoint {path[:100]!r} (endpoints: {', '.join(sorted(ROUTES))})")
+    want, cls = route
+    if method != want:
+        raise HttpError(405, f"{path} takes {want}, not {method[:10]}")
+    if len(body) > MAX_REQUEST_BYTES:
+        raise HttpError(413, f"request body of {len(body)} bytes exceeds {MAX_REQUEST_BYTES}")
+    fields: Any = {}
+    if body.strip():
+        try:
+            fields = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise HttpError(400, f"the body is not valid JSON: {err}") from None
+    if type(fields) is not dict:
+        raise HttpError(400, "the body must be a JSON object")
+    known = {f.name for f in dataclasses.fields(cls)}
+    if set(fields) - known:
+        raise HttpError(400, f"{path}: unknown fields {sorted(set(fields) - known)[:10]} "
+                             f"(known: {', '.join(sorted(known)) or 'none'})")
     try:
-        req = cls(**body)
+        req = cls(**fields)
         req.validate()
     except (TypeError, ValueError) as err:
-        raise RemoteProtocolError(f"{tag}: {err}") from None
+        raise HttpError(400, f"{path}: {err}") from None
     return req
 
 
-def encode_reply(reply: Reply) -> bytes:
-    data = msgpack.packb({"type": "Reply", "ok": reply.ok, "error": reply.error[:1000],
-                          "body": reply.body}, use_bin_type=True)
+def reply_to_http(reply: Reply) -> tuple[int, bytes]:
+    body = reply.body if reply.ok else {"error": reply.error[:1000]}
+    data = json.dumps(body).encode()
     if len(data) > MAX_REPLY_BYTES:
         raise LocalProtocolError(f"reply of {len(data)} bytes exceeds {MAX_REPLY_BYTES}")
-    return data
+    return (200 if reply.ok else reply.status), data
 
 
-def decode_reply(data: bytes) -> Reply:
-    body = _unpack(data, MAX_REPLY_BYTES)
-    if body.get("type") != "Reply" or set(body) != {"type", "ok", "error", "body"}:
-        raise RemoteProtocolError("not a Reply")
-    if type(body["ok"]) is not bool or type(body["error"]) is not str or type(body["body"]) is not dict:
-        raise RemoteProtocolError("Reply fields have the wrong types")
-    return Reply(body["ok"], body["error"], body["body"])
+def reply_from_http(status: int, data: bytes) -> Reply:
+    if len(data) > MAX_REPLY_BYTES:
+        raise RemoteProtocolError(f"reply of {len(data)} bytes exceeds {MAX_REPLY_BYTES}")
+    try:
+        body = json.loads(data) if data.strip() else {}
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RemoteProtocolError(f"the reply is not valid JSON: {err}") from None
+    if type(body) is not dict:
+        raise RemoteProtocolError("the reply is not a JSON object")
+    if 200 <= status < 300:
+        return Reply(True, "", body)
+    error = body.get("error")
+    return Reply(False, error if type(error) is str else f"HTTP status {status}", {}, status)

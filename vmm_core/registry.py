@@ -21,6 +21,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 ENTRY_SUFFIX = ".json"
+API_SOCKET = "api.sock"
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,9 @@ class VmEntry:
     runtime_dir: str
 
     @property
-    def endpoint(self) -> str:
-        return f"ipc://{self.runtime_dir}/vm.sock"
+    def api_socket(self) -> str:
+        """The VM's HTTP API (`vmm_core.control`)."""
+        return os.path.join(self.runtime_dir, API_SOCKET)
 
 
 def valid_name(name: str) -> bool:

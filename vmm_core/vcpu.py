@@ -2,7 +2,8 @@
 
 Stopping: the VM sets `immediate_exit` in every run page and signals each vCPU thread
 (SIGUSR1, a no-op handler), so a thread inside KVM_RUN returns with EINTR and one that is about
-to enter it returns at once.  The loop never raises into the thread: a fatal exit becomes a
+to enter it returns at once.  Pausing (`PUT /api/v1/vm.pause`) does the same and the thread then
+waits outside KVM_RUN until it is resumed; the guest's state stays in KVM.  The loop never raises into the thread: a fatal exit becomes a
 `StopRequest` handed to the VM.
 """
 
@@ -70,11 +71,35 @@ class VcpuThread(threading.Thread):
         self.memory = memory
         self.request_stop = request_stop
         self.stopping = False
+        self.pausing = False
+        self.paused = threading.Event()   # set while the thread waits outside KVM_RUN
+        self._resume = threading.Event()
+        self._lock = threading.Lock()
         self.exits = 0
 
     def stop(self) -> None:
-        self.stopping = True
-        self.vcpu.set_immediate_exit(True)
+        with self._lock:
+            self.stopping = True
+            self.vcpu.set_immediate_exit(True)
+            self._resume.set()
+
+    def pause(self) -> None:
+        """Ask the thread to leave KVM_RUN and wait (the caller signals it, as for a stop)."""
+        with self._lock:
+            self._resume.clear()
+            self.pausing = True
+            self.vcpu.set_immediate_exit(True)
+
+    def resume(self) -> None:
+        with self._lock:
+            self.pausing = False
+            self.vcpu.set_immediate_exit(self.stopping)
+            self._resume.set()
+
+    def _wait_paused(self) -> None:
+        self.paused.set()
+        self._resume.wait()
+        self.paused.clear()
 
     def run(self) -> None:
         try:
@@ -88,6 +113,9 @@ class VcpuThread(threading.Thread):
         pio_read, pio_write = self.pio_bus.read, self.pio_bus.write
         mmio_read, mmio_write = self.mmio_bus.read, self.mmio_bus.write
         while not self.stopping:
+            if self.pausing:
+                self._wait_paused()
+                continue
             exit_ = vcpu.run()
             self.exits += 1
             cls = type(exit_)

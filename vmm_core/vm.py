@@ -329,6 +329,33 @@ class Machine:
         threading.Thread(target=pump, name="stdin", daemon=True).start()
         return lambda: termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
+    @property
+    def paused(self) -> bool:
+        return bool(self.threads) and all(t.pausing for t in self.threads)
+
+    def pause(self, timeout: float = 2.0) -> bool:
+        """Stop every vCPU outside KVM_RUN (devices keep running); False if one did not stop."""
+        for t in self.threads:
+            t.pause()
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            while t.is_alive() and not t.paused.is_set() and time.monotonic() < deadline:
+                self._kick(t)
+                t.paused.wait(0.02)
+        return all(t.paused.is_set() or not t.is_alive() for t in self.threads)
+
+    def resume(self) -> None:
+        for t in self.threads:
+            t.resume()
+
+    @staticmethod
+    def _kick(t: threading.Thread) -> None:
+        if t.ident is not None:
+            try:
+                signal.pthread_kill(t.ident, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+
     def _stop_vcpus(self) -> None:
         for t in self.threads:
             t.stop()

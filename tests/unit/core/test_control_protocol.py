@@ -2,7 +2,7 @@
 
 import os
 
-import msgpack
+import json
 import pytest
 
 from ipc_protocol.errors import LocalProtocolError, RemoteProtocolError
@@ -11,46 +11,51 @@ from vmm_core import registry
 from vmm_core.errors import ConfigError
 
 
-@pytest.mark.parametrize("req", [cp.Ps(), cp.GetStats(), cp.Stop(),
+@pytest.mark.parametrize("req", [cp.Ps(), cp.GetStats(), cp.Stop(), cp.Pause(), cp.Resume(),
                                  cp.InjectFault("blk0", "slow", 250), cp.InjectFault("rng0", "kill")])
-def test_requests_round_trip(req):
-    assert cp.decode_request(cp.encode_request(req)) == req
+def test_requests_round_trip_through_http(req):
+    method, path, body = cp.to_http(req)
+    assert path.startswith("/api/v1/vm.")
+    assert cp.from_http(method, path, body) == req
 
 
-@pytest.mark.parametrize("body", [
-    {"type": "Reboot"}, {"type": 3}, {}, ["Ps"],
-    {"type": "Ps", "extra": 1},
-    {"type": "InjectFault", "device": "blk0", "action": "explode", "ms": 0},
-    {"type": "InjectFault", "device": "blk0", "action": "slow", "ms": -1},
-    {"type": "InjectFault", "device": "blk0", "action": "slow", "ms": True},
-    {"type": "InjectFault", "device": "x" * 33, "action": "kill", "ms": 0},
-    {"type": "InjectFault", "action": "kill"},
+@pytest.mark.parametrize("method, path, body, status", [
+    ("GET", "/api/v1/vm.reboot", b"", 404),
+    ("GET", "/api/v1/nope", b"", 404),
+    ("PUT", "/api/v1/vm.info", b"", 405),
+    ("GET", "/api/v1/vm.shutdown", b"", 405),
+    ("PUT", "/api/v1/vm.shutdown", b'{"extra": 1}', 400),
+    ("PUT", "/api/v1/vm.fault", b'{"device": "blk0", "action": "explode", "ms": 0}', 400),
+    ("PUT", "/api/v1/vm.fault", b'{"device": "blk0", "action": "slow", "ms": -1}', 400),
+    ("PUT", "/api/v1/vm.fault", b'{"device": "blk0", "action": "slow", "ms": true}', 400),
+    ("PUT", "/api/v1/vm.fault", b'{"device": "' + b"x" * 33 + b'", "action": "kill"}', 400),
+    ("PUT", "/api/v1/vm.fault", b'{"action": "kill"}', 400),
+    ("PUT", "/api/v1/vm.fault", b"\xc1 not json", 400),
+    ("PUT", "/api/v1/vm.fault", b"[1, 2]", 400),
+    ("PUT", "/api/v1/vm.fault", b"{" + b" " * 5000 + b"}", 413),
 ])
-def test_invalid_requests_are_remote_errors(body):
-    with pytest.raises(RemoteProtocolError):
-        cp.decode_request(msgpack.packb(body))
-
-
-def test_garbage_and_oversized_requests_are_refused():
-    for data in (b"\xc1", b"\x81\xa4type", b"\x92" + b"\xa1x" * 2, msgpack.packb({"type": "Ps", "p": "x" * 5000})):
-        with pytest.raises(RemoteProtocolError):
-            cp.decode_request(data)
-    with pytest.raises(RemoteProtocolError):
-        cp.decode_request(msgpack.packb(msgpack.ExtType(1, b"x")))
+def test_invalid_requests_get_their_status(method, path, body, status):
+    with pytest.raises(cp.HttpError) as err:
+        cp.from_http(method, path, body)
+    assert err.value.status == status and isinstance(err.value, RemoteProtocolError)
+    code, data = cp.reply_to_http(cp.Reply(False, str(err.value), status=err.value.status))
+    assert code == status and set(json.loads(data)) == {"error"}
 
 
 def test_building_a_bad_request_is_our_bug():
     with pytest.raises(LocalProtocolError):
-        cp.encode_request(cp.InjectFault("blk0", "explode"))
+        cp.to_http(cp.InjectFault("blk0", "explode"))
 
 
 def test_replies_round_trip_and_are_checked():
     reply = cp.Reply(True, "", {"devices": [{"name": "blk0", "pid": 4}]})
-    assert cp.decode_reply(cp.encode_reply(reply)) == reply
-    for body in ({"type": "Reply", "ok": 1, "error": "", "body": {}}, {"type": "Ps"},
-                 {"type": "Reply", "ok": True, "error": "", "body": []}):
+    assert cp.reply_from_http(*cp.reply_to_http(reply)) == reply
+    refused = cp.reply_from_http(404, b'{"error": "no such VM"}')
+    assert not refused.ok and refused.error == "no such VM" and refused.status == 404
+    assert cp.reply_from_http(500, b"{}").error == "HTTP status 500"
+    for data in (b"[]", b"\xc1", b"x" * (cp.MAX_REPLY_BYTES + 1)):
         with pytest.raises(RemoteProtocolError):
-            cp.decode_reply(msgpack.packb(body))
+            cp.reply_from_http(200, data)
 
 
 def test_registry_register_lookup_unregister(tmp_path, monkeypatch):

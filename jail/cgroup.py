@@ -71,6 +71,9 @@ def _write(path: Path, value: str) -> None:
         raise CgroupError(f"cgroup: cannot write {value!r} to {path}: {err.strerror}") from None
 
 
+TENANT_PREFIX = "tenant-"  # bulkhead/tenant-<name>/<vm>: a tenant's VMs, never a VM itself
+
+
 @dataclass
 class VmCgroup:
     """One VM's cgroup directories (one for v2, one per controller for v1)."""
@@ -81,18 +84,23 @@ class VmCgroup:
 
     @classmethod
     def create(cls, name: str, *, memory_max: int | None = None, pids_max: int | None = None,
-               cpu_quota: float | None = None, version: int | None = None) -> VmCgroup:
-        """Create (or reuse, if empty) the VM's cgroup and set its limits.
+               cpu_quota: float | None = None, version: int | None = None,
+               tenant: str | None = None) -> VmCgroup:
+        """Create (or reuse, if empty) the VM's cgroup and set its limits: `bulkhead/<name>`,
+        or `bulkhead/tenant-<tenant>/<name>` for a tenant's VM.
 
         `cpu_quota` is in CPUs (1.5 = one and a half CPUs).  `version` forces 1 or 2.
         """
         if not _NAME.fullmatch(name):
             raise CgroupError(f"cgroup: bad name {name!r} (letters, digits, . _ - only)")
+        if tenant is not None and not _NAME.fullmatch(tenant):
+            raise CgroupError(f"cgroup: bad tenant {tenant!r} (letters, digits, . _ - only)")
+        rel = Path(TENANT_PREFIX + tenant) / name if tenant else Path(name)
         mounts, own = read_mounts(), own_cgroups()
         if version in (None, 2):
             v2 = _pick_v2(mounts, own)
             if v2 is not None:
-                cg = cls(name, 2, {"": v2 / "bulkhead" / name})
+                cg = cls(name, 2, {"": v2 / "bulkhead" / rel})
                 cg._make(enable_in=v2)
                 cg.set_limits(memory_max, pids_max, cpu_quota)
                 return cg
@@ -103,7 +111,7 @@ class VmCgroup:
             m = next((m for m in mounts if m.fstype == "cgroup" and ctrl in m.options), None)
             if m is None or not m.writable:
                 raise CgroupError(f"cgroup: no writable v1 hierarchy has the {ctrl!r} controller")
-            dirs[ctrl] = m.path / own.get(ctrl, "/").lstrip("/") / "bulkhead" / name
+            dirs[ctrl] = m.path / own.get(ctrl, "/").lstrip("/") / "bulkhead" / rel
         cg = cls(name, 1, dirs)
         cg._make()
         cg.set_limits(memory_max, pids_max, cpu_quota)
@@ -113,9 +121,11 @@ class VmCgroup:
         for d in self.dirs.values():
             try:
                 if enable_in is not None:  # v2: controllers must be enabled down the path
-                    parent = d.parent
-                    parent.mkdir(exist_ok=True)
-                    for p in (enable_in, parent):
+                    chain = [enable_in]
+                    for p in reversed(d.relative_to(enable_in).parents[:-1]):
+                        chain.append(enable_in / p)
+                    for p in chain:
+                        p.mkdir(exist_ok=True)
                         _write(p / "cgroup.subtree_control", "+memory +pids +cpu")
                 d.mkdir(parents=True, exist_ok=True)
             except OSError as err:
@@ -251,7 +261,7 @@ class VmCgroup:
                     child.rmdir()  # a device's cgroup, empty now that its processes are gone
                 except OSError:
                     pass
-            for path in (d, d.parent):  # the VM's directory, then bulkhead/ if now empty
+            for path in _up_to_bulkhead(d):  # the VM's directory, its tenant's, bulkhead/ if empty
                 try:
                     path.rmdir()
                 except FileNotFoundError:
@@ -265,6 +275,20 @@ class VmCgroup:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def _up_to_bulkhead(d: Path) -> list[Path]:
+    """`d`, its tenant directory if any, then the `bulkhead` directory above them."""
+    out, p = [d], d.parent
+    while p.name.startswith(TENANT_PREFIX):
+        out.append(p)
+        p = p.parent
+    return out + [p]
+
+
+def outside(d: Path) -> Path:
+    """The cgroup the `bulkhead` tree of `d` hangs below (where the core came from)."""
+    return _up_to_bulkhead(d)[-1].parent
 
 
 def _pick_v2(mounts: list[Mount], own: dict[str, str]) -> Path | None:
@@ -300,6 +324,9 @@ def reap_stale(live_names: set[str]) -> list[str]:
     for base in bases:
         try:
             entries = [e for e in base.iterdir() if e.is_dir()]
+            tenants = [e for e in entries if e.name.startswith(TENANT_PREFIX)]
+            entries = [e for e in entries if e not in tenants] + \
+                [v for t in tenants for v in t.iterdir() if v.is_dir()]
         except OSError:
             continue
         for d in entries:
@@ -320,4 +347,9 @@ def reap_stale(live_names: set[str]) -> list[str]:
                     break
             else:
                 removed.append(d.name)
+        for t in tenants:
+            try:
+                t.rmdir()  # only once its last VM is gone
+            except OSError:
+                pass
     return sorted(set(removed))

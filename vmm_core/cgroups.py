@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from jail.cgroup import VmCgroup, reap_stale
+from jail.cgroup import VmCgroup, outside, reap_stale
 from jail.errors import CgroupError
 
 from .errors import ConfigError
@@ -25,18 +25,23 @@ class CgroupLimits:
     memory_max: int | None = None  # bytes
     pids_max: int | None = DEFAULT_PIDS_MAX
     required: bool = False  # the user asked for limits: failing to set them is an error
+    cpu_quota: float | None = None  # CPUs, for the core and all its devices together
+    tenant: str | None = None       # bulkhead/tenant-<tenant>/<vm>
 
 
 class VmCgroupMembership:
     def __init__(self, name: str, limits: CgroupLimits) -> None:
         try:
-            self.cgroup = VmCgroup.create(name, memory_max=limits.memory_max, pids_max=limits.pids_max)
+            self.cgroup = VmCgroup.create(name, memory_max=limits.memory_max,
+                                          pids_max=limits.pids_max, cpu_quota=limits.cpu_quota,
+                                          tenant=limits.tenant)
         except CgroupError as e:
             if limits.required:
                 raise ConfigError(f"{e}; run without --cgroup-memory-mib/--cgroup-pids-max or "
                                   "on a host with writable cgroups") from None
             raise
         self._pid = os.getpid()
+        self.cpu_quota = limits.cpu_quota
         try:
             if self.cgroup.version == 2:
                 # v2: processes only in leaves once the devices' cgroups exist below the VM's.
@@ -51,6 +56,8 @@ class VmCgroupMembership:
                       cpu_quota: float | None) -> VmCgroup:
         """A device's own cgroup below the VM's: its launcher, init and device are born there,
         so its memory limit and CPU quota bound the device alone."""
+        if self.cpu_quota is not None:  # cgroup v1 refuses a child quota above its parent's
+            cpu_quota = self.cpu_quota if cpu_quota is None else min(cpu_quota, self.cpu_quota)
         try:
             return self.cgroup.child(name, memory_max=memory_max, cpu_quota=cpu_quota)
         except CgroupError as e:
@@ -60,7 +67,7 @@ class VmCgroupMembership:
         """Move the core back to its original cgroups, then remove the VM's."""
         for d in self.cgroup.dirs.values():
             try:
-                (d.parent.parent / "cgroup.procs").write_text(str(self._pid))
+                (outside(d) / "cgroup.procs").write_text(str(self._pid))
             except OSError as e:
                 log.warning("cgroup: could not move the core out of %s: %s", d, e.strerror)
         try:

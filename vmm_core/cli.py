@@ -94,6 +94,13 @@ def _jail_id(text: str) -> int:
     return value
 
 
+def _tenant(text: str) -> str:
+    from .registry import valid_name
+    if not valid_name(text) or "." in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: use 1-32 ASCII letters, digits, '-' or '_'")
+    return text
+
+
 def _vm_name(text: str) -> str:
     from .registry import valid_name
     if text and not valid_name(text):
@@ -167,14 +174,23 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
                    help="seccomp action on a syscall outside a device's policy (default kill; "
                         "trap names the syscall in the log)")
     p.add_argument("--jail-uid", type=_jail_id, metavar="UID",
-                   help="host uid the device processes run as (default 0x70000000 + core pid)")
+                   help="host uid the device processes run as (default: a free pair allocated "
+                        "from --uid-range, held while the VM runs)")
     p.add_argument("--jail-gid", type=_jail_id, metavar="GID", help="host gid (default as --jail-uid)")
+    p.add_argument("--uid-range", metavar="START-END",
+                   help="where this VM's jail uid/gid pair is allocated (default "
+                        "0x78000000-0x7FFFFFFD); give a tenant's VMs their own range")
     p.add_argument("--no-jail", action="store_true",
                    help="debugging only: device processes without namespaces, seccomp or dropped caps")
     p.add_argument("--cgroup-memory-mib", type=_positive_int, metavar="MIB",
                    help="memory limit of the VM's cgroup (core + devices)")
     p.add_argument("--cgroup-pids-max", type=_positive_int, metavar="N",
                    help="tasks limit of the VM's cgroup (default 512)")
+    p.add_argument("--cgroup-cpu-quota", type=float, metavar="CPUS",
+                   help="CPU quota of the VM's cgroup (core + devices), e.g. 1.5")
+    p.add_argument("--tenant", type=_tenant, metavar="NAME",
+                   help="the tenant this VM belongs to: its cgroup is bulkhead/tenant-NAME/VM and "
+                        "its jail uid/gid come from the tenant's --uid-range")
     p.add_argument("--no-cgroup", action="store_true", help="do not create a per-VM cgroup")
     p.add_argument("--device-memory-mib", type=int, default=DEFAULT_DEVICE_MEMORY >> 20,
                    metavar="MIB", help="memory limit of each device process's own cgroup "
@@ -235,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("-v", "--verbose", action="count", default=0)
     from .cli_control import add_parsers
     add_parsers(sub, _positive_int)
+    from .cli_up import add_parsers as add_up_parsers
+    add_up_parsers(sub)
     from .vhost_device import add_parser as add_device_parser
     add_device_parser(sub)
     config = sub.add_parser("config", help="`bulkhead config check FILE...`: validate VM config "
@@ -316,13 +334,18 @@ def _jail_options(args: argparse.Namespace):
 
 def _cgroup_limits(args: argparse.Namespace):
     from .cgroups import DEFAULT_PIDS_MAX, CgroupLimits
-    asked = args.cgroup_memory_mib is not None or args.cgroup_pids_max is not None
+    asked = args.cgroup_memory_mib is not None or args.cgroup_pids_max is not None \
+        or args.cgroup_cpu_quota is not None
     if args.no_cgroup:
-        if asked:
-            raise BulkheadError("--no-cgroup cannot be combined with --cgroup-memory-mib/--cgroup-pids-max")
+        if asked or args.tenant:
+            raise BulkheadError("--no-cgroup cannot be combined with --tenant or "
+                                "--cgroup-memory-mib/--cgroup-pids-max/--cgroup-cpu-quota")
         return None
+    if args.cgroup_cpu_quota is not None and not 0.01 <= args.cgroup_cpu_quota <= 1024:
+        raise BulkheadError(f"--cgroup-cpu-quota {args.cgroup_cpu_quota:g}: give 0.01 to 1024 CPUs")
     return CgroupLimits(memory_max=None if args.cgroup_memory_mib is None else args.cgroup_memory_mib << 20,
-                        pids_max=args.cgroup_pids_max or DEFAULT_PIDS_MAX, required=asked)
+                        pids_max=args.cgroup_pids_max or DEFAULT_PIDS_MAX, required=asked or bool(args.tenant),
+                        cpu_quota=args.cgroup_cpu_quota, tenant=args.tenant)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -332,6 +355,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .vm import Machine
     if args.name and registry.lookup(args.name) is not None:  # before any device process starts
         raise BulkheadError(f"--name {args.name}: a VM of that name is running; pick another name")
+    ids = _allocate_ids(args)
+    try:
+        return _run_machine(args, Machine, ControlEndpoint)
+    finally:
+        if ids is not None:
+            ids.release()
+
+
+def _allocate_ids(args: argparse.Namespace):
+    """The VM's jail uid/gid pair, allocated and held for its life (unless given)."""
+    if args.no_jail or args.no_sandbox or args.jail_uid is not None:
+        if args.uid_range:
+            raise BulkheadError("--uid-range allocates the jail ids: not with --jail-uid, "
+                                "--no-jail or --no-sandbox")
+        return None
+    from .identities import DEFAULT_UID_RANGE, allocate_jail_ids, parse_uid_range
+    uid_range = parse_uid_range(args.uid_range) if args.uid_range else DEFAULT_UID_RANGE
+    claim = allocate_jail_ids(args.name or f"vm{os.getpid()}", uid_range, args.tenant)
+    args.jail_uid = claim.value
+    if args.jail_gid is None:
+        args.jail_gid = claim.value
+    return claim
+
+
+def _run_machine(args: argparse.Namespace, Machine, ControlEndpoint) -> int:
+    import tempfile
     with tempfile.TemporaryDirectory(prefix="bulkhead-") as scratch:
         config = _config_from_args(args, scratch)
         machine = Machine(config)
@@ -399,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "config":
             from .vm_config import check
             return check(args.files, _subparser(parser, "run"))
+        if args.verb in ("up", "logs", "down"):
+            from . import cli_up
+            if args.verb == "up":
+                return cli_up.cmd_up(args, _subparser(parser, "run"))
+            return cli_up.cmd_logs(args) if args.verb == "logs" else cli_up.cmd_down(args)
         if args.verb == "device":
             from .vhost_device import run_device
             return run_device(args)

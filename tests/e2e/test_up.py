@@ -1,0 +1,138 @@
+"""Many VMs of two tenants from config files (issue 15): `bulkhead up examples/`, allocated
+identities, per-tenant cgroups, the API by curl, `bulkhead logs`, `bulkhead down --all`.
+
+The test runs the CLI with its own XDG_RUNTIME_DIR, so `--all` means this test's VMs only."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from jail.cgroup import read_mounts
+from vmm_core.testing import ROOT, bulkhead_argv
+
+pytestmark = pytest.mark.kvm
+
+EXAMPLES = os.path.join(ROOT, "examples")
+TENANTS = {"acme-web": ("acme", 0x78100000, 0x7810FFFF), "acme-db": ("acme", 0x78100000, 0x7810FFFF),
+           "globex-api": ("globex", 0x78200000, 0x7820FFFF)}
+
+
+@pytest.fixture
+def runtime(tmp_path):
+    """A short private XDG_RUNTIME_DIR (socket paths must fit sun_path's 108 bytes)."""
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="bh-", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _cli(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(bulkhead_argv(*args), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _ids(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(fields["Uid"].split()[0]), int(fields["Gid"].split()[0])
+
+
+def _cgroup(pid: int, controller: str) -> str:
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, ctrls, path = line.strip().split(":", 2)
+            if controller in ctrls.split(","):
+                return path
+    return ""
+
+
+def test_up_starts_two_tenants_vms_and_down_all_stops_them(runtime):
+    env = {**os.environ, "XDG_RUNTIME_DIR": runtime}
+    run = _cli(env, "up", EXAMPLES)
+    try:
+        assert run.returncode == 0, run.stderr
+        assert sorted(l.split()[2] for l in run.stdout.splitlines()) == sorted(TENANTS)
+        ps = json.loads(_cli(env, "ps", "--json").stdout)
+        vms = {v["name"]: v for v in ps}
+        assert set(vms) == set(TENANTS)
+        uids = {}
+        for name, (tenant, lo, hi) in TENANTS.items():
+            vm = vms[name]
+            dev = vm["devices"][0]["pid"]
+            uid, gid = _ids(dev)
+            assert lo <= uid <= hi and uid == gid, (name, hex(uid))
+            uids[name] = uid
+            assert _cgroup(vm["pid"], "pids") == f"/bulkhead/tenant-{tenant}/{name}"
+            assert _cgroup(dev, "pids").startswith(f"/bulkhead/tenant-{tenant}/{name}/")
+        assert len(set(uids.values())) == 3  # every VM its own pair, never shared
+        cpu = next((m.path for m in read_mounts() if m.fstype == "cgroup" and "cpu" in m.options), None)
+        if cpu is not None:  # v1 here; the limits from the files
+            with open(cpu / "bulkhead/tenant-globex/globex-api/cpu.cfs_quota_us") as f:
+                assert int(f.read()) == 50_000
+        # One tenant's device uid cannot signal the other tenant's device process.
+        acme_dev = vms["acme-web"]["devices"][0]["pid"]
+        globex_dev = vms["globex-api"]["devices"][0]["pid"]
+        probe = subprocess.run(
+            ["setpriv", f"--reuid={uids['acme-web']}", f"--regid={uids['acme-web']}",
+             "--clear-groups", "/usr/bin/python3", "-c",
+             f"import os\ntry:\n os.kill({globex_dev}, 0)\nexcept PermissionError:\n print('EPERM')"],
+            capture_output=True, text=True, timeout=30)
+        assert probe.stdout.strip() == "EPERM", probe
+        assert acme_dev != globex_dev
+        # The API of one of them, by curl.
+        with open(os.path.join(runtime, "bulkhead", "vms", "acme-db.json")) as f:
+            entry = json.load(f)
+        out = subprocess.run(["curl", "-s", "--unix-socket", os.path.join(entry["runtime_dir"], "api.sock"),
+                              "http://localhost/api/v1/vm.info"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+        assert json.loads(out)["name"] == "acme-db"
+        logs = _cli(env, "logs", "acme-web")
+        assert "GK virtio-rng ok" in logs.stdout, logs
+        # A second `up` of the same files refuses before starting anything.
+        again = _cli(env, "up", EXAMPLES)
+        assert again.returncode == 2 and "is running already" in again.stderr
+    finally:
+        down = _cli(env, "down", "--all", "--grace", "20")
+    assert down.returncode == 0, down.stderr
+    assert sorted(l.split()[1] for l in down.stdout.splitlines()) == sorted(TENANTS)
+    assert json.loads(_cli(env, "ps", "--json").stdout) == []
+    for tenant in ("acme", "globex"):
+        for m in read_mounts():
+            if m.fstype == "cgroup" and "pids" in m.options:
+                assert not (m.path / f"bulkhead/tenant-{tenant}").exists()
+
+
+def test_down_kills_a_vm_that_does_not_shut_down_in_time(tmp_path, runtime):
+    env = {**os.environ, "XDG_RUNTIME_DIR": runtime}
+    cfg = tmp_path / "stuck.toml"
+    cfg.write_text(f'kernel = "{ROOT}/guest_kit/build/testguest.elf"\nhold = true\nmem = 64\n'
+                   'cmdline = "gk.tests=pio"\n')
+    assert _cli(env, "up", str(cfg)).returncode == 0
+    vm = json.loads(_cli(env, "ps", "--json").stdout)[0]
+    os.kill(vm["pid"], signal.SIGSTOP)  # our own child VM: it cannot answer or shut down now
+    try:
+        down = _cli(env, "down", "stuck", "--grace", "2")
+    finally:
+        try:
+            os.kill(vm["pid"], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert down.returncode == 1 and "killed after 2 s" in down.stdout, (down.stdout, down.stderr)
+    assert json.loads(_cli(env, "ps", "--json").stdout) == []
+
+
+def test_up_refuses_bad_files_before_starting_anything(tmp_path, runtime):
+    env = {**os.environ, "XDG_RUNTIME_DIR": runtime}
+    (tmp_path / "good.toml").write_text(f'kernel = "{ROOT}/guest_kit/build/testguest.elf"\n')
+    (tmp_path / "bad.toml").write_text('kernel = "k"\nvcpus = "many"\n')
+    run = _cli(env, "up", str(tmp_path))
+    assert run.returncode == 2 and "bad.toml:2: vcpus" in run.stderr, run.stderr
+    assert json.loads(_cli(env, "ps", "--json").stdout) == []
+    run = _cli(env, "up", str(tmp_path / "missing"))
+    assert run.returncode == 2 and "no such file or directory" in run.stderr

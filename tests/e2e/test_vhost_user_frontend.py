@@ -155,6 +155,36 @@ def test_a_hostile_backend_is_disconnected_and_the_guest_continues(tmp_path):
     assert _bad_sectors(image, seed=300) == []
 
 
+def test_a_backend_config_change_reaches_the_guest(tmp_path):
+    """CONFIG_CHANGE_MSG on the backend channel: the core acks it, re-reads the config with
+    GET_CONFIG and raises the guest's config-change interrupt (ConfigGeneration + 1)."""
+    from vmm_core import control_protocol as cp
+    from vmm_core.cli_control import wait_for_vm
+    from vmm_core.control import request
+    image, real = _image(tmp_path), str(tmp_path / "real.sock")
+    server = QsdBlkBackend(socket_path=real)
+    server.start(image)
+    front = str(tmp_path / "front.sock")
+    proxy = HostileProxy(front, real, ["config-change"])
+    proxy.start()
+    name = f"cfg{os.getpid()}"
+    vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", f"vhost-user={front}", "--name",
+                      name, "--cmdline", _workload(rounds=40))
+    try:
+        wait_for_vm(name)
+        _await_round(vm, 2)
+        stats = {d["name"]: d for d in request(name, cp.GetStats())["devices"]}["blk0"]
+        assert vm.wait(120) == 0, vm.explain() + "\n" + "\n".join(proxy.events)
+    finally:
+        vm.kill()
+        proxy.close()
+        server.stop()
+    assert any("config-change: sent, acked" in e for e in proxy.events), proxy.events
+    assert stats.get("config_changes") == 1 and stats.get("disconnects", 0) == 0, stats
+    results, _ = vm.results()
+    assert results["blk-workload"][0], vm.explain()
+
+
 def test_no_backend_at_start_is_one_line_and_exit_2(tmp_path):
     run = run_bulkhead("run", "--kernel", TEST_GUEST, "--disk",
                        f"vhost-user={tmp_path}/nobody.sock", timeout=60)

@@ -9,7 +9,9 @@ planned way on chosen connections.
 Plans: "clean" relays faithfully; "bad-size" answers GET_FEATURES with a 4-byte payload;
 "extra-fds" attaches an fd to the GET_PROTOCOL_FEATURES reply; "channel-unknown" sends request
 99 on the backend channel right after relaying SET_SLAVE_REQ_FD; "unsolicited" sends a reply
-nobody asked for after the first SET_VRING_ENABLE; "silent" never answers GET_FEATURES.
+nobody asked for after the first SET_VRING_ENABLE; "silent" never answers GET_FEATURES;
+"config-change" relays faithfully and, after the first SET_VRING_ENABLE, sends the frontend a
+CONFIG_CHANGE_MSG (with NEED_REPLY) on the backend channel, as a backend whose disk grew would.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from ipc_protocol import vhost_user as vu
 from ipc_protocol.errors import ProtocolError
 from ipc_protocol.transport.vhost_user_socket import VhostUserSocket, close_fds
 
-PLANS = ("clean", "bad-size", "extra-fds", "channel-unknown", "unsolicited", "silent")
+PLANS = ("clean", "bad-size", "extra-fds", "channel-unknown", "unsolicited", "silent",
+         "config-change")
 
 
 class HostileProxy:
@@ -88,6 +91,7 @@ class HostileProxy:
         front = VhostUserSocket(front_sock, vu.Channel.FRONTEND, incoming="requests")
         back = VhostUserSocket(back_sock, vu.Channel.FRONTEND, incoming="replies")
         enabled = False
+        channel = -1
         while True:
             msg = front.recv()
             if plan == "silent" and msg.request == vu.Request.GET_FEATURES:
@@ -95,6 +99,8 @@ class HostileProxy:
                 close_fds(msg.fds)
                 front.recv()  # until the core gives up and closes
                 continue
+            if plan == "config-change" and msg.request == vu.Request.SET_SLAVE_REQ_FD:
+                channel = os.dup(msg.fds[0])  # the frontend's end: ours to speak on, too
             if plan == "channel-unknown" and msg.request == vu.Request.SET_SLAVE_REQ_FD:
                 # request 99 does not exist on the backend channel
                 os.write(msg.fds[0], struct.pack("=III", 99, vu.VHOST_USER_VERSION, 0))
@@ -124,6 +130,16 @@ class HostileProxy:
                 front.send(reply)
             finally:
                 close_fds(reply.fds)
+            if plan == "config-change" and msg.request == vu.Request.SET_VRING_ENABLE and not enabled:
+                enabled = True
+                ch = VhostUserSocket(socket.socket(fileno=channel), vu.Channel.BACKEND,
+                                     incoming="replies")
+                try:
+                    ack = ch.request(vu.request(vu.BackendRequest.CONFIG_CHANGE_MSG, need_reply=True,
+                                                channel=vu.Channel.BACKEND))
+                    self.events.append(f"config-change: sent, acked {ack.payload!r}")
+                finally:
+                    ch.close()
             if plan == "unsolicited" and msg.request == vu.Request.SET_VRING_ENABLE and not enabled:
                 enabled = True
                 front.send(vu.Message(vu.Request.GET_FEATURES, vu.U64Value(0),

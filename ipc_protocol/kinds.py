@@ -185,8 +185,8 @@ VSOCK = DeviceKind(
     help="virtio-vsock: guest AF_VSOCK <-> host Unix sockets, brokered by the core "
          "(Firecracker's protocol on SOCKET)",
     fields=(
-        SpecField("cid", int, "the guest's context id (3..4294967294), unique among running VMs",
-                  required=True),
+        SpecField("cid", int, "the guest's context id (3..4294967294), unique among running "
+                              "VMs (default: the lowest free one, allocated)", derive="vm-cid"),
         SpecField("socket", str, "the VM's vsock socket: host programs connect here and send "
                                  "'CONNECT <port>\\n'; guest connections to port P go to "
                                  "SOCKET_P", derive="vm-vsock-socket"),

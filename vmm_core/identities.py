@@ -1,5 +1,8 @@
 """Host identities allocated per VM, never derived: the jail uid/gid pair and vsock CIDs.
 
+A vsock device without `cid=` gets the lowest free CID (>= 3); one with `cid=N` gets N only if
+no live VM holds it.
+
 Each identity is a file in a private directory under the host runtime directory
 (`<registry dir>/../ids/uid-N`, `.../vsock-cids/N`) on which the VM's core holds an
 open-file-description lock for its whole life.  The kernel drops the lock when the core exits,
@@ -89,3 +92,27 @@ def allocate_jail_ids(vm_name: str, uid_range: tuple[int, int] = DEFAULT_UID_RAN
             return claim
     raise BulkheadError(f"no free jail uid in {start:#x}-{end:#x}: every pair is held by a "
                         "running VM (widen --uid-range)")
+
+
+# vsock CIDs: 0-2 are reserved (hypervisor, local, host); a VM's CID is unique among live VMs.
+FIRST_GUEST_CID, LAST_GUEST_CID = 3, 0xFFFF_FFFE
+_reserved_cids: dict[int, Claim] = {}
+
+
+def claim_cid(cid: int, holder: str) -> Claim | None:
+    """Hold CID `cid` (None if a live VM holds it); one this process allocated is handed over."""
+    reserved = _reserved_cids.pop(cid, None)
+    return reserved if reserved is not None else try_claim("vsock-cids", str(cid), holder)
+
+
+def allocate_cid(vm_name: str, limit: int = 1 << 16) -> int:
+    """The lowest free guest CID, held for this process until its broker takes it over."""
+    holder = f"vm={vm_name} pid={os.getpid()}"
+    for cid in range(FIRST_GUEST_CID, min(LAST_GUEST_CID, FIRST_GUEST_CID + limit)):
+        if cid in _reserved_cids:
+            continue
+        claim = try_claim("vsock-cids", str(cid), holder)
+        if claim is not None:
+            _reserved_cids[cid] = claim
+            return cid
+    raise BulkheadError(f"no free vsock CID among the first {limit}: give --vsock cid=N")

@@ -29,7 +29,6 @@ closes everything and removes the socket.
 from __future__ import annotations
 
 import array
-import errno
 import logging
 import os
 import re
@@ -60,18 +59,12 @@ _CONNECT = re.compile(rb"CONNECT ([0-9]{1,10})\n")
 def claim_cid(cid: int, what: str = "--vsock cid=") -> int:
     """Hold `cid` for this process; the lock fd (close it to release).  BulkheadError if a
     running VM holds it."""
-    from .devices.resources import ofd_lock
-    from .registry import registry_dir
-    directory = registry_dir().parent / "vsock-cids"
-    directory.mkdir(mode=0o700, exist_ok=True)
-    fd = os.open(directory / str(cid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        ofd_lock(fd, exclusive=True)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EAGAIN, errno.EACCES):
-            raise BulkheadError(f"{what}{cid}: another running VM has this CID; choose another") from None
-        raise
+    from .identities import claim_cid as claim
+    held = claim(cid, f"pid={os.getpid()}")
+    if held is None:
+        raise BulkheadError(f"{what}{cid}: another running VM has this CID; choose another "
+                            "(or leave cid out: the lowest free one is allocated)")
+    fd, held.fd = held.fd, -1  # the caller owns the lock's fd now
     return fd
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -138,3 +139,32 @@ def test_a_firecracker_config_runs_with_its_drive_and_vsock(tmp_path) -> None:
         lst.close()
     assert run.returncode == 0 and run.done == (2, 2), run.explain()
     assert "cid=46" in run.results["virtio-vsock"][1]
+
+
+def test_a_vsock_without_cid_gets_the_lowest_free_one_allocated(tmp_path) -> None:
+    """Two VMs at once, neither naming a CID: each gets its own (issue 15: identities are
+    allocated, never derived), and the guest reads the allocated one from its config space."""
+    from vmm_core.testing import BackgroundVm
+    servers, vms = [], []
+    try:
+        for i in range(2):
+            vsock = str(tmp_path / f"v{i}.sock")
+            servers.append(echo_server(f"{vsock}_{PORT}")[0])
+            vms.append(BackgroundVm("run", "--kernel", TEST_GUEST, "--mem", "64", "--hold",
+                                    "--vsock", f"socket={vsock}",
+                                    "--cmdline", f"gk.tests=virtio-vsock gk.vsock={PORT}"))
+        cids = []
+        for vm in vms:
+            deadline = time.monotonic() + 60
+            while not any("GK done" in line for line in vm.stdout):
+                assert vm.proc.poll() is None and time.monotonic() < deadline, vm.explain()
+                time.sleep(0.05)
+            ok, detail = vm.results()[0]["virtio-vsock"]
+            assert ok, vm.explain()
+            cids.append(int(detail.split("cid=")[1].split()[0]))
+        assert len(set(cids)) == 2 and min(cids) >= 3, cids
+    finally:
+        for vm in vms:
+            vm.kill()
+        for s in servers:
+            s.close()

@@ -207,7 +207,9 @@ def derive_defaults(spec: DeviceSpec, vm_name: str, index: int) -> DeviceSpec:
     and device index, so a restarted or re-created VM keeps it)."""
     from ..registry import registry_dir
     from .tap import default_mac
+    from ..identities import allocate_cid
     derivers = {"vm-mac": lambda: default_mac(vm_name, index),
+                "vm-cid": lambda: allocate_cid(vm_name),
                 "vm-vsock-socket": lambda: os.path.join(registry_dir().parent, f"{vm_name}.vsock")}
     missing = {f.name: derivers[f.derive]() for f in spec.device_kind.fields
                if f.derive is not None and f.name not in spec.params}

@@ -47,6 +47,10 @@
 #define TD_PROBE 0x100
 #define TD_PROBE_SIZE 0x100
 #define TESTDEV_IRQFD_GSI 3
+#define ACPI_SLEEP_CONTROL_PORT 0x3C0 /* FADT SLEEP_CONTROL_REG (vmm_core/acpi/tables.py) */
+#define ACPI_S5_SLP_TYP 5
+#define ACPI_SLP_EN (1 << 5)
+#define ACPI_GED_IRQ 13 /* the ACPI power button's Generic Event Device line (vmm_core/layout.py) */
 
 #define COM1_PORT 0x3f8
 #define DEBUG_EXIT_PORT 0x501

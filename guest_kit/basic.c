@@ -189,3 +189,22 @@ int test_smp(char *d)
 	fmt(d, DETAIL_SIZE, "cpus=%lu aps=%u", gk_ncpus, want);
 	return 1;
 }
+
+/* The ACPI power button as an OS meets it on a hardware-reduced platform: the Generic Event
+ * Device's interrupt (the core's `vm.power-button`, SIGTERM with --shutdown-grace, `bulkhead
+ * down`), after which the OS powers off with SLP_TYP = S5 and SLP_EN in SLEEP_CONTROL_REG.  The
+ * result line is printed first: the power-off ends the VM. */
+int test_power_button(char *d)
+{
+	u64 timeout = cmdline_u64("gk.pb_timeout_ms", 60000), r;
+
+	pic_unmask(ACPI_GED_IRQ);
+	print("guest_kit: waiting for the power button\n");
+	r = wait_irq(1u << ACPI_GED_IRQ, timeout);
+	pic_mask(ACPI_GED_IRQ);
+	if (!(r & (1u << ACPI_GED_IRQ)))
+		return fail(d, "no power-button interrupt within %lu ms", timeout);
+	print("GK power-button ok line=%u, powering off\n", ACPI_GED_IRQ);
+	pio_out(ACPI_SLEEP_CONTROL_PORT, 1, (ACPI_S5_SLP_TYP << 2) | ACPI_SLP_EN);
+	return fail(d, "still running after the S5 write");
+}

@@ -23,6 +23,7 @@ static const struct test tests[] = {
 	{"virtio-net", test_virtio_net},
 	{"virtio-vsock", test_virtio_vsock},
 	{"virtio-fs", test_virtio_fs},
+	{"power-button", test_power_button},
 };
 
 int fail(char *d, const char *f, ...)

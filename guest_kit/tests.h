@@ -25,6 +25,7 @@ int test_virtio_console(char *d);
 int test_virtio_net(char *d);
 int test_virtio_vsock(char *d);
 int test_virtio_fs(char *d);
+int test_power_button(char *d);
 
 extern u64 gk_ncpus; /* from rdx at entry */
 

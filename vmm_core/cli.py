@@ -204,6 +204,9 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
                         "--metrics-interval seconds, and one at exit")
     p.add_argument("--metrics-interval", type=_seconds, default=5.0, metavar="SECONDS",
                    help="seconds between metrics records (default 5)")
+    p.add_argument("--shutdown-grace", type=_seconds, default=0.0, metavar="SECONDS",
+                   help="on SIGTERM, press the ACPI power button and give the guest this long to "
+                        "power off before stopping it (default 0: stop at once)")
     p.add_argument("--hold", action="store_true",
                    help="keep the VM alive after the test guest's checks until SIGTERM/Ctrl-C")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
@@ -384,6 +387,7 @@ def _run_machine(args: argparse.Namespace, Machine, ControlEndpoint) -> int:
     with tempfile.TemporaryDirectory(prefix="bulkhead-") as scratch:
         config = _config_from_args(args, scratch)
         machine = Machine(config)
+        machine.shutdown_grace = args.shutdown_grace
         endpoint = None
         metrics = None
         try:

@@ -12,10 +12,12 @@ A VM's name is the file's `name` key, else the file name without its extension; 
 the file's directory, so relative paths in it are relative to the file.  Every file is checked
 before anything starts: a bad one is one line and exit 2, and nothing runs.
 
-`down` asks each VM to shut down (`PUT /api/v1/vm.shutdown`: the core stops its vCPUs and
-devices and exits 0) and, past `--grace` seconds, SIGKILLs the core through a pidfd taken while
-the registry still named that very process (pid and start time); its device processes die with
-it and the next VM start reclaims what it left.
+`down` presses each VM's ACPI power button (`PUT /api/v1/vm.power-button`: a guest OS that
+handles it shuts down and powers off), gives the guests `--grace` seconds, then asks the VMs
+that are still running to shut down (`PUT /api/v1/vm.shutdown`: the core stops its vCPUs and
+devices and exits 0), and past another 10 s SIGKILLs the core through a pidfd taken while the
+registry still named that very process (pid and start time); its device processes die with it
+and the next VM start reclaims what it left.
 """
 
 from __future__ import annotations
@@ -46,11 +48,13 @@ def add_parsers(sub: Any) -> None:
     logs = sub.add_parser("logs", help="print a VM's output (started by `bulkhead up`)")
     logs.add_argument("vm", metavar="VM")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the VM exits")
-    down = sub.add_parser("down", help="shut VMs down: gracefully, then SIGKILL after --grace")
+    down = sub.add_parser("down", help="shut VMs down: the ACPI power button, the VMM's stop after "
+                                       "--grace, SIGKILL as the last resort")
     down.add_argument("vms", nargs="*", metavar="VM")
     down.add_argument("--all", action="store_true", help="every running VM")
     down.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
-                      help="how long a VM may take to shut down before it is killed (default 10)")
+                      help="how long a guest may take to power off after the power button "
+                           "before the VMM stops it (default 10)")
     for p in (up, logs, down):
         p.add_argument("-v", "--verbose", action="count", default=0)
 
@@ -170,7 +174,13 @@ def cmd_logs(args: argparse.Namespace, out=sys.stdout) -> int:
             time.sleep(0.2)
 
 
+STOP_WAIT = 10.0  # s a VM may take to stop once asked through its API
+REQUEST_TIMEOUT = 2.0
+
+
 def cmd_down(args: argparse.Namespace, out=sys.stdout) -> int:
+    """The power button, `--grace` seconds for the guest to power off, then the API's
+    shutdown (the VMM stops the guest), then SIGKILL of the core after STOP_WAIT."""
     if args.all == bool(args.vms):
         raise BulkheadError("bulkhead down: name the VMs or give --all (not both)")
     entries = registry.running() if args.all else []
@@ -180,30 +190,43 @@ def cmd_down(args: argparse.Namespace, out=sys.stdout) -> int:
             known = ", ".join(e.name for e in registry.running()) or "none"
             raise BulkheadError(f"no running VM named {name!r} (running: {known})")
         entries.append(entry)
+    pidfds = {e.name: _pidfd_of(e) for e in entries}
+    how = {e.name: "powered off by its guest (ACPI power button)" for e in entries}
+    for entry in entries:
+        _ask(entry, cp.PowerButton())
+    _wait_gone(entries, args.grace)
     status = 0
-    pidfds: dict[str, int] = {}
-    for entry in entries:
-        pidfds[entry.name] = _pidfd_of(entry)
-        try:
-            request_entry(entry, cp.Stop())
-        except ControlError as err:
-            print(f"bulkhead: VM {entry.name}: {err}; killing it", file=sys.stderr)
-    deadline = time.monotonic() + args.grace
-    for entry in entries:
+    late = [e for e in entries if registry.is_alive(e)]
+    for entry in late:
+        how[entry.name] = f"stopped by the VMM after the {args.grace:g} s grace"
+        _ask(entry, cp.Stop())
+    _wait_gone(late, STOP_WAIT)
+    for entry in late:
         fd = pidfds[entry.name]
-        how = "shut down"
-        while registry.is_alive(entry) and time.monotonic() < deadline:
-            time.sleep(0.05)
         if registry.is_alive(entry) and fd >= 0:
             signal.pidfd_send_signal(fd, signal.SIGKILL)
-            how = f"killed after {args.grace:g} s"
+            how[entry.name] = f"killed (no answer within {args.grace:g} + {STOP_WAIT:g} s)"
             status = 1
             while registry.is_alive(entry):
                 time.sleep(0.02)
-        if fd >= 0:
-            os.close(fd)
-        print(f"VM {entry.name} (pid {entry.pid}): {how}", file=out)
+    for entry in entries:
+        if pidfds[entry.name] >= 0:
+            os.close(pidfds[entry.name])
+        print(f"VM {entry.name} (pid {entry.pid}): {how[entry.name]}", file=out)
     return status
+
+
+def _ask(entry: registry.VmEntry, req: cp.Request) -> None:
+    try:
+        request_entry(entry, req, REQUEST_TIMEOUT)
+    except ControlError as err:
+        print(f"bulkhead: VM {entry.name}: {err}", file=sys.stderr)
+
+
+def _wait_gone(entries: list[registry.VmEntry], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while any(registry.is_alive(e) for e in entries) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _pidfd_of(entry: registry.VmEntry) -> int:

@@ -158,6 +158,9 @@ class ControlEndpoint(threading.Thread):
             if not self.machine.pause():
                 return cp.Reply(False, f"VM {self.machine.name}: a vCPU did not stop", status=500)
             return cp.Reply(True, body={"state": "paused"})
+        if isinstance(req, cp.PowerButton):
+            self.machine.press_power_button()
+            return cp.Reply(True, body={"pressed": True})
         if isinstance(req, cp.Resume):
             self.machine.resume()
             return cp.Reply(True, body={"state": "running"})

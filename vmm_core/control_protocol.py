@@ -8,6 +8,7 @@ shaped like cloud-hypervisor's API (`docs/openapi.yaml` documents it):
     PUT /api/v1/vm.shutdown   Stop        power off (the core exits 0)
     PUT /api/v1/vm.pause      Pause       vCPUs stopped (devices keep their state)
     PUT /api/v1/vm.resume     Resume
+    PUT /api/v1/vm.power-button PowerButton  the guest is asked to shut down (ACPI GED)
     PUT /api/v1/vm.fault      InjectFault {"device": ..., "action": ..., "ms": ...}
 
 A closed set of requests, each a frozen dataclass whose fields carry their limits, checked when we
@@ -97,6 +98,11 @@ class Pause(Request):
 
 
 @_request
+class PowerButton(Request):
+    """Press the ACPI power button: a guest OS that handles it shuts down and powers off."""
+
+
+@_request
 class Resume(Request):
     """Run the vCPUs of a paused VM again."""
 
@@ -132,6 +138,7 @@ _route("GET", "vm.counters", GetStats)
 _route("PUT", "vm.shutdown", Stop)
 _route("PUT", "vm.pause", Pause)
 _route("PUT", "vm.resume", Resume)
+_route("PUT", "vm.power-button", PowerButton)
 _route("PUT", "vm.fault", InjectFault)
 UNSUPPORTED = {API_PREFIX + "vm.reboot": "Bulkhead does not reboot a VM in place: shut it down "
                                          "and start it again",

@@ -59,6 +59,9 @@ RTC_IRQ = 8
 # and the IOAPIC (Linux), avoiding the timer, keyboard, cascade, COM1/COM2, RTC, mouse and IDE.
 VIRTIO_IRQS = (5, 6, 7, 9, 10, 11, 14, 15)
 TESTDEV_IRQFD_GSI = 3  # the testdev's own irqfd line (COM2's, unused here)
+# The ACPI Generic Event Device's line (the legacy FPU-error IRQ, free on this platform): the
+# power button of a hardware-reduced platform (no SCI, no fixed PWRBTN event).
+ACPI_GED_IRQ = 13
 
 # Port I/O.
 COM1_PORT = 0x3F8

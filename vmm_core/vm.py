@@ -127,6 +127,8 @@ class Machine:
             self.mmio_bus: Bus = Bus("mmio")
             self._timers: list[threading.Timer] = []
             self.irq_injections = 0
+            self.power_button_presses = 0
+            self.shutdown_grace = 0.0  # s after SIGTERM the guest may take to power off (`--shutdown-grace`)
             from .platform import attach_legacy_devices  # wiring kept apart from KVM setup
             legacy = attach_legacy_devices(self)
             self.serial, self.boot_progress = legacy.serial, legacy.boot_progress
@@ -242,6 +244,24 @@ class Machine:
     def irq_line(self, gsi: int, level: bool) -> None:
         self.vm.irq_line(gsi, level)
 
+    def press_power_button(self) -> None:
+        """The ACPI power button (the Generic Event Device's line): a guest OS that handles it
+        shuts down and powers off through SLEEP_CONTROL_REG (status 0)."""
+        self.pulse_irq(layout.ACPI_GED_IRQ)
+        self.power_button_presses += 1
+
+    def _on_sigterm(self) -> None:
+        """SIGTERM: with a shutdown grace, the power button first and a stop after the grace;
+        without one (the default), a stop at once."""
+        grace = self.shutdown_grace
+        if grace <= 0 or self.power_button_presses:
+            self.request_stop(StopRequest(StopReason.TERMINATED, "SIGTERM"))
+            return
+        log.info("SIGTERM: pressing the power button; stopping in %g s", grace)
+        self.press_power_button()
+        self.after(grace, lambda: self.request_stop(StopRequest(
+            StopReason.TERMINATED, f"SIGTERM: the guest did not power off within {grace:g} s")))
+
     def pulse_irq(self, gsi: int) -> None:
         self.vm.irq_line(gsi, True)
         self.vm.irq_line(gsi, False)
@@ -273,8 +293,7 @@ class Machine:
         old_handlers = {}
         if main:
             old_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, _ignore_signal)
-            old_handlers[signal.SIGTERM] = signal.signal(
-                signal.SIGTERM, lambda s, f: self.request_stop(StopRequest(StopReason.TERMINATED, "SIGTERM")))
+            old_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda s, f: self._on_sigterm())
             # A closed terminal or ssh session: the default action would skip the teardown and
             # leak the device processes' cgroups, the runtime dir and the registry entry.
             old_handlers[signal.SIGHUP] = signal.signal(

@@ -52,3 +52,28 @@ def test_sigterm_is_a_bounded_clean_shutdown_with_status_143(tmp_path):
 def test_exit_codes_tell_the_guest_from_the_vmm_from_bad_input(args, status):
     run = run_bulkhead("run", "--kernel", TEST_GUEST, "--mem", "64", *args, timeout=60)
     assert run.returncode == status, run.explain()
+
+
+@pytest.mark.parametrize("tests, status", [("pio,power-button", 0), ("pio", 143)])
+def test_sigterm_with_a_shutdown_grace_presses_the_power_button_first(tests, status):
+    """--shutdown-grace: SIGTERM presses the ACPI power button; a guest that powers off in
+    time ends the VM with 0, one that does not is stopped after the grace (143)."""
+    vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--mem", "64", "--hold",
+                      "--shutdown-grace", "1.5", "--cmdline", f"gk.tests={tests}")
+    try:
+        want = "waiting for the power button" if "power-button" in tests else "GK done"
+        deadline = time.monotonic() + 60
+        while not any(want in line for line in vm.stdout):
+            assert vm.proc.poll() is None and time.monotonic() < deadline, vm.explain()
+            time.sleep(0.05)
+        start = time.monotonic()
+        vm.proc.send_signal(signal.SIGTERM)
+        assert vm.wait(20) == status, vm.explain()
+        took = time.monotonic() - start
+    finally:
+        vm.kill()
+    if status == 143:
+        assert 1.4 < took < 10, took
+        assert any("did not power off within 1.5 s" in line for line in vm.stderr), vm.explain()
+    else:
+        assert any("GK power-button ok" in line for line in vm.stdout), vm.explain()

@@ -32,6 +32,7 @@ DEVICE_OP = 0x82  # after EXT_OP_PREFIX
 ROOT_CHAR = 0x5C  # '\'
 PARENT_PREFIX_CHAR = 0x5E  # '^'
 RETURN_OP = 0xA4
+NOTIFY_OP = 0x86
 ONES_OP = 0xFF
 NULL_NAME = 0x00
 
@@ -189,6 +190,11 @@ def method(path: str, *terms: bytes, arg_count: int = 0, serialized: bool = Fals
     flags = arg_count | (int(serialized) << 3) | (sync_level << 4)
     body = name_string(path) + bytes([flags]) + b"".join(terms)
     return bytes([METHOD_OP]) + pkg_length(len(body)) + body
+
+
+def notify(path: str, value: int) -> bytes:
+    """DefNotify: NotifyOp NotifyObject NotifyValue (ASL `Notify(path, value)`)."""
+    return bytes([NOTIFY_OP]) + name_string(path) + integer(value)
 
 
 def return_(value: bytes) -> bytes:

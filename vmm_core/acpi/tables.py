@@ -195,7 +195,8 @@ def virtio_device_name(index: int) -> str:
 
 
 def dsdt_body(virtio_slots: Iterable[VirtioMmioSlot | tuple[int, int, int]]) -> bytes:
-    """The AML of the DSDT: COM1 and the virtio-mmio devices under \\_SB, and \\_S5."""
+    """The AML of the DSDT: COM1, the virtio-mmio devices, the power button and its Generic
+    Event Device under \\_SB, and \\_S5."""
     com1 = aml.device(
         "COM1",
         aml.name("_HID", aml.eisa_id("PNP0501")),
@@ -219,6 +220,21 @@ def dsdt_body(virtio_slots: Iterable[VirtioMmioSlot | tuple[int, int, int]]) -> 
                 aml.memory32_fixed(base, size),
                 aml.extended_interrupt(irq, edge=True))),
         ))
+    # The power button of a hardware-reduced platform (ACPI 6.4 §5.6.9, §4.8.2.2.1.2): the
+    # Generic Event Device signals its interrupt, the OS runs _EVT, which notifies the button
+    # device (0x80: "button pressed"); the OS then powers off through SLEEP_CONTROL_REG.
+    devices.append(aml.device(
+        "PWRB",
+        aml.name("_HID", aml.eisa_id("PNP0C0C")),
+        aml.name("_UID", aml.integer(0)),
+    ))
+    devices.append(aml.device(
+        "GED0",
+        aml.name("_HID", aml.string("ACPI0013")),
+        aml.name("_UID", aml.integer(0)),
+        aml.name("_CRS", aml.resource_template(aml.extended_interrupt(layout.ACPI_GED_IRQ, edge=True))),
+        aml.method("_EVT", aml.notify("\\_SB_.PWRB", 0x80), arg_count=1, serialized=True),
+    ))
     s5 = aml.name("\\_S5_", aml.package(aml.integer(S5_SLP_TYP), aml.integer(0)))
     return aml.scope("\\_SB_", *devices) + s5
 

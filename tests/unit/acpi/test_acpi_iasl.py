@@ -72,3 +72,14 @@ def test_madt_entries(disassembly):
     assert dsl.count("[Processor Local APIC]") == 3
     assert re.search(r"\[I/O APIC\][\s\S]*Address : FEC00000", dsl)
     assert re.search(r"\[Interrupt Source Override\][\s\S]*Source : 00[\s\S]*Interrupt : 00000002", dsl)
+
+
+def test_dsdt_power_button_through_a_generic_event_device(disassembly):
+    """Hardware-reduced ACPI has no fixed power-button event: a GED (ACPI0013) with the core's
+    line runs _EVT, which notifies the PNP0C0C button (0x80 = pressed)."""
+    dsl = disassembly["DSDT"]
+    assert 'Device (PWRB)' in dsl and 'Name (_HID, EisaId ("PNP0C0C")' in dsl
+    assert 'Device (GED0)' in dsl and 'Name (_HID, "ACPI0013" /* Generic Event Device */)' in dsl
+    assert re.search(rf"Interrupt \(ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, \)\s+\{{\s+"
+                     rf"0x{layout.ACPI_GED_IRQ:08X},", dsl)
+    assert re.search(r"Method \(_EVT, 1, Serialized\)[^{]*\{\s+Notify \(\\_SB\.PWRB, 0x80\)", dsl), dsl

@@ -60,7 +60,7 @@ from ipc_protocol.kinds import KINDS
 from ipc_protocol.errors import ProtocolError, TransportTimeout
 from ipc_protocol.transport import fds as fdpass
 from ipc_protocol.transport.shm_ring import DEFAULT_CAPACITY, ShmRings
-from ipc_protocol.transport.zmq_channel import ControlServer
+from ipc_protocol.transport.zmq_channel import SUN_PATH_MAX, ControlServer
 
 from ..errors import BulkheadError
 from ..memory import GuestMemory
@@ -283,6 +283,10 @@ def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: Dev
         # Jailed, the device talks to its launcher's relay, never to our socket (jail/relay.py).
         rundir = os.path.dirname(control_endpoint[len("ipc://"):])
         device_endpoint = f"ipc://{rundir}/relay-{identity.decode()}.sock"
+        if len(device_endpoint[len("ipc://"):].encode()) > SUN_PATH_MAX:
+            raise DeviceStartError(
+                f"device {name}: its socket path in {rundir} is longer than a Unix socket "
+                f"allows ({SUN_PATH_MAX} bytes): set XDG_RUNTIME_DIR to a shorter directory")
         relay = {"downstream": device_endpoint, "upstream": control_endpoint,
                  "identity": identity.decode()}
     rings = ShmRings.create(ring_capacity, name=f"bulkhead-ring-{name}")

@@ -85,6 +85,20 @@ def test_up_starts_two_tenants_vms_and_down_all_stops_them(runtime):
              f"import os\ntry:\n os.kill({globex_dev}, 0)\nexcept PermissionError:\n print('EPERM')"],
             capture_output=True, text=True, timeout=30)
         assert probe.stdout.strip() == "EPERM", probe
+        # ... nor look into it: its fds and environment are the other uid's (ptrace checks).
+        peek = subprocess.run(
+            ["setpriv", f"--reuid={uids['acme-web']}", f"--regid={uids['acme-web']}",
+             "--clear-groups", "/usr/bin/python3", "-c",
+             "import os\nfor p in ('fd', 'environ', 'mem'):\n try:\n"
+             f"  os.listdir('/proc/{globex_dev}/fd') if p == 'fd' else open('/proc/{globex_dev}/' + p, 'rb').read(1)\n"
+             "  print(p, 'readable')\n except PermissionError:\n  print(p, 'EACCES')"],
+            capture_output=True, text=True, timeout=30)
+        assert peek.stdout.split() == ["fd", "EACCES", "environ", "EACCES", "mem", "EACCES"], peek
+        # And from inside, each device has a PID namespace of its own: it sees no other process.
+        assert os.readlink(f"/proc/{acme_dev}/ns/pid") != os.readlink(f"/proc/{globex_dev}/ns/pid")
+        with open(f"/proc/{acme_dev}/status") as f:
+            nspid = next(l for l in f if l.startswith("NSpid:")).split()[1:]
+        assert len(nspid) >= 2 and nspid[-1] == "2", nspid  # pid 2 below its init
         assert acme_dev != globex_dev
         # The API of one of them, by curl.
         with open(os.path.join(runtime, "bulkhead", "vms", "acme-db.json")) as f:

@@ -8,8 +8,10 @@ all see the same machine noise.  Rows, one per access the core answers different
 - the interrupt path: an InterruptStatus read and an InterruptACK write (what Linux's virtio-mmio
   interrupt handler does), both served from the register page.
 - config space read (4 bytes): from the register page's published config.
-- QueueDescLow read: a write-only register, the one kind of read that still asks the device
-  over the ring (the cost every read had before the register page).
+- QueueDescLow read: a write-only register; the device reads it as 0 (and counts it invalid),
+  and so does the core now, without asking it (before: a ring round trip, the cost every read
+  had before the register page).  What still crosses the ring is a read right after a posted
+  write the device has not applied yet.
 
 Also prints the CPU time all processes burn per access, and every mode again with the whole VM
 pinned to one CPU (`taskset -c 0`: the core's vCPU and the device share it).
@@ -48,7 +50,7 @@ ACCESSES = [
     ("MagicValue read", "mmio-read", 0x000, 1.3),
     ("interrupt path (read+ACK)", "mmio-irq", 0x000, 1.1),
     ("config read", "mmio-read", 0x100, 1.3),
-    ("QueueDescLow read (ring)", "mmio-read", 0x080, 1.3),
+    ("QueueDescLow read (write-only)", "mmio-read", 0x080, 1.3),
 ]
 
 

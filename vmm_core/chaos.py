@@ -91,11 +91,17 @@ def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", see
     print(f"chaos: {injected} faults injected into {device} ({mix}), {interval_ms} ms apart "
           f"(seed {seed})", file=out)
     print(f"  restarts:            {len(recoveries)}", file=out)
+    return _report(ok, detail, bad, sectors, recoveries, "recovery time:      ", "", status, out)
+
+
+def _report(ok: bool, detail: str, bad: list[int], sectors: int, recoveries: list[float],
+            label: str, suffix: str, status: int, out) -> int:
+    """The verdict lines both modes print; the exit status of `bulkhead chaos`."""
     print(f"  guest workload:      {'ok' if ok else 'FAILED'} ({detail})", file=out)
     print(f"  sectors lost/corrupt: {len(bad)} of {sectors} (checked on the host after exit)", file=out)
     if recoveries:
-        print(f"  recovery time:       p50 {statistics.median(recoveries):.1f} ms, "
-              f"p99 {_percentile(recoveries, 0.99):.1f} ms", file=out)
+        print(f"  {label} p50 {statistics.median(recoveries):.1f} ms, "
+              f"p99 {_percentile(recoveries, 0.99):.1f} ms{suffix}", file=out)
     print(f"  VM exit status:      {status}", file=out)
     return 0 if ok and not bad and status == 0 else 1
 
@@ -189,13 +195,8 @@ def _run_external(backend: str, count: int, interval_ms: int, device: str, seed:
           f"apart (seed {seed})", file=out)
     print(f"  reconnects:          {len(recoveries)}", file=out)
     print(f"  resubmitted by core: {resubmitted} request(s)", file=out)
-    print(f"  guest workload:      {'ok' if ok else 'FAILED'} ({detail})", file=out)
-    print(f"  sectors lost/corrupt: {len(bad)} of {sectors} (checked on the host after exit)", file=out)
-    if recoveries:
-        print(f"  lost -> reconnected: p50 {statistics.median(recoveries):.1f} ms, "
-              f"p99 {_percentile(recoveries, 0.99):.1f} ms (backend restart included)", file=out)
-    print(f"  VM exit status:      {status}", file=out)
-    return 0 if ok and not bad and status == 0 else 1
+    return _report(ok, detail, bad, sectors, recoveries, "lost -> reconnected:",
+                   " (backend restart included)", status, out)
 
 
 def _await_reconnect(name: str, device: str, vm: BackgroundVm, timeout: float = 30.0) -> None:

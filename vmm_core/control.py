@@ -53,9 +53,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         pass
 
-    def _serve(self) -> None:
+    def _answer(self, status: int, data: bytes) -> None:
         self.close_connection = True
-        status, data = self.endpoint.serve_http(self.command, self.path, self._body)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -84,20 +83,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._refuse(code, message or self.responses.get(code, ("error",))[0])
 
     def _refuse(self, status: int, message: str) -> None:
-        self.close_connection = True
-        data = cp.reply_to_http(cp.Reply(False, message, status=status))[1]
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
+        self._answer(status, cp.reply_to_http(cp.Reply(False, message, status=status))[1])
 
     def _any(self) -> None:
         body = self._read_body()
         if body is not None:
-            self._body = body
-            self._serve()
+            self._answer(*self.endpoint.serve_http(self.command, self.path, body))
 
     do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = _any
 

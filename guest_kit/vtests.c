@@ -97,6 +97,64 @@ static int blk_pass(struct vdev *v, u64 n, u32 seed, int write, char *d)
 	return 1;
 }
 
+/* blk_pass with up to `qd` requests in flight (gk.blk_qd): request k uses descriptors 3k..3k+2
+ * and the k-th 64 KiB of the buffer area; completions are taken in whatever order the device
+ * returns them (qemu-storage-daemon completes out of order). */
+#define QD_MAX 4
+#define QD_SLOT 0x10000
+
+static int blk_pass_qd(struct vdev *v, u64 n, u32 seed, int write, unsigned qd, char *d)
+{
+	u64 next = 0, sector_of[QD_MAX];
+	unsigned inflight = 0, k, count_of[QD_MAX], busy[QD_MAX] = {0};
+
+	while (next < n || inflight) {
+		u32 id, len;
+
+		for (k = 0; k < qd && next < n; k++) {
+			u8 *base = v->buf + k * QD_SLOT;
+			unsigned count = n - next < CHUNK_SECTORS ? n - next : CHUNK_SECTORS;
+			struct vbuf b[3];
+
+			if (busy[k])
+				continue;
+			*(u32 *)base = write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
+			*(u32 *)(base + 4) = 0;
+			*(u64 *)(base + 8) = next;
+			base[BLK_STATUS_OFF] = 0xff;
+			if (write)
+				fill_pattern((u32 *)(base + BLK_DATA_OFF), next, count, seed);
+			else
+				memset(base + BLK_DATA_OFF, 0, count * SECTOR);
+			b[0] = (struct vbuf){(u64)base, 16, 0};
+			b[1] = (struct vbuf){(u64)(base + BLK_DATA_OFF), count * SECTOR, !write};
+			b[2] = (struct vbuf){(u64)(base + BLK_STATUS_OFF), 1, 1};
+			if (!vq_add(v, 0, 3 * k, b, 3))
+				return fail(d, "vq_add slot=%u", k);
+			busy[k] = 1;
+			sector_of[k] = next;
+			count_of[k] = count;
+			next += count;
+			inflight++;
+		}
+		vq_notify(v, 0);
+		if (!vq_next_used(v, 0, &id, &len, v->timeout_ms, d))
+			return 0;
+		k = id / 3;
+		if (id % 3 || k >= qd || !busy[k])
+			return fail(d, "used id %u is not a head in flight", id);
+		busy[k] = 0;
+		inflight--;
+		if (v->buf[k * QD_SLOT + BLK_STATUS_OFF] != VIRTIO_BLK_S_OK)
+			return fail(d, "%s sector=%lu status=%s", write ? "write" : "read", sector_of[k],
+				    blk_status_name(v->buf[k * QD_SLOT + BLK_STATUS_OFF]));
+		if (!write && !check_pattern((u32 *)(v->buf + k * QD_SLOT + BLK_DATA_OFF), sector_of[k],
+					     count_of[k], seed, d))
+			return 0;
+	}
+	return 1;
+}
+
 static int blk_open(struct vdev *v, u64 *capacity, char *d)
 {
 	u32 gen;
@@ -198,6 +256,7 @@ int test_blk_workload(char *d)
 {
 	u64 rounds = cmdline_u64("gk.blk_rounds", 1), n = cmdline_u64("gk.blk_sectors", 64), r;
 	u32 seed = cmdline_u64("gk.blk_seed", 1);
+	unsigned qd = cmdline_u64("gk.blk_qd", 1);
 	struct vdev v;
 	u64 capacity;
 	int ok = 1;
@@ -210,17 +269,24 @@ int test_blk_workload(char *d)
 		vdev_close(&v);
 		return fail(d, "disk-too-small capacity=%lu sectors=%lu", capacity, n);
 	}
+	if (qd < 1 || qd > QD_MAX || 3 * qd > v.vq[0].num) {
+		vdev_close(&v);
+		return fail(d, "gk.blk_qd=%u: 1 to %u", qd, QD_MAX);
+	}
 	for (r = 0; r < rounds && ok; r++) {
 		char step[DETAIL_SIZE];
 
-		ok = blk_pass(&v, n, seed + r, 1, step) && blk_pass(&v, n, seed + r, 0, step);
+		if (qd > 1)
+			ok = blk_pass_qd(&v, n, seed + r, 1, qd, step) && blk_pass_qd(&v, n, seed + r, 0, qd, step);
+		else
+			ok = blk_pass(&v, n, seed + r, 1, step) && blk_pass(&v, n, seed + r, 0, step);
 		if (!ok)
 			fail(d, "round=%lu %s", r, step);
 		else
 			print("guest_kit: blk-workload round %lu/%lu ok\n", r + 1, rounds);
 	}
 	if (ok)
-		fmt(d, DETAIL_SIZE, "rounds=%lu errors=0 irq=%u poll=%u", rounds, v.by_irq, v.by_poll);
+		fmt(d, DETAIL_SIZE, "rounds=%lu errors=0 qd=%u irq=%u poll=%u", rounds, qd, v.by_irq, v.by_poll);
 	vdev_close(&v);
 	return ok;
 }

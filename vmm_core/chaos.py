@@ -24,6 +24,7 @@ from .cli_control import wait_for_vm
 from .control import ControlError, request
 from .testing import SECTOR, TEST_GUEST, BackgroundVm, blk_pattern_sector
 
+_ROUND_OK = re.compile(r"blk-workload round (\d+)/\d+ ok")
 _RESTARTED = re.compile(r"device (\S+) restarted as pid \d+ in ([0-9.]+) ms")
 
 
@@ -45,7 +46,7 @@ EXTERNAL_IO_TIMEOUT_MS = 60_000  # a guest request may wait this long for a back
 
 def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", seed: int = 1,
               sectors: int = 128, jitter: bool = False, fault: str = "kill", out=sys.stdout,
-              backend: str = "device") -> int:
+              backend: str = "device", qd: int = 1) -> int:
     if fault not in FAULTS:
         print(f"chaos: --fault {fault}: choose one of {', '.join(FAULTS)}", file=sys.stderr)
         return 2
@@ -54,7 +55,7 @@ def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", see
             print(f"chaos: --backend {backend} takes --fault kill only (the backend is not ours "
                   "to inject faults into)", file=sys.stderr)
             return 2
-        return _run_external(backend, count, interval_ms, device, seed, sectors, jitter, out)
+        return _run_external(backend, count, interval_ms, device, seed, sectors, jitter, out, qd)
     rng = random.Random(seed)
     kinds: dict[str, int] = {}
     rounds = max(200, count * interval_ms // 8)
@@ -66,7 +67,7 @@ def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", see
         vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", disk, "--rng", "--name", name,
                           "--allow-faults", "--cmdline",
                           f"gk.tests=blk-workload gk.blk_sectors={sectors} gk.blk_rounds={rounds} "
-                          f"gk.blk_seed={seed}")
+                          f"gk.blk_seed={seed} gk.blk_qd={qd}")
         injected = 0
         try:
             if not _started_with(name, device):
@@ -84,7 +85,7 @@ def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", see
             status = vm.wait(600)
         finally:
             _stop(vm, name)
-        ok, detail, bad = _verdict(vm, disk, sectors, seed + rounds - 1)
+        ok, detail, bad = _verdict(vm, disk, sectors, seed, rounds)
         recoveries = [float(m.group(2)) for line in vm.stderr
                       if (m := _RESTARTED.search(line)) and m.group(1) == device]
     mix = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
@@ -98,7 +99,8 @@ def _report(ok: bool, detail: str, bad: list[int], sectors: int, recoveries: lis
             label: str, suffix: str, status: int, out) -> int:
     """The verdict lines both modes print; the exit status of `bulkhead chaos`."""
     print(f"  guest workload:      {'ok' if ok else 'FAILED'} ({detail})", file=out)
-    print(f"  sectors lost/corrupt: {len(bad)} of {sectors} (checked on the host after exit)", file=out)
+    print(f"  sectors lost/corrupt: {len(bad)} of {sectors} (checked on the host after exit"
+          f"{'' if ok else ', against the last verified round and the next'})", file=out)
     if recoveries:
         print(f"  {label} p50 {statistics.median(recoveries):.1f} ms, "
               f"p99 {_percentile(recoveries, 0.99):.1f} ms{suffix}", file=out)
@@ -120,14 +122,24 @@ def _started_with(name: str, device: str) -> bool:
     return True
 
 
-def _verdict(vm: BackgroundVm, disk: str, sectors: int, last_seed: int) -> tuple[bool, str, list[int]]:
-    """The guest's verdict and the sectors of the image that do not hold the last round."""
+def _verdict(vm: BackgroundVm, disk: str, sectors: int, seed: int,
+             rounds: int) -> tuple[bool, str, list[int]]:
+    """The guest's verdict and the sectors of the image that hold what no acknowledged write
+    put there: the last round's pattern when the workload finished; when it stopped early (a
+    device the core failed), each sector must hold the last verified round's pattern or the
+    next round's (its write may have been acknowledged before the stop)."""
     results, _ = vm.results()
     ok, detail = results.get("blk-workload", (False, "no result"))
     with open(disk, "rb") as f:
         image = f.read()
+    if ok:
+        seeds = [seed + rounds - 1]
+    else:  # round r (from 0) writes seed + r; "round N/M ok" follows round N - 1
+        done = max((int(m.group(1)) for line in vm.stdout if (m := _ROUND_OK.search(line))),
+                   default=0)
+        seeds = [seed + done - 1, seed + done] if done else [seed]
     bad = [s for s in range(sectors)
-           if image[s * SECTOR:(s + 1) * SECTOR] != blk_pattern_sector(s, last_seed)]
+           if all(image[s * SECTOR:(s + 1) * SECTOR] != blk_pattern_sector(s, k) for k in seeds)]
     return ok, detail, bad
 
 
@@ -144,7 +156,7 @@ def _stop(vm: BackgroundVm, name: str) -> None:
 
 
 def _run_external(backend: str, count: int, interval_ms: int, device: str, seed: int,
-                  sectors: int, jitter: bool, out) -> int:
+                  sectors: int, jitter: bool, out, qd: int = 1) -> int:
     """The same workload against `--disk vhost-user=`: chaos starts the backend on the image,
     SIGKILLs it `count` times (through its pidfd) and starts it again on the same socket; the
     core reconnects and resumes the rings."""
@@ -167,7 +179,7 @@ def _run_external(backend: str, count: int, interval_ms: int, device: str, seed:
         vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", f"vhost-user={sock}", "--name",
                           name, "--cmdline",
                           f"gk.tests=blk-workload gk.blk_sectors={sectors} gk.blk_rounds={rounds} "
-                          f"gk.blk_seed={seed} gk.io_timeout_ms={EXTERNAL_IO_TIMEOUT_MS}")
+                          f"gk.blk_seed={seed} gk.blk_qd={qd} gk.io_timeout_ms={EXTERNAL_IO_TIMEOUT_MS}")
         killed = 0
         try:
             if not _started_with(name, device):
@@ -186,13 +198,13 @@ def _run_external(backend: str, count: int, interval_ms: int, device: str, seed:
         finally:
             _stop(vm, name)
             server.stop()
-        ok, detail, bad = _verdict(vm, disk, sectors, seed + rounds - 1)
+        ok, detail, bad = _verdict(vm, disk, sectors, seed, rounds)
     recoveries = [float(m.group(2)) for line in vm.stderr
                   if (m := _BACK.search(line)) and m.group(1) == device]
     resubmitted = sum(int(m.group(2)) for line in vm.stderr
                       if (m := _RESUBMITTED.search(line)) and m.group(1) == device)
     print(f"chaos: {killed} kills of the {server.name} backend of {device}, {interval_ms} ms "
-          f"apart (seed {seed})", file=out)
+          f"apart, queue depth {qd} (seed {seed})", file=out)
     print(f"  reconnects:          {len(recoveries)}", file=out)
     print(f"  resubmitted by core: {resubmitted} request(s)", file=out)
     return _report(ok, detail, bad, sectors, recoveries, "lost -> reconnected:",

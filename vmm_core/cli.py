@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "external vhost-user backend behind --disk vhost-user= "
                             "(qemu-storage-daemon, `bulkhead device blk`) that chaos SIGKILLs "
                             "and starts again")
+    chaos.add_argument("--qd", type=int, default=1, choices=(1, 2, 3, 4),
+                       help="requests the guest keeps in flight (default 1; >1 lets an "
+                            "out-of-order backend complete them out of order)")
     chaos.add_argument("-v", "--verbose", action="count", default=0)
     from .cli_control import add_parsers
     add_parsers(sub, _positive_int)
@@ -448,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "chaos":
             from .chaos import run_chaos
             return run_chaos(args.count, args.interval_ms, args.device, args.seed, jitter=args.jitter,
-                             fault=args.fault, backend=args.backend)
+                             fault=args.fault, backend=args.backend, qd=args.qd)
         if args.verb == "config":
             from .vm_config import check
             return check(args.files, _subparser(parser, "run"))

@@ -33,6 +33,7 @@ import logging
 import os
 import select
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ CONFIG_SIZES = {1: 12, 2: 60, 3: 12, 19: 8, 26: 40}  # bytes of each kind's conf
 QUEUE_SIZE = 256
 DIAL_BACKOFF = (0.01, 0.1)  # s: dialing a Unix socket costs next to nothing
 WATCH_INTERVAL = 0.001
+GIL_SWITCH_INTERVAL = 0.0005
 CONFIG_CHANGES_PER_S = 50  # a backend sending more is flooding us
 START_WAIT = 10.0
 
@@ -143,6 +145,10 @@ class VhostUserFrontend:
         self.conn = conn
 
     def start(self) -> None:
+        if self.conn is not None and not self.conn.has_inflight:
+            # The ring watch must look at least once per ring's worth of completions; a vCPU
+            # thread holds the GIL for up to the switch interval (5 ms by default) at a time.
+            sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
         self._thread = threading.Thread(target=self._monitor, name=f"vhost-{self.name}", daemon=True)
         self._thread.start()
 
@@ -418,6 +424,12 @@ class VhostUserFrontend:
         if not resume:
             self._drop_inflight()
             self.watches = {}
+        elif not (conn.has_inflight and self.inflight is not None):
+            why = self._watches_lost_track(rings)
+            if why is not None:
+                with self._lock:
+                    self._fail_locked(why)
+                return
         conn.set_features(self._negotiated())
         if conn.has_inflight:
             if self.inflight is None:
@@ -445,24 +457,32 @@ class VhostUserFrontend:
             log.warning("device %s ring %d: no record of what the lost backend held; resuming "
                         "at the used index", self.name, ring.index)
             return used_idx
-        self._sample(ring)
-        used_idx = self.memory.read_u16(ring.used + 2)
-        avail_idx = self.memory.read_u16(ring.avail + 2)
-        if not watch.consistent(avail_idx, used_idx):
-            self.counters["resumed_blind"] += 1
-            log.warning("device %s ring %d: the ring watch lost track (%d outstanding seen, %d "
-                        "pending); resuming at the used index", self.name, ring.index,
-                        len(watch.outstanding), watch.pending(avail_idx, used_idx))
-            watch.reset(avail_idx, used_idx)
-            return used_idx
         writes = watch.resubmit_layout(used_idx)
         for slot, head in writes:
             self.memory.write_u16(ring.avail + 4 + 2 * slot, head)
         self.counters["resubmitted"] += len(writes)
         if writes:
             log.warning("device %s ring %d: resubmitting %d request(s) the lost backend held",
-                     self.name, ring.index, len(writes))
+                        self.name, ring.index, len(writes))
         return used_idx
+
+    def _watches_lost_track(self, rings: list[Ring]) -> str | None:
+        """After a last look: why the watch of some ring cannot say what the lost backend held
+        (then the device fails: guessing could run a completed request again), or None."""
+        for ring in rings:
+            watch = self.watches.get(ring.index)
+            if watch is None:
+                continue
+            self._sample(ring)
+            used_idx = self.memory.read_u16(ring.used + 2)
+            avail_idx = self.memory.read_u16(ring.avail + 2)
+            if not watch.consistent(avail_idx, used_idx):
+                self.counters["watch_lost_track"] += 1
+                why = "it fell more than a ring behind" if not watch.exact else \
+                    f"{len(watch.outstanding)} outstanding seen, {watch.pending(avail_idx, used_idx)} pending"
+                return (f"ring {ring.index}: the core lost track of the requests the backend held "
+                        f"({why}); failing the device rather than risk running one twice")
+        return None
 
     def _sample(self, ring: Ring) -> None:
         watch = self.watches.get(ring.index)

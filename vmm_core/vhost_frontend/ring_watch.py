@@ -45,12 +45,18 @@ class RingWatch:
     exact: bool = True
     strays: int = 0              # completions of heads that were not outstanding
 
-    def reset(self, avail_idx: int = 0, used_idx: int = 0) -> None:
-        """A fresh ring (guest reset, or a ring programmed at these indices)."""
+    def reset(self, avail_idx: int = 0, used_idx: int = 0,
+              outstanding: list[int] | None = None) -> None:
+        """A fresh ring (guest reset, or a ring programmed at these indices), with the heads a
+        backend resumed at `used_idx` will take as the ones outstanding, oldest first."""
         self.avail_pos, self.used_pos = avail_idx & 0xFFFF, used_idx & 0xFFFF
         self.counts.clear()
         self.last_pos.clear()
+        for i, head in enumerate(outstanding or ()):
+            self.counts[head] = self.counts.get(head, 0) + 1
+            self.last_pos[head] = (used_idx + i) % U16
         self.exact = True
+        self.strays = 0
 
     @property
     def outstanding(self) -> dict[int, int]:

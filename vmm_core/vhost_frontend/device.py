@@ -21,9 +21,10 @@ negotiated features (it must offer them) and the rings at the guest's used index
 
 - with INFLIGHT_SHMFD (Bulkhead's own backends), the inflight buffer the core kept (GET_INFLIGHT_FD
   at DRIVER_OK, SET_INFLIGHT_FD on every connection): the backend resubmits what it had taken;
-- without (qemu-storage-daemon 7.2, which completes out of order), the `RingWatch` the monitor
-  kept of every queue: the outstanding heads are written into the avail slots between the used
-  and avail indices, so the new backend runs exactly those once (see `ring_watch.py`).
+- without (qemu-storage-daemon 7.2, which completes out of order), the `RingWatch` kept of every
+  queue (counted by a native thread, `native_watch.py`, else by the monitor): the outstanding
+  heads are written into the avail slots between the used and avail indices, so the new backend
+  runs exactly those once (see `ring_watch.py`); a watch that lost track fails the device.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from ipc_protocol.errors import ProtocolError
 from ipc_protocol.guest_memory import GuestMemory, GuestMemoryError
 
 from .connection import BackendConnection, BackendRefused, Ring, dial
+from . import native_watch
+from .native_watch import NativeRingWatch
 from .ring_watch import RingWatch
 
 log = logging.getLogger(__name__)
@@ -108,6 +111,7 @@ class VhostUserFrontend:
         self.running_rings: list[int] = []
         self.inflight: tuple[int, vu.Inflight] | None = None
         self.watches: dict[int, RingWatch] = {}
+        self.native: dict[int, NativeRingWatch] = {}  # sampling the watches, when built
         self.lost_at: float | None = None
         self._next_dial = 0.0
         self._backoff = DIAL_BACKOFF[0]
@@ -145,7 +149,7 @@ class VhostUserFrontend:
         self.conn = conn
 
     def start(self) -> None:
-        if self.conn is not None and not self.conn.has_inflight:
+        if self.conn is not None and not self.conn.has_inflight and not native_watch.available():
             # The ring watch must look at least once per ring's worth of completions; a vCPU
             # thread holds the GIL for up to the switch interval (5 ms by default) at a time.
             sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
@@ -287,7 +291,7 @@ class VhostUserFrontend:
             poller.register(conn.fileno(), select.POLLIN)
             if conn.channel is not None:
                 poller.register(conn.channel.fileno(), select.POLLIN)
-        watching = bool(self.watches) and self.running_epoch
+        watching = bool(self.watches) and self.running_epoch and not self.native
         if watching:
             timeout = WATCH_INTERVAL
         elif conn is None:
@@ -423,10 +427,11 @@ class VhostUserFrontend:
         resume = self.programmed_epoch == epoch
         if not resume:
             self._drop_inflight()
-            self.watches = {}
+            self._drop_watches()
         elif not (conn.has_inflight and self.inflight is not None):
             why = self._watches_lost_track(rings)
             if why is not None:
+                self._drop_watches()
                 with self._lock:
                     self._fail_locked(why)
                 return
@@ -440,7 +445,13 @@ class VhostUserFrontend:
         for ring in rings:
             base = self._resume_base(conn, ring) if resume else 0
             if not resume and not conn.has_inflight:
-                self.watches[ring.index] = RingWatch(ring.size)
+                self._watch(ring)
+            native = self.native.get(ring.index)
+            if native is not None and resume:
+                # Paused by _watches_lost_track: on with the resumed state before the backend
+                # can complete anything.
+                native.import_from(self.watches[ring.index])
+                native.resume()
             conn.start_ring(ring, base, self.kick_fds[ring.index], self.irqfd)
         self.running_epoch = self.programmed_epoch = epoch
         self.running_rings = [r.index for r in rings]
@@ -466,14 +477,36 @@ class VhostUserFrontend:
                         self.name, ring.index, len(writes))
         return used_idx
 
+    def _watch(self, ring: Ring) -> None:
+        """Start watching a fresh ring: the counting in a native thread when built, else from
+        this thread (`_step`, every WATCH_INTERVAL)."""
+        self.watches[ring.index] = RingWatch(ring.size)
+        if native_watch.available():
+            try:
+                self.native[ring.index] = NativeRingWatch(self.memory, ring.avail, ring.used, ring.size)
+            except (OSError, ValueError) as err:
+                log.warning("device %s ring %d: no native ring watcher (%s); sampling from Python",
+                            self.name, ring.index, err)
+
+    def _drop_watches(self) -> None:
+        for native in self.native.values():
+            native.close()
+        self.native = {}
+        self.watches = {}
+
     def _watches_lost_track(self, rings: list[Ring]) -> str | None:
         """After a last look: why the watch of some ring cannot say what the lost backend held
-        (then the device fails: guessing could run a completed request again), or None."""
+        (then the device fails: guessing could run a completed request again), or None.  A
+        native watcher is left paused, with its counts in the ring's `RingWatch`."""
         for ring in rings:
             watch = self.watches.get(ring.index)
             if watch is None:
                 continue
-            self._sample(ring)
+            native = self.native.get(ring.index)
+            if native is not None:
+                native.pause()
+                native.export_to(watch)
+            self._sample(ring, python=True)
             used_idx = self.memory.read_u16(ring.used + 2)
             avail_idx = self.memory.read_u16(ring.avail + 2)
             if not watch.consistent(avail_idx, used_idx):
@@ -484,10 +517,10 @@ class VhostUserFrontend:
                         f"({why}); failing the device rather than risk running one twice")
         return None
 
-    def _sample(self, ring: Ring) -> None:
+    def _sample(self, ring: Ring, python: bool = False) -> None:
         watch = self.watches.get(ring.index)
-        if watch is None:
-            return
+        if watch is None or (ring.index in self.native and not python):
+            return  # (the native thread looks)
         mem, size = self.memory, ring.size
         try:
             watch.sample(lambda: mem.read_u16(ring.used + 2), lambda: mem.read_u16(ring.avail + 2),
@@ -549,7 +582,9 @@ class VhostUserFrontend:
         return {**self.describe(), **dict(self.counters), "failures": self.counters["failures"],
                 "last_error": self.last_error,
                 "inflight_tracking": "backend" if self.inflight is not None
-                else "ring-watch" if self.watches else "none"}
+                else "ring-watch (native)" if self.native else "ring-watch" if self.watches
+                else "none",
+                "watch_samples": sum(n.samples for n in self.native.values())}
 
     def close(self) -> None:
         self._closing = True
@@ -560,6 +595,7 @@ class VhostUserFrontend:
             self.conn.close()
             self.conn = None
         self._drop_inflight()
+        self._drop_watches()
         os.close(self._wake_r)
         os.close(self._wake_w)
 

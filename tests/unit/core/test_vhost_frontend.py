@@ -165,3 +165,66 @@ def test_the_generic_device_takes_its_virtio_id():
     assert spec.name == "vu0" and frontend_spec(spec).virtio_id == 4
     with pytest.raises(ConfigError, match="socket is required"):
         parse_device_arg(KINDS["vhost-user"], "type=4", 0)
+
+
+# -- the native sampler: the same counts as the Python reference ---------------------------------
+
+def test_the_native_sampler_counts_like_the_python_ring_watch():
+    import os
+    from ipc_protocol.guest_memory import GuestMemory, RegionSpec
+    from vmm_core.vhost_frontend import native_watch
+    if not native_watch.available():
+        pytest.fail("vmm_core.vhost_frontend._watch is not built (./dev.sh setup builds it)")
+    fd = os.memfd_create("watch-test")
+    os.ftruncate(fd, 1 << 20)
+    mem = GuestMemory.from_fd(fd, [RegionSpec(0, 1 << 20, 0)])
+    rng = random.Random(11)
+    try:
+        for size in (4, 16, 256):
+            avail, used = 0x1000, 0x8000 + size  # unaligned to the page on purpose
+            for off in range(0, 0x10000, 8):
+                mem.write(off, bytes(8))
+            py, native = RingWatch(size), native_watch.NativeRingWatch(mem, avail, used, size)
+            native.pause()  # the test drives the samples itself
+            try:
+                r = Rings(size)
+
+                def flush():
+                    mem.write_u16(avail + 2, r.avail_idx)
+                    mem.write_u16(used + 2, r.used_idx)
+                    for slot in range(size):
+                        mem.write_u16(avail + 4 + 2 * slot, r.avail[slot])
+                        mem.write_u32(used + 4 + 8 * slot, r.used[slot])
+
+                free, taken = list(range(size)), []
+                for _ in range(3000):
+                    op = rng.random()
+                    if op < 0.45 and free:
+                        h = free.pop(rng.randrange(len(free)))
+                        r.publish(h)
+                        taken.append(h)
+                    elif taken:
+                        h = taken.pop(rng.randrange(len(taken)))
+                        r.complete(h)
+                        free.append(h)
+                    if rng.random() < 0.3:
+                        flush()
+                        r.sample(py)
+                        native_watch.lib.bh_watch_sample(native._w)
+                        mirror = RingWatch(size)
+                        native.export_to(mirror)
+                        assert (mirror.counts, mirror.exact, mirror.strays, mirror.avail_pos,
+                                mirror.used_pos) == (py.counts, py.exact, py.strays, py.avail_pos,
+                                                     py.used_pos)
+                        assert all(mirror.last_pos[h] == py.last_pos[h] for h in mirror.counts)
+                mirror = RingWatch(size)
+                native.export_to(mirror)
+                native.import_from(mirror)  # a round trip keeps the state
+                again = RingWatch(size)
+                native.export_to(again)
+                assert again.counts == mirror.counts and again.avail_pos == mirror.avail_pos
+            finally:
+                native.resume()
+                native.close()
+    finally:
+        mem.close()

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from cffi import FFI
 
-ffibuilder = FFI()
-ffibuilder.cdef("""
-#define BH_WATCH_MAX_SIZE 1024
+# One declaration for cffi and for the compiler.
+STRUCT = """
 struct bh_ring_watch {
     const uint8_t *avail;   /* flags u16, idx u16, ring[size] u16 */
     const uint8_t *used;    /* flags u16, idx u16, ring[size] {u32 id, u32 len} */
@@ -28,6 +27,10 @@ struct bh_ring_watch {
     void *map_avail, *map_used;
     size_t len_avail, len_used;
 };
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef("#define BH_WATCH_MAX_SIZE 1024\n" + STRUCT + """
 int bh_watch_map(struct bh_ring_watch *w, int fd, long avail_off, long used_off, uint32_t size);
 void bh_watch_unmap(struct bh_ring_watch *w);
 void bh_watch_sample(struct bh_ring_watch *w);
@@ -46,18 +49,7 @@ ffibuilder.set_source("vmm_core.vhost_frontend._watch", r"""
 #include <sys/mman.h>
 
 #define BH_WATCH_MAX_SIZE 1024
-struct bh_ring_watch {
-    const uint8_t *avail;
-    const uint8_t *used;
-    uint32_t size;
-    uint32_t avail_pos, used_pos;
-    int32_t counts[1024];
-    uint32_t last_pos[1024];
-    int32_t exact, strays;
-    uint64_t samples;
-    void *map_avail, *map_used;
-    size_t len_avail, len_used;
-};
+""" + STRUCT + r"""
 
 /* Map [off, off + len) of the guest memory file read-only; the pointer to `off` inside it. */
 static const uint8_t *map_range(int fd, long off, size_t len, void **base, size_t *maplen) {

@@ -51,6 +51,8 @@ ffibuilder.set_source("vmm_core.vhost_frontend._watch", r"""
 #define BH_WATCH_MAX_SIZE 1024
 """ + STRUCT + r"""
 
+void bh_watch_unmap(struct bh_ring_watch *w);
+
 /* Map [off, off + len) of the guest memory file read-only; the pointer to `off` inside it. */
 static const uint8_t *map_range(int fd, long off, size_t len, void **base, size_t *maplen) {
     long page = sysconf(_SC_PAGESIZE);

@@ -75,6 +75,13 @@ INT_CONFIG_CHANGE = 2
 # Reserved feature bits every device here negotiates on (§6).
 VIRTIO_F_VERSION_1 = 1 << 32
 
+# Registers whose value never changes here (§4.2.2): no shared memory region (length and base
+# read as all ones), no queue reset (VIRTIO_F_RING_RESET is not offered).
+FIXED_REGISTERS = {MAGIC_VALUE: MAGIC, VERSION: MMIO_VERSION, VENDOR_ID: VENDOR_BKHD,
+                   SHM_LEN_LOW: 0xFFFFFFFF, SHM_LEN_HIGH: 0xFFFFFFFF,
+                   SHM_BASE_LOW: 0xFFFFFFFF, SHM_BASE_HIGH: 0xFFFFFFFF,
+                   QUEUE_RESET: 0}
+
 MAX_QUEUES = 64  # far above any device here; bounds Activate and a hostile QueueSel
 MAX_CONFIG_SIZE = SLOT_SIZE - CONFIG
 

@@ -26,8 +26,8 @@ from ipc_protocol.virtio_mmio import (ACKNOWLEDGE, CONFIG, CONFIG_GENERATION, DE
                                       QUEUE_DRIVER_LOW, QUEUE_NOTIFY, QUEUE_NUM, QUEUE_NUM_MAX,
                                       QUEUE_READY, QUEUE_RESET, QUEUE_SEL, SHM_BASE_HIGH,
                                       SHM_BASE_LOW, SHM_LEN_HIGH, SHM_LEN_LOW, SHM_SEL, STATUS,
-                                      VENDOR_BKHD, VENDOR_ID, VERSION, Effect, QueueState,
-                                      TransportState)
+                                      VENDOR_BKHD, VENDOR_ID, VERSION, FIXED_REGISTERS, Effect,
+                                      QueueState, TransportState)
 
 from .device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VirtioDevice
 from .errors import QueueError
@@ -37,11 +37,7 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
-_FIXED_REGISTERS = {MAGIC_VALUE: MAGIC, VERSION: MMIO_VERSION, VENDOR_ID: VENDOR_BKHD,
-                    # §4.2.2: no shared memory region -> length and base read as all ones
-                    SHM_LEN_LOW: 0xFFFFFFFF, SHM_LEN_HIGH: 0xFFFFFFFF,
-                    SHM_BASE_LOW: 0xFFFFFFFF, SHM_BASE_HIGH: 0xFFFFFFFF,
-                    QUEUE_RESET: 0}  # VIRTIO_F_RING_RESET is not offered
+_FIXED_REGISTERS = FIXED_REGISTERS
 
 
 class MmioDevice:

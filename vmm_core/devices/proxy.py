@@ -41,11 +41,7 @@ DEFAULT_TIMEOUT = 0.5     # seconds a vCPU may wait for a register read before t
 RECENT_WRITES = 256       # bounded debug log of raw writes: the guest may write forever
 
 
-# Registers whose value never changes (§4.2.2): no shared memory region, no queue reset.
-_CONSTANT_REGISTERS = {regs.MAGIC_VALUE: regs.MAGIC, regs.VERSION: regs.MMIO_VERSION,
-                       regs.VENDOR_ID: regs.VENDOR_BKHD, regs.SHM_LEN_LOW: 0xFFFFFFFF,
-                       regs.SHM_LEN_HIGH: 0xFFFFFFFF, regs.SHM_BASE_LOW: 0xFFFFFFFF,
-                       regs.SHM_BASE_HIGH: 0xFFFFFFFF, regs.QUEUE_RESET: 0}
+_CONSTANT_REGISTERS = regs.FIXED_REGISTERS
 
 # Registers the device answers with a value (the constants above, and these); it answers any
 # other aligned register read -- the write-only ones (QueueDescLow, QueueSel, ...) and the

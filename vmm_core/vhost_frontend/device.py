@@ -175,31 +175,18 @@ class VhostUserFrontend:
         if size != 4 or offset % 4:
             self.counters["invalid_accesses"] += 1
             return 0
-        q = st.selected()
-        if offset == regs.MAGIC_VALUE:
-            return regs.MAGIC
-        if offset == regs.VERSION:
-            return regs.MMIO_VERSION
+        fixed = regs.FIXED_REGISTERS.get(offset)
+        if fixed is not None:
+            return fixed
         if offset == regs.DEVICE_ID:
             return self.spec.virtio_id
-        if offset == regs.VENDOR_ID:
-            return regs.VENDOR_BKHD
-        if offset == regs.DEVICE_FEATURES:
-            return st.device_features >> 32 * st.device_features_sel if st.device_features_sel < 2 else 0
-        if offset == regs.QUEUE_NUM_MAX:
-            return q.max_size if q is not None else 0
-        if offset == regs.QUEUE_READY:
-            return int(q.ready) if q is not None else 0
         if offset == regs.INTERRUPT_STATUS:
             live = st.status & regs.DRIVER_OK and not st.needs_reset
             return (regs.INT_USED_BUFFER if live else 0) | (regs.INT_CONFIG_CHANGE if self.config_irq else 0)
-        if offset == regs.STATUS:
-            return st.status
         if offset == regs.CONFIG_GENERATION:
             return self.config_generation
-        if offset in (regs.SHM_LEN_LOW, regs.SHM_LEN_HIGH):
-            return 0xFFFFFFFF  # no shared memory regions
-        return 0
+        value = st.read_register(offset)  # features, QueueNumMax, QueueReady, Status
+        return 0 if value is None else value  # write-only registers and holes read as 0
 
     def write(self, offset: int, data: bytes) -> None:
         wake = False

@@ -60,14 +60,10 @@ def run_chaos(count: int = 50, interval_ms: int = 200, device: str = "blk0", see
     kinds: dict[str, int] = {}
     rounds = max(200, count * interval_ms // 8)
     with tempfile.TemporaryDirectory(prefix="bulkhead-chaos-") as tmp:
-        disk = os.path.join(tmp, "disk.img")
-        with open(disk, "wb") as f:
-            f.truncate(max(1 << 20, sectors * SECTOR))
+        disk = _scratch_disk(tmp, sectors)
         name = f"chaos{os.getpid()}"
         vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", disk, "--rng", "--name", name,
-                          "--allow-faults", "--cmdline",
-                          f"gk.tests=blk-workload gk.blk_sectors={sectors} gk.blk_rounds={rounds} "
-                          f"gk.blk_seed={seed} gk.blk_qd={qd}")
+                          "--allow-faults", "--cmdline", _workload(sectors, rounds, seed, qd))
         injected = 0
         try:
             if not _started_with(name, device):
@@ -106,6 +102,19 @@ def _report(ok: bool, detail: str, bad: list[int], sectors: int, recoveries: lis
               f"p99 {_percentile(recoveries, 0.99):.1f} ms{suffix}", file=out)
     print(f"  VM exit status:      {status}", file=out)
     return 0 if ok and not bad and status == 0 else 1
+
+
+def _scratch_disk(tmp: str, sectors: int) -> str:
+    disk = os.path.join(tmp, "disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(max(1 << 20, sectors * SECTOR))
+    return disk
+
+
+def _workload(sectors: int, rounds: int, seed: int, qd: int) -> str:
+    """The test guest's write/verify workload, whose image `_verdict` checks."""
+    return (f"gk.tests=blk-workload gk.blk_sectors={sectors} gk.blk_rounds={rounds} "
+            f"gk.blk_seed={seed} gk.blk_qd={qd}")
 
 
 def _started_with(name: str, device: str) -> bool:
@@ -164,9 +173,7 @@ def _run_external(backend: str, count: int, interval_ms: int, device: str, seed:
     rng = random.Random(seed)
     rounds = max(200, count * interval_ms // 4)
     with tempfile.TemporaryDirectory(prefix="bulkhead-chaos-") as tmp:
-        disk = os.path.join(tmp, "disk.img")
-        with open(disk, "wb") as f:
-            f.truncate(max(1 << 20, sectors * SECTOR))
+        disk = _scratch_disk(tmp, sectors)
         sock = os.path.join(tmp, "backend.sock")
         server = QsdBlkBackend(socket_path=sock, name="qemu-storage-daemon") if backend == "qsd" \
             else BulkheadBlkBackend(socket_path=sock, name="bulkhead device blk")
@@ -177,9 +184,8 @@ def _run_external(backend: str, count: int, interval_ms: int, device: str, seed:
             return 2
         name = f"chaos{os.getpid()}"
         vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", f"vhost-user={sock}", "--name",
-                          name, "--cmdline",
-                          f"gk.tests=blk-workload gk.blk_sectors={sectors} gk.blk_rounds={rounds} "
-                          f"gk.blk_seed={seed} gk.blk_qd={qd} gk.io_timeout_ms={EXTERNAL_IO_TIMEOUT_MS}")
+                          name, "--cmdline", _workload(sectors, rounds, seed, qd)
+                          + f" gk.io_timeout_ms={EXTERNAL_IO_TIMEOUT_MS}")
         killed = 0
         try:
             if not _started_with(name, device):

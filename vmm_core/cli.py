@@ -96,7 +96,7 @@ def _jail_id(text: str) -> int:
 
 def _tenant(text: str) -> str:
     from .registry import valid_name
-    if not valid_name(text) or "." in text:
+    if not valid_name(text):
         raise argparse.ArgumentTypeError(f"{text!r}: use 1-32 ASCII letters, digits, '-' or '_'")
     return text
 

@@ -32,6 +32,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from jail.pidfd import ProcessRef, open_ref
+
 from . import control_protocol as cp
 from . import registry
 from .control import ControlError, request_entry
@@ -190,7 +192,7 @@ def cmd_down(args: argparse.Namespace, out=sys.stdout) -> int:
             known = ", ".join(e.name for e in registry.running()) or "none"
             raise BulkheadError(f"no running VM named {name!r} (running: {known})")
         entries.append(entry)
-    pidfds = {e.name: _pidfd_of(e) for e in entries}
+    refs = {e.name: _ref_of(e) for e in entries}
     how = {e.name: "powered off by its guest (ACPI power button)" for e in entries}
     for entry in entries:
         _ask(entry, cp.PowerButton())
@@ -202,16 +204,15 @@ def cmd_down(args: argparse.Namespace, out=sys.stdout) -> int:
         _ask(entry, cp.Stop())
     _wait_gone(late, STOP_WAIT)
     for entry in late:
-        fd = pidfds[entry.name]
-        if registry.is_alive(entry) and fd >= 0:
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        ref = refs[entry.name]
+        if registry.is_alive(entry) and ref is not None and ref.send(signal.SIGKILL):
             how[entry.name] = f"killed (no answer within {args.grace:g} + {STOP_WAIT:g} s)"
             status = 1
             while registry.is_alive(entry):
                 time.sleep(0.02)
     for entry in entries:
-        if pidfds[entry.name] >= 0:
-            os.close(pidfds[entry.name])
+        if refs[entry.name] is not None:
+            refs[entry.name].close()
         print(f"VM {entry.name} (pid {entry.pid}): {how[entry.name]}", file=out)
     return status
 
@@ -229,14 +230,10 @@ def _wait_gone(entries: list[registry.VmEntry], seconds: float) -> None:
         time.sleep(0.05)
 
 
-def _pidfd_of(entry: registry.VmEntry) -> int:
-    """A pidfd of the entry's core, taken only if pid and start time still match (-1: gone)."""
-    try:
-        fd = os.pidfd_open(entry.pid)
-    except OSError:
-        return -1
-    if registry.process_start_ticks(entry.pid) != entry.start_ticks:
-        os.close(fd)  # the pid now belongs to another process
-        return -1
-    return fd
-
+def _ref_of(entry: registry.VmEntry) -> ProcessRef | None:
+    """A pidfd of the entry's core, taken only if pid and start time still match (None: gone)."""
+    ref = open_ref(entry.pid)
+    if ref is not None and registry.process_start_ticks(entry.pid) != entry.start_ticks:
+        ref.close()  # the pid now belongs to another process
+        return None
+    return ref

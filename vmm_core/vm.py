@@ -369,6 +369,7 @@ class Machine:
 
     @staticmethod
     def _kick(t: threading.Thread) -> None:
+        """Make a vCPU thread inside KVM_RUN return (EINTR; SIGUSR1's handler does nothing)."""
         if t.ident is not None:
             try:
                 signal.pthread_kill(t.ident, signal.SIGUSR1)
@@ -381,11 +382,7 @@ class Machine:
         deadline = time.monotonic() + 5.0
         for t in self.threads:
             while t.is_alive() and time.monotonic() < deadline:
-                if t.ident is not None:
-                    try:
-                        signal.pthread_kill(t.ident, signal.SIGUSR1)
-                    except ProcessLookupError:
-                        break
+                self._kick(t)
                 t.join(0.05)
             if t.is_alive():
                 log.error("vCPU thread %s did not stop", t.name)

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from jail.cgroup import read_mounts
+from jail.pidfd import ProcessRef
 from vmm_core.testing import ROOT, bulkhead_argv
 
 pytestmark = pytest.mark.kvm
@@ -130,14 +131,13 @@ def test_down_kills_a_vm_that_does_not_shut_down_in_time(tmp_path, runtime):
                    'cmdline = "gk.tests=pio"\n')
     assert _cli(env, "up", str(cfg)).returncode == 0
     vm = json.loads(_cli(env, "ps", "--json").stdout)[0]
-    os.kill(vm["pid"], signal.SIGSTOP)  # our own child VM: it cannot answer or shut down now
+    core = ProcessRef(vm["pid"])  # the VM our `up` started: it cannot answer or shut down now
+    core.send(signal.SIGSTOP)
     try:
         down = _cli(env, "down", "stuck", "--grace", "2")
     finally:
-        try:
-            os.kill(vm["pid"], signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+        core.send(signal.SIGCONT)  # (False once it is gone)
+        core.close()
     assert down.returncode == 1 and "killed (no answer within 2 + 10 s)" in down.stdout, \
         (down.stdout, down.stderr)
     assert json.loads(_cli(env, "ps", "--json").stdout) == []

@@ -47,6 +47,7 @@ import contextlib
 import functools
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -61,6 +62,7 @@ from typing import Callable, Protocol
 
 from jail.pidfd import ProcessRef, open_ref
 from vmm_core.errors import BulkheadError
+from vmm_core.testing import uml_xstate
 
 UML_BINARY = "linux.uml"
 UML_MODULES = "/usr/lib/uml/modules"
@@ -191,12 +193,22 @@ def _pid_namespace_flags() -> tuple[str, ...]:
     return flags
 
 
+def _uml_command() -> list[str]:
+    """linux.uml, through `env LD_PRELOAD=` of the xstate shim on x86-64 (see uml_xstate.c: this
+    UML cannot switch FPU state on hosts with a large XSAVE area; the shim is a no-op elsewhere)."""
+    binary = _which(UML_BINARY) or UML_BINARY
+    if platform.machine() != "x86_64":
+        return [binary]
+    return ["env", f"LD_PRELOAD={uml_xstate.shim_path()}", binary]
+
+
 def uml_unavailable() -> str | None:
     """Why the bed cannot boot UML on this machine, or None if it can."""
     try:
         module_dir()
         _pid_namespace_flags()
-    except (UmlError, OSError, subprocess.SubprocessError) as e:
+        _uml_command()
+    except (BulkheadError, OSError, subprocess.SubprocessError) as e:
         return str(e)
     if not os.path.isdir(SHM):
         return f"{SHM} is missing: UML's memory file needs a tmpfs"
@@ -518,7 +530,7 @@ class UmlBed:
         cmdline += [f"virtio_uml.device={d.socket}:{d.kind.virtio_id}:{i}"
                     for i, d in enumerate(self.devices)]
         argv = ["setpriv", "--pdeathsig", "KILL", "unshare", *_pid_namespace_flags(),
-                "--kill-child=SIGKILL", _which(UML_BINARY) or UML_BINARY, *cmdline]
+                "--kill-child=SIGKILL", *_uml_command(), *cmdline]
         if self.netns is not None:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         memdir = tempfile.mkdtemp(prefix="bulkhead-uml-mem-", dir=SHM)

@@ -171,7 +171,10 @@ def _run_external(backend: str, count: int, interval_ms: int, device: str, seed:
     core reconnects and resumes the rings."""
     from .testing.uml import BulkheadBlkBackend, QsdBlkBackend, UmlError
     rng = random.Random(seed)
-    rounds = max(200, count * interval_ms // 4)
+    # A round takes ~4 ms of guest time when no kill stalls it, and the kills come every
+    # interval plus a reconnect: twice that keeps the workload running past the last kill even
+    # on a fast host (at exactly 4 ms the workload ended after 14 of 20 kills).
+    rounds = max(200, count * interval_ms // 2)
     with tempfile.TemporaryDirectory(prefix="bulkhead-chaos-") as tmp:
         disk = _scratch_disk(tmp, sectors)
         sock = os.path.join(tmp, "backend.sock")

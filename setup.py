@@ -9,6 +9,7 @@ CFFI_MODULES = [
     "jail/_seccomp_build.py:ffibuilder",  # <seccomp.h>, -lseccomp
     "ipc_protocol/_atomics_build.py:ffibuilder",  # shared-memory atomics (register page)
     "vmm_core/vhost_frontend/_watch_build.py:ffibuilder",  # the ring watch's native sampler
+    "device_procs/virtio/_fastpath_build.py:ffibuilder",  # chain walk, net loops (in the jail)
 ]
 
 setup(cffi_modules=[m for m in CFFI_MODULES if os.path.exists(os.path.join(_HERE, m.split(":")[0]))])

@@ -163,6 +163,12 @@ class GuestMemory:
         region, off = self._find(gpa, length)
         return region.view[off:off + length]
 
+    def host_address(self, gpa: int, length: int) -> int:
+        """This process's address of [gpa, gpa+length), which must lie inside one RAM region
+        (for native code that walks the rings; valid while the memory is open)."""
+        region, off = self._find(gpa, length)
+        return region.host_addr + off
+
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
 

@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 from ipc_protocol.guest_memory import GuestMemory
 
+from . import fastpath
 from .device import COMMON_FEATURES, VIRTIO_ID_NET, Interrupt, VirtioDevice
 from .errors import DeviceSpecError
 from .net_ctrl import ControlCommand, RxFilter, VIRTIO_NET_OK
@@ -137,7 +138,8 @@ class NetDevice(VirtioDevice):
 
     def __init__(self, tap_fd: int, mac: bytes, *, mtu: int = 1500, owns_fd: bool = True,
                  set_offload: Callable[[int], None] | None = None,
-                 tx_limiter: RateLimiter | None = None, rx_limiter: RateLimiter | None = None) -> None:
+                 tx_limiter: RateLimiter | None = None, rx_limiter: RateLimiter | None = None,
+                 native: bool = True) -> None:
         super().__init__()
         if len(mac) != 6:
             raise DeviceSpecError("net: a MAC address is 6 bytes")
@@ -157,6 +159,10 @@ class NetDevice(VirtioDevice):
         self.link_up = True
         self.offloads: int | None = None  # last TUNSETOFFLOAD value applied
         self.rx_filter = RxFilter(mac)
+        # The C loops (`fastpath`) carry the common case; the Python below is the reference and
+        # takes whatever they hand back (rate limits, held or spilled frames, huge chains).
+        self.native = native and fastpath.available()
+        self._native_filter = fastpath.NativeFilter() if self.native else None
         self.counters.update({name: 0 for name in COUNTERS})
         self._clear_queues()
         self._bounce = bytearray(HEADER_SIZE + MAX_GSO_FRAME + 1)
@@ -169,6 +175,10 @@ class NetDevice(VirtioDevice):
         self._tx_waiting: _TxFrame | None = None
         self._tx_want_pollout = False
         self._tx_throttled = False
+        self._rings: dict[int, fastpath.FastRing] = {}
+
+    def _fast_ring(self, index: int, queue: Queue) -> fastpath.FastRing | None:
+        return fastpath.ring_for(self._rings, index, queue) if self.native else None
 
     # -- spec -----------------------------------------------------------------------------------
     @classmethod
@@ -327,24 +337,47 @@ class NetDevice(VirtioDevice):
         used = False
         self._tx_throttled = False
         while True:
-            frame, self._tx_waiting = self._tx_waiting, None
-            if frame is None:
-                chain = queue.pop()
-                if chain is None:
-                    if not queue.enable_notification():
-                        return used
+            ring = (self._fast_ring(TRANSMITQ, queue)
+                    if self._tx_waiting is None and self.tx_limiter is None else None)
+            if ring is not None:
+                before = queue.used_idx
+                rc, err = ring.net_tx(self.tap_fd, self.acked_features, self.mtu, self.counters)
+                used |= queue.used_idx != before
+                if rc == fastpath.EMPTY:
+                    self._tx_want_pollout = False
+                    return used
+                if rc == fastpath.EAGAIN:  # nothing consumed: the chain waits in the ring
+                    self._tx_want_pollout = True
+                    return used
+                if rc == fastpath.TAP_ERROR:  # that frame was dropped and used
+                    self._tap_error("write", str(OSError(err, os.strerror(err))),
+                                    fatal=err in FATAL_TAP_ERRNOS)
+                    self._tx_want_pollout = False
                     continue
-                self.counters["chains"] += 1
-                frame = self._parse_tx(chain)
-                if frame is None:
-                    queue.add_used(chain.head, 0)
-                    used = True
-                    continue
-            if not self._send(frame):
-                self._tx_waiting = frame  # the transmitq stops here until POLLOUT or the timer
+                # SLOW: the next chain goes through the Python path
+            step = self._tx_step(queue)
+            if step is None:
                 return used
-            queue.add_used(frame.chain.head, 0)  # §2.7.8: the device wrote nothing
-            used = True
+            used |= step
+
+    def _tx_step(self, queue: Queue) -> bool | None:
+        """One chain the Python way: whether a buffer went back, None when the transmitq stops
+        (the ring is empty, or the frame waits for the tap or for tokens)."""
+        frame, self._tx_waiting = self._tx_waiting, None
+        if frame is None:
+            chain = queue.pop()
+            if chain is None:
+                return False if queue.enable_notification() else None
+            self.counters["chains"] += 1
+            frame = self._parse_tx(chain)
+            if frame is None:
+                queue.add_used(chain.head, 0)
+                return True
+        if not self._send(frame):
+            self._tx_waiting = frame  # the transmitq stops here until POLLOUT or the timer
+            return None
+        queue.add_used(frame.chain.head, 0)  # §2.7.8: the device wrote nothing
+        return True
 
     def _parse_tx(self, chain: DescriptorChain) -> _TxFrame | None:
         """The frame in `chain`, or None (counted) if it must be dropped."""
@@ -396,7 +429,29 @@ class NetDevice(VirtioDevice):
         self._rx_starved = False
         self._rx_throttled = False
         used = False
-        for _ in range(RX_BUDGET):
+        budget = RX_BUDGET
+        ring = self._fast_ring(RECEIVEQ, queue) if self._rx_native_ok() else None
+        if ring is not None:
+            assert self._native_filter is not None
+            before = queue.used_idx
+            rx_filter = self._native_filter.get(self.rx_filter, self.has_feature(VIRTIO_NET_F_CTRL_RX))
+            rc, n = ring.net_rx(self.tap_fd, self.acked_features, self.mtu, rx_filter,
+                                self._bounce, RX_BUDGET, self.counters)
+            used |= queue.used_idx != before
+            if rc == fastpath.EMPTY:
+                self._starve()
+                return used
+            if rc == fastpath.EAGAIN or (rc == fastpath.STOP and n == 0):
+                return used  # the tap is empty, or the budget is spent
+            if rc == fastpath.TAP_ERROR:
+                self._tap_error("read", str(OSError(n, os.strerror(n))) if n else "end of file",
+                                fatal=True)
+                return used
+            if rc == fastpath.STOP:
+                used |= self._place_spilled(queue, ring, n)
+                budget -= 1
+            # SLOW, or after a spilled frame: the Python path goes on
+        for _ in range(budget):
             if self.tap_fd < 0 or not self.link_up:
                 break
             if self._rx_pending is not None:
@@ -413,6 +468,24 @@ class NetDevice(VirtioDevice):
                 break
             used |= got
         return used
+
+    def _rx_native_ok(self) -> bool:
+        """The C receive loop holds nothing between frames: only when the Python holds
+        nothing either, and no rate limit has to be charged per frame."""
+        return (self.rx_limiter is None and not self._rx_chains and self._rx_pending is None
+                and self.tap_fd >= 0 and self.link_up)
+
+    def _place_spilled(self, queue: Queue, ring: fastpath.FastRing, n: int) -> bool:
+        """A frame the C loop read that did not fit the buffers it gathered (none consumed):
+        what `_receive` does with a frame that spilled into the bounce tail."""
+        data, capacity = ring.spilled(n, self._bounce)
+        if n == capacity + len(self._bounce):
+            self.counters["rx_dropped_too_big"] += 1  # truncated even in the tail
+            return False
+        if not self._accept_rx(data[:HEADER_SIZE + 6], n):
+            return False
+        self._rx_pending = _RxFrame(data)
+        return self._deliver_pending(queue)
 
     def _gather(self, queue: Queue, capacity: int) -> int:
         """Pop receive buffers until `capacity` bytes are held (or the ring is dry); held bytes."""

@@ -85,14 +85,17 @@ class RxFilter:
     multicast: set[bytes] = field(default_factory=set)
     all_unicast: bool = False   # the unicast table overflowed
     all_multicast: bool = False  # the multicast table overflowed
+    generation: int = field(default=0, compare=False)  # bumped on changes (the C path caches)
 
     def reset(self) -> None:
         """§5.1.6.5.2: "The device MUST have an empty MAC filtering table on reset"."""
+        self.generation += 1
         self.promisc, self.allmulti = True, False
         self.unicast, self.multicast = set(), set()
         self.all_unicast = self.all_multicast = False
 
     def execute(self, cmd: ControlCommand, features: int) -> int:
+        self.generation += 1
         if not features & VIRTIO_NET_F_CTRL_RX:
             return VIRTIO_NET_ERR  # §5.1.6.5.1/2: RX and MAC classes only with CTRL_RX
         if cmd.cls == VIRTIO_NET_CTRL_RX and cmd.command in (VIRTIO_NET_CTRL_RX_PROMISC,

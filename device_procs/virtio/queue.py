@@ -43,6 +43,24 @@ MAX_INDIRECT_DESCRIPTORS = 1024
 # making a device allocate or copy without limit.
 MAX_CHAIN_BYTES = 64 * 1024 * 1024
 
+# What a broken ring or chain is, by name (the C walker in `_fastpath` reports the same names by
+# code, with the same values, so both say the same thing to the user).
+CHAIN_ERRORS = {
+    "pending": "available idx moved {0} entries ahead of a {1}-entry queue",
+    "head": "chain head {0} is outside the {1}-entry descriptor table",
+    "loop": "descriptor chain from head {0} is longer than its table (a loop?)",
+    "indirect_not_negotiated": "indirect descriptor used but VIRTIO_F_INDIRECT_DESC not negotiated",
+    "indirect_nested": "indirect descriptor inside an indirect table",
+    "indirect_next": "descriptor has both INDIRECT and NEXT set",
+    "indirect_len": "indirect table length {0} is not a non-zero multiple of 16",
+    "indirect_entries": f"indirect table has {{0}} entries, more than {MAX_INDIRECT_DESCRIPTORS}",
+    "indirect_ram": "indirect table {0:#x}+{1} is not in guest RAM",
+    "order": "device-readable descriptor after a device-writable one",
+    "bytes": f"descriptor chain describes more than {MAX_CHAIN_BYTES} bytes",
+    "buffer_ram": "buffer {0:#x}+{1} is not in guest RAM",
+    "next": "next descriptor {0} is outside the {1}-entry table",
+}
+
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
@@ -170,7 +188,7 @@ class Queue:
         # §2.7.13.3: the driver adds at most Queue Size entries beyond what the device used,
         # so a larger gap means a corrupt idx (and would make us re-read stale slots).
         if pending > self.size:
-            raise QueueError(f"available idx moved {pending} entries ahead of a {self.size}-entry queue")
+            raise QueueError(CHAIN_ERRORS["pending"].format(pending, self.size))
         return pending
 
     def pop(self) -> DescriptorChain | None:
@@ -207,7 +225,7 @@ class Queue:
         """Walk the chain starting at descriptor `head`, checking every limit."""
         # §2.7.6: ring[] entries are descriptor-table indices, so below Queue Size.
         if head >= self.size:
-            raise QueueError(f"chain head {head} is outside the {self.size}-entry descriptor table")
+            raise QueueError(CHAIN_ERRORS["head"].format(head, self.size))
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         r_views: list[memoryview] = []
@@ -220,32 +238,30 @@ class Queue:
         steps_left = self.size
         while True:
             if steps_left == 0:
-                raise QueueError(f"descriptor chain from head {head} is longer than its table "
-                                 "(a loop?)")
+                raise QueueError(CHAIN_ERRORS["loop"].format(head))
             steps_left -= 1
             addr, length, flags, nxt = self._read_desc(table, index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 # §2.7.5.3.1: INDIRECT only if negotiated ...
                 if not self.indirect:
-                    raise QueueError("indirect descriptor used but VIRTIO_F_INDIRECT_DESC not negotiated")
+                    raise QueueError(CHAIN_ERRORS["indirect_not_negotiated"])
                 # ... "MUST NOT set the VIRTQ_DESC_F_INDIRECT flag within an indirect descriptor"
                 if in_indirect:
-                    raise QueueError("indirect descriptor inside an indirect table")
+                    raise QueueError(CHAIN_ERRORS["indirect_nested"])
                 # ... "MUST NOT set both VIRTQ_DESC_F_INDIRECT and VIRTQ_DESC_F_NEXT"
                 if flags & VIRTQ_DESC_F_NEXT:
-                    raise QueueError("descriptor has both INDIRECT and NEXT set")
+                    raise QueueError(CHAIN_ERRORS["indirect_next"])
                 # §2.7.5.3: the table is len/16 descriptors; it must hold at least one, and we
                 # bound its size (see MAX_INDIRECT_DESCRIPTORS).
                 if length == 0 or length % DESC_SIZE:
-                    raise QueueError(f"indirect table length {length} is not a non-zero multiple of 16")
+                    raise QueueError(CHAIN_ERRORS["indirect_len"].format(length))
                 entries = length // DESC_SIZE
                 if entries > MAX_INDIRECT_DESCRIPTORS:
-                    raise QueueError(f"indirect table has {entries} entries, more than "
-                                     f"{MAX_INDIRECT_DESCRIPTORS}")
+                    raise QueueError(CHAIN_ERRORS["indirect_entries"].format(entries))
                 try:
                     table = self.memory.view(addr, length)
                 except GuestMemoryError:
-                    raise QueueError(f"indirect table {addr:#x}+{length} is not in guest RAM") from None
+                    raise QueueError(CHAIN_ERRORS["indirect_ram"].format(addr, length)) from None
                 # §2.7.5.3.2: an indirect table's chain starts at its entry 0 and, like any
                 # chain, visits each entry at most once.
                 table_len, index, in_indirect, steps_left = entries, 0, True, entries
@@ -256,22 +272,22 @@ class Queue:
                 if flags & VIRTQ_DESC_F_WRITE:
                     target, views = writable, w_views
                 elif writable:
-                    raise QueueError("device-readable descriptor after a device-writable one")
+                    raise QueueError(CHAIN_ERRORS["order"])
                 else:
                     target, views = readable, r_views
                 total += length
                 if total > MAX_CHAIN_BYTES:
-                    raise QueueError(f"descriptor chain describes more than {MAX_CHAIN_BYTES} bytes")
+                    raise QueueError(CHAIN_ERRORS["bytes"])
                 try:
                     views.append(self.memory.view(addr, length))
                 except GuestMemoryError:
-                    raise QueueError(f"buffer {addr:#x}+{length} is not in guest RAM") from None
+                    raise QueueError(CHAIN_ERRORS["buffer_ram"].format(addr, length)) from None
                 target.append((addr, length))
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             # §2.7.5: next indexes the same table; outside it there is no descriptor.
             if nxt >= table_len:
-                raise QueueError(f"next descriptor {nxt} is outside the {table_len}-entry table")
+                raise QueueError(CHAIN_ERRORS["next"].format(nxt, table_len))
             index = nxt
         return DescriptorChain(head, tuple(readable), tuple(writable), tuple(r_views), tuple(w_views))
 

@@ -13,7 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from device_procs.testing.chain_walks import walk_native, walk_python
 from device_procs.testing.local import LocalHarness
+from device_procs.virtio import fastpath
 from device_procs.virtio import RngDevice
 from device_procs.virtio.errors import QueueError
 from device_procs.virtio.queue import MAX_CHAIN_BYTES, Queue
@@ -82,6 +84,19 @@ def test_parse_terminates_and_stays_in_ram(ram, table, indirect, heads, avail_id
         assert [len(v) for v in chain.writable_views] == [n for _, n in chain.writable]
         q.add_used(chain.head, 0)
     pytest.fail("popped more chains than the avail ring can hold")
+
+
+@pytest.mark.skipif(not fastpath.available(), reason="the _fastpath extension is not built")
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table=tables, indirect=indirect_tables,
+       heads=st.lists(st.integers(0, SIZE + 4), min_size=SIZE, max_size=SIZE),
+       avail_idx=st.integers(0, 0xFFFF), event_idx=st.booleans(), use_indirect=st.booleans())
+def test_c_walker_gives_what_the_python_gives(ram, table, indirect, heads, avail_idx, event_idx,
+                                              use_indirect):
+    write_rings(ram, table, indirect, heads, avail_idx)
+    make = lambda: Queue(ram, SIZE, DESC, AVAIL, USED, max_size=SIZE,  # noqa: E731
+                         event_idx=event_idx, indirect=use_indirect)
+    assert walk_native(make(), SIZE + 1) == walk_python(make(), SIZE + 1)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -453,6 +453,7 @@ class DeviceHost:
             os.abort()
 
         virtio.handle_chain = handle_then_abort
+        virtio.native = False  # the next request through handle_chain, not the C loop
 
     def _forbidden_call(self, name: str) -> None:
         """Attempt a call the jail forbids.  In seccomp kill/trap mode we die here (the core sees

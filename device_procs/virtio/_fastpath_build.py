@@ -54,6 +54,10 @@ struct bh_net_counters {
         rx_dropped_oversize, rx_dropped_gso_type, rx_dropped_too_big, rx_dropped_filtered;
 };
 
+struct bh_blk_counters {
+    uint64_t chains, requests, reads, writes, bytes_read, bytes_written, errors;
+};
+
 struct bh_rx_filter {
     int32_t enabled;                   /* CTRL_RX negotiated */
     int32_t promisc, allmulti, all_unicast;
@@ -97,6 +101,8 @@ int bh_net_tx(struct bh_vq *q, struct bh_chain *c, int fd, uint64_t features, ui
 int bh_net_rx(struct bh_vq *q, struct bh_chain *c, int fd, uint64_t features, uint32_t mtu,
               const struct bh_rx_filter *f, uint8_t *bounce, uint64_t bounce_len,
               uint32_t budget, struct bh_net_counters *k, int32_t *err_out);
+int bh_blk(struct bh_vq *q, struct bh_chain *c, int fd, uint64_t capacity, int readonly,
+           struct bh_blk_counters *k);
 """)
 
 ffibuilder.set_source("device_procs.virtio._fastpath", r"""
@@ -587,6 +593,91 @@ int bh_net_rx(struct bh_vq *q, struct bh_chain *c, int fd, uint64_t features, ui
         k->rx_bytes += (uint64_t)n - HEADER_SIZE;
     }
     return BH_STOP;
+}
+
+/* -- virtio-blk (BlkDevice.handle_chain for T_IN / T_OUT, VIRTIO 1.2 §5.2.6) -------------------
+   Until the ring is empty (BH_EMPTY) or a chain the Python must take (BH_SLOW, not consumed):
+   no header or status byte, any other request type, more buffers than one preadv/pwritev
+   takes, or an I/O error (reads and writes are idempotent, so the Python runs the request
+   again and reports the error its way).  Header {le32 type, le32 reserved, le64 sector}; the
+   status is the last writable byte. */
+#define BLK_HEADER 16
+#define BLK_T_IN 0
+#define BLK_T_OUT 1
+#define BLK_S_OK 0
+#define BLK_S_IOERR 1
+#define SECTOR_SIZE 512
+
+static int blk_io(int fd, int write, struct iovec *iov, uint32_t cnt, uint64_t off, uint64_t want) {
+    uint64_t done = 0;
+    while (done < want) {
+        ssize_t n = write ? pwritev(fd, iov, (int)cnt, (off_t)(off + done))
+                          : preadv(fd, iov, (int)cnt, (off_t)(off + done));
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return -1;                 /* an error, or a short read at end of file */
+        done += (uint64_t)n;
+        while (cnt && (uint64_t)n >= iov->iov_len) { n -= (ssize_t)iov->iov_len; iov++; cnt--; }
+        if (cnt && n) { iov->iov_base = (uint8_t *)iov->iov_base + n; iov->iov_len -= (size_t)n; }
+    }
+    return 0;
+}
+
+int bh_blk(struct bh_vq *q, struct bh_chain *c, int fd, uint64_t capacity, int readonly,
+           struct bh_blk_counters *k) {
+    static struct iovec iov[BH_IOV_MAX];
+    for (;;) {
+        int rc;
+        int64_t head = next_head(q, c, &rc);
+        if (head < 0) return rc;
+        rc = bh_walk(q, (uint32_t)head, c);
+        if (rc != BH_OK) return rc;
+        if (c->rlen < BLK_HEADER || c->wlen < 1) return BH_SLOW;
+        uint8_t hdr[BLK_HEADER];
+        gather_prefix(c->riov, c->nr, hdr, BLK_HEADER);
+        uint32_t type = ld32(hdr);
+        uint64_t sector = ld64(hdr + 8);
+        if (type != BLK_T_IN && type != BLK_T_OUT) return BH_SLOW;
+        struct iovec *last = &c->wiov[c->nw - 1];
+        uint8_t *status = (uint8_t *)last->iov_base + last->iov_len - 1;
+        uint32_t cnt = 0;
+        uint64_t nbytes;
+        if (type == BLK_T_IN) {       /* every writable byte but the status */
+            for (uint32_t i = 0; i < c->nw; i++) iov[cnt++] = c->wiov[i];
+            if (--iov[cnt - 1].iov_len == 0) cnt--;
+            nbytes = c->wlen - 1;
+        } else {                      /* every readable byte after the header */
+            size_t skip = BLK_HEADER;
+            uint32_t i = 0;
+            for (; i < c->nr && skip >= c->riov[i].iov_len; i++) skip -= c->riov[i].iov_len;
+            for (; i < c->nr; i++, skip = 0) {
+                iov[cnt].iov_base = (uint8_t *)c->riov[i].iov_base + skip;
+                iov[cnt].iov_len = c->riov[i].iov_len - skip;
+                cnt++;
+            }
+            nbytes = c->rlen - BLK_HEADER;
+        }
+        /* §5.2.6.1: whole sectors; §5.2.6.2: past the end, or a write to a read-only disk,
+           is IOERR (BlkDevice._in_range, without overflow). */
+        int ok = nbytes % SECTOR_SIZE == 0 && sector <= capacity
+                 && nbytes / SECTOR_SIZE <= capacity - sector
+                 && !(type == BLK_T_OUT && readonly);
+        uint32_t written = 0;
+        if (ok) {
+            if (blk_io(fd, type == BLK_T_OUT, iov, cnt, sector * SECTOR_SIZE, nbytes) < 0)
+                return BH_SLOW;
+            if (type == BLK_T_IN) {
+                k->reads++; k->bytes_read += nbytes; written = (uint32_t)nbytes;
+            } else {
+                k->writes++; k->bytes_written += nbytes;
+            }
+        } else {
+            k->errors++;
+        }
+        *status = ok ? BLK_S_OK : BLK_S_IOERR;
+        consume(q, (uint32_t)head);
+        k->chains++; k->requests++;
+        add_used(q, (uint32_t)head, written + 1);
+    }
 }
 """)
 

@@ -17,9 +17,10 @@ import os
 import struct
 from dataclasses import dataclass
 
+from . import fastpath
 from .device import COMMON_FEATURES, VIRTIO_ID_BLOCK, VirtioDevice
 from .errors import DeviceSpecError
-from .queue import DescriptorChain, slice_views
+from .queue import DescriptorChain, Queue, slice_views
 from .rate_limiter import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -186,8 +187,9 @@ class BlkDevice(VirtioDevice):
     queue_max_sizes = [QUEUE_SIZE]
 
     def __init__(self, image: str | int, *, readonly: bool = False, serial: str = "",
-                 rate_limiter: RateLimiter | None = None) -> None:
+                 rate_limiter: RateLimiter | None = None, native: bool = True) -> None:
         super().__init__()
+        self.native = native and self.native
         serial_bytes = serial.encode()
         if len(serial_bytes) > VIRTIO_BLK_ID_BYTES:
             raise DeviceSpecError(f"blk: serial {serial!r} is longer than {VIRTIO_BLK_ID_BYTES} bytes")
@@ -201,6 +203,25 @@ class BlkDevice(VirtioDevice):
                              write_zeroes=0, get_id=0, bytes_read=0, bytes_written=0,
                              errors=0, unsupported=0, malformed=0, throttled=0)
         self.rate_limiter = rate_limiter
+
+    def drain_queue(self, index: int, queue: Queue) -> bool:
+        """Reads and writes in the C loop (`fastpath.FastRing.blk`); everything else, and all
+        of it under a rate limit, through `handle_chain`, one chain at a time."""
+        if self.rate_limiter is not None or self.held:
+            return super().drain_queue(index, queue)
+        used = False
+        while (ring := self.fast_ring(index, queue)) is not None:
+            before = queue.used_idx
+            rc = ring.blk(self.backend.fd, self.backend.capacity, self.readonly, self.counters)
+            used |= queue.used_idx != before
+            if rc == fastpath.EMPTY:
+                return used
+            chain = queue.pop()  # SLOW: this one the Python way
+            if chain is not None:
+                self.counters["chains"] += 1
+                queue.add_used(chain.head, self.handle_chain(index, chain))
+                used = True
+        return super().drain_queue(index, queue) or used
 
     def admit(self, queue_index: int, chain: DescriptorChain) -> bool:
         if self.rate_limiter is None:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from ipc_protocol.guest_memory import GuestMemoryError
 from ipc_protocol.guest_memory import GuestMemory
 
+from . import fastpath
 from .errors import QueueError
 from .queue import DescriptorChain, Queue
 
@@ -80,6 +81,14 @@ class VirtioDevice(abc.ABC):
         # handled.  Holding a popped chain is safe across a restart: a resumed queue starts at
         # the used index, so the chain is popped again (see `Queue`).
         self.held: dict[int, DescriptorChain] = {}
+        # Devices with a C loop (`fastpath`: net, blk) use it where it is built; tests turn it
+        # off to run the Python reference.
+        self.native = fastpath.available()
+        self._rings: dict[int, fastpath.FastRing] = {}
+
+    def fast_ring(self, index: int, queue: Queue) -> fastpath.FastRing | None:
+        """The C view of `queue`, or None (not built, turned off, or not usable now)."""
+        return fastpath.ring_for(self._rings, index, queue) if self.native else None
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], fds: dict[str, int]) -> "VirtioDevice":
@@ -120,6 +129,7 @@ class VirtioDevice(abc.ABC):
         self.queues = queues  # type: ignore[assignment]
         self.interrupt = interrupt
         self.held = {}
+        self._rings = {}
 
     def reset(self) -> None:
         """Status 0 (§2.4): forget the driver, its features and its queues."""
@@ -129,6 +139,7 @@ class VirtioDevice(abc.ABC):
         self.interrupt = None
         self.broken = False
         self.held = {}
+        self._rings = {}
 
     # -- host loop hooks (see the module doc) ---------------------------------------------------
     def poll_fds(self) -> list[tuple[int, int]]:

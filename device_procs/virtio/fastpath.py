@@ -7,6 +7,7 @@ paths, which remain the reference implementation (the unit tests compare both).
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 from .errors import QueueError
@@ -33,9 +34,19 @@ COUNTERS = ("chains", "tx_packets", "tx_bytes", "tx_eagain", "tx_dropped_no_head
             "rx_dropped_runt", "rx_dropped_csum", "rx_dropped_oversize", "rx_dropped_gso_type",
             "rx_dropped_too_big", "rx_dropped_filtered")
 
+BLK_COUNTERS = ("chains", "requests", "reads", "writes", "bytes_read", "bytes_written", "errors")
+
 
 def available() -> bool:
     return lib is not None
+
+
+def _address_of(view: memoryview) -> int:
+    anchor = ctypes.c_char.from_buffer(view)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
 
 
 def chain_error(code: int, a0: int, a1: int) -> QueueError:
@@ -65,11 +76,14 @@ class FastRing:
         vq.regions = self._regions
         vq.nregions = len(mem.regions)
         region = getattr(queue, "region", None)  # vhost-user's InflightQueue
-        self._inflight = ffi.from_buffer(region.view) if region is not None else None
-        vq.inflight = ffi.cast("uint8_t *", self._inflight) if region is not None else ffi.NULL
+        self._inflight = region is not None
+        # The address only, not a held buffer export (the backend releases that view when the
+        # inflight fd is replaced, which happens only while no queue, hence no ring, is live).
+        vq.inflight = ffi.cast("uint8_t *", _address_of(region.view)) if region is not None else ffi.NULL
         self.chain = ffi.new("struct bh_chain *")
         self.counters = ffi.new("struct bh_net_counters *")
         self._err = ffi.new("int32_t *")
+        self._blk_counters: Any = None
 
     def usable(self) -> bool:
         """False while the queue hands out recovered chains first (a resumed vhost-user ring)."""
@@ -78,13 +92,13 @@ class FastRing:
     def _lend(self) -> None:
         q, vq = self.queue, self.vq
         vq.next_avail, vq.used_idx = q.next_avail, q.used_idx
-        if self._inflight is not None:
+        if self._inflight:
             vq.counter = q.counter  # type: ignore[attr-defined]
 
     def _take_back(self) -> None:
         q, vq = self.queue, self.vq
         q.next_avail, q.used_idx = vq.next_avail, vq.used_idx
-        if self._inflight is not None:
+        if self._inflight:
             q.counter = vq.counter  # type: ignore[attr-defined]
 
     def _count(self, counters: dict[str, Any]) -> None:
@@ -128,6 +142,25 @@ class FastRing:
             self._count(counters)
         self._raise_if_broken(rc)
         return rc, self._err[0]
+
+    # -- virtio-blk -------------------------------------------------------------------------------
+    def blk(self, fd: int, capacity: int, readonly: bool, counters: dict[str, Any]) -> int:
+        """Serve reads and writes until the ring is empty (EMPTY) or the next chain is one the
+        Python must take (SLOW)."""
+        self._lend()
+        if self._blk_counters is None:
+            self._blk_counters = ffi.new("struct bh_blk_counters *")
+        k = self._blk_counters
+        try:
+            rc = lib.bh_blk(self.vq, self.chain, fd, capacity, int(readonly), k)
+        finally:
+            self._take_back()
+            for name in BLK_COUNTERS:
+                if v := getattr(k, name):
+                    counters[name] += v
+                    setattr(k, name, 0)
+        self._raise_if_broken(rc)
+        return rc
 
     def spilled(self, n: int, bounce: bytearray) -> tuple[bytes, int]:
         """After STOP with a spilled frame of `n` bytes: its bytes (the gathered buffers, then

@@ -161,7 +161,7 @@ class NetDevice(VirtioDevice):
         self.rx_filter = RxFilter(mac)
         # The C loops (`fastpath`) carry the common case; the Python below is the reference and
         # takes whatever they hand back (rate limits, held or spilled frames, huge chains).
-        self.native = native and fastpath.available()
+        self.native = native and self.native
         self._native_filter = fastpath.NativeFilter() if self.native else None
         self.counters.update({name: 0 for name in COUNTERS})
         self._clear_queues()
@@ -175,10 +175,6 @@ class NetDevice(VirtioDevice):
         self._tx_waiting: _TxFrame | None = None
         self._tx_want_pollout = False
         self._tx_throttled = False
-        self._rings: dict[int, fastpath.FastRing] = {}
-
-    def _fast_ring(self, index: int, queue: Queue) -> fastpath.FastRing | None:
-        return fastpath.ring_for(self._rings, index, queue) if self.native else None
 
     # -- spec -----------------------------------------------------------------------------------
     @classmethod
@@ -337,7 +333,7 @@ class NetDevice(VirtioDevice):
         used = False
         self._tx_throttled = False
         while True:
-            ring = (self._fast_ring(TRANSMITQ, queue)
+            ring = (self.fast_ring(TRANSMITQ, queue)
                     if self._tx_waiting is None and self.tx_limiter is None else None)
             if ring is not None:
                 before = queue.used_idx
@@ -430,7 +426,7 @@ class NetDevice(VirtioDevice):
         self._rx_throttled = False
         used = False
         budget = RX_BUDGET
-        ring = self._fast_ring(RECEIVEQ, queue) if self._rx_native_ok() else None
+        ring = self.fast_ring(RECEIVEQ, queue) if self._rx_native_ok() else None
         if ring is not None:
             assert self._native_filter is not None
             before = queue.used_idx

@@ -35,11 +35,26 @@ def image(tmp_path) -> str:
     return str(path)
 
 
-@pytest.fixture
-def blk(memory, image) -> Iterator[Harness]:
-    dev = BlkDevice(image, serial="bulkhead-disk-0")
+def _blk(memory, image: str, native: bool) -> Iterator[Harness]:
+    dev = BlkDevice(image, serial="bulkhead-disk-0", native=native)
     yield Harness(dev, memory)
     dev.close()
+
+
+@pytest.fixture(params=["native", "python"])
+def blk(memory, image, request) -> Iterator[Harness]:
+    """Through both paths: the C loop (`fastpath`) and the Python reference."""
+    yield from _blk(memory, image, request.param == "native")
+
+
+@pytest.fixture
+def blk_native(memory, image) -> Iterator[Harness]:
+    yield from _blk(memory, image, True)
+
+
+@pytest.fixture
+def blk_python(memory, image) -> Iterator[Harness]:
+    yield from _blk(memory, image, False)
 
 
 @pytest.fixture

@@ -506,7 +506,7 @@ class Crash(BaseException):
 
 
 def test_a_fresh_backend_resubmits_what_a_crashed_one_left_in_flight(image) -> None:
-    first = Bench(BlkDevice(image))
+    first = Bench(BlkDevice(image, native=False))  # the crash is injected into handle_chain
     second = None
     try:
         (q,) = first.up()

@@ -19,7 +19,7 @@ CASE_IDS = [name for name, _ in hostile.CHAIN_CASES]
 
 
 @pytest.mark.parametrize("build", CHAIN_CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("harness", ["blk", "rng"])
+@pytest.mark.parametrize("harness", ["blk_native", "blk_python", "rng"])
 def test_hostile_chain_needs_reset(request, harness, build):
     h = request.getfixturevalue(harness)
     h.driver.init()

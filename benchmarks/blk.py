@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from device_procs.testing.driver import Buffer  # noqa: E402
 from device_procs.testing.vhost_frontend import VhostUserFrontend  # noqa: E402
 from vmm_core.testing.process import ProcessHarness  # noqa: E402
-from vmm_core.testing.uml import BulkheadBlkBackend, QsdBlkBackend  # noqa: E402
+from vmm_core.testing.uml import BulkheadBlkBackend, QsdBlkBackend, cpu_seconds  # noqa: E402
 
 IMAGE_BYTES = 64 << 20
 SECTOR = 512
@@ -52,8 +52,8 @@ _HEADER = struct.Struct("<IIQ")
 
 
 def device_workload(driver, wait_interrupt: Callable[[float], bool], op: int, size: int,
-                    depth: int, offsets: list[int], seconds: float) -> float:
-    """Requests per second: batches of `depth` requests, one kick, wait for the interrupt."""
+                    depth: int, offsets: list[int], seconds: float) -> tuple[int, float]:
+    """(requests, seconds): batches of `depth` requests, one kick, wait for the interrupt."""
     q = driver.queue(0)
     arena, memory = driver.arena, driver.memory
     # A request pool placed once, as a real driver keeps one: header, data, status per slot.
@@ -79,7 +79,7 @@ def device_workload(driver, wait_interrupt: Callable[[float], bool], op: int, si
             if got < depth and not wait_interrupt(5.0):
                 raise SystemExit("no interrupt within 5 s: the backend stalled")
         done += depth
-    return done / (time.perf_counter() - start)
+    return done, time.perf_counter() - start
 
 
 def wait_eventfd(fd: int) -> Callable[[float], bool]:
@@ -105,6 +105,7 @@ class VhostBackend:
         self.frontend.driver.init()
         self.driver = self.frontend.driver
         self.wait = wait_eventfd(self.frontend.calls[0])
+        self.pids = backend.pids
 
     def close(self) -> None:
         self.frontend.close()
@@ -130,19 +131,31 @@ BACKENDS = ("mmio", "bulkhead-vu", "qsd-threads", "qsd-io_uring")
 
 
 def open_backend(name: str, path: str, stack: contextlib.ExitStack):
-    """(driver, wait_interrupt) of one backend, closed with `stack`."""
+    """(driver, wait_interrupt, pids) of one backend, closed with `stack`; `pids()` are the
+    processes whose CPU time serves it (the device; for a vhost-user backend also its launcher
+    or daemon threads' process)."""
     if name == "mmio":
         h = stack.enter_context(ProcessHarness({"type": "blk", "path": path}, ram_mib=128,
                                                timeout=5.0))
         h.driver.init()
-        return h.driver, h.wait_interrupt
+        return h.driver, h.wait_interrupt, lambda: [h.proc.pid]
     backend = {"bulkhead-vu": lambda: BulkheadBlkBackend(locking=False),
                "qsd-threads": lambda: QsdBlkBackend(aio="threads", locking=False),
                "qsd-io_uring": lambda: QsdBlkBackend(aio="io_uring", iothread=True,
                                                      locking=False)}[name]()
     vb = VhostBackend(backend, path)
     stack.callback(vb.close)
-    return vb.driver, vb.wait
+    return vb.driver, vb.wait, vb.pids
+
+
+def backend_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            pass  # gone
+    return total
 
 
 def main() -> None:
@@ -185,28 +198,40 @@ def main() -> None:
               f"rounds x {args.seconds} s, order rotated each round)")
         for label, op, size, depth, offsets in cases:
             runs: dict[str, list[float]] = {n: [] for n in [*names, "raw"]}
+            cpu: dict[str, list[float]] = {n: [] for n in names}  # backend CPU µs per request
             order = [*names, "raw"]
             for r in range(args.rounds):
                 for n in order[r % len(order):] + order[:r % len(order)]:
                     if n == "raw":
                         runs[n].append(raw_workload(fd, op, size, offsets, args.seconds))
                     else:
-                        driver, wait = opened[n]
-                        runs[n].append(device_workload(driver, wait, op, size, depth, offsets,
-                                                       args.seconds))
+                        driver, wait, pids = opened[n]
+                        before = backend_cpu(pids())
+                        done, secs = device_workload(driver, wait, op, size, depth, offsets,
+                                                     args.seconds)
+                        runs[n].append(done / secs)
+                        cpu[n].append((backend_cpu(pids()) - before) / done * 1e6)
             med = {n: statistics.median(v) for n, v in runs.items()}
             mib = size / (1 << 20)
             print(f"{label}:")
             for n in order:
+                per_req = f"  backend CPU {statistics.median(cpu[n]):6.1f} us/req" if n in cpu else ""
                 print(f"  {n:<14} {med[n]:9.0f} req/s ({med[n] * mib:7.1f} MiB/s)  "
-                      f"{med[n] / med['raw']:5.2f}x raw")
+                      f"{med[n] / med['raw']:5.2f}x raw{per_req}")
             peers = [n for n in names if n.startswith("qsd")]
             if peers:
                 best = max(peers, key=med.get)
                 for ours in (n for n in names if not n.startswith("qsd")):
                     ratio = med[ours] / med[best]
+                    left = "" if ratio >= 1.0 else (
+                        f"; left: {(1 / med[ours] - 1 / med[best]) * 1e6:.1f} us per request")
                     print(f"  {ours} / best peer ({best}) {ratio:5.2f}x  "
-                          f"goal >= 1.0x: {'met' if ratio >= 1.0 else 'NOT met'}")
+                          f"goal >= 1.0x: {'met' if ratio >= 1.0 else 'NOT met'}{left}")
+                if size >= 1 << 20:
+                    for ours in (n for n in names if not n.startswith("qsd")):
+                        raw_ratio = med[ours] / med["raw"]
+                        print(f"  {ours} / raw {raw_ratio:5.2f}x  goal >= 0.8x: "
+                              f"{'met' if raw_ratio >= 0.8 else 'NOT met'}")
 
 GUEST_SECTORS, GUEST_ROUNDS, CHUNK_SECTORS = 512, 60, 8  # guest_kit: 8 sectors per request
 

@@ -319,6 +319,29 @@ static int64_t next_head(struct bh_vq *q, struct bh_chain *c, int *rc) {
     }
 }
 
+/* The next available chain, walked into `c` (not consumed): BH_OK with *head, or what stops. */
+static int next_chain(struct bh_vq *q, struct bh_chain *c, int64_t *head) {
+    int rc;
+    *head = next_head(q, c, &rc);
+    if (*head < 0) return rc;
+    return bh_walk(q, (uint32_t)*head, c);
+}
+
+/* dst[at..] = the buffers of src after its first `skip` bytes; the new count, or room + 1 when
+   they do not fit in `room` entries. */
+static uint32_t iov_after(const struct iovec *src, uint32_t n, size_t skip, struct iovec *dst,
+                          uint32_t at, uint32_t room) {
+    uint32_t i = 0;
+    for (; i < n && skip >= src[i].iov_len; i++) skip -= src[i].iov_len;
+    for (; i < n; i++, skip = 0) {
+        if (at == room) return room + 1;
+        dst[at].iov_base = (uint8_t *)src[i].iov_base + skip;
+        dst[at].iov_len = src[i].iov_len - skip;
+        at++;
+    }
+    return at;
+}
+
 /* -- virtio-net header checks (net_header.check_tx / check_rx, same order) ------------------ */
 struct hdr { uint8_t flags, gso_type; uint16_t hdr_len, gso_size, csum_start, csum_offset; };
 
@@ -385,10 +408,8 @@ static void gather_prefix(const struct iovec *iov, uint32_t cnt, uint8_t *out, s
 int bh_net_tx(struct bh_vq *q, struct bh_chain *c, int fd, uint64_t features, uint32_t mtu,
               struct bh_net_counters *k, int32_t *err_out) {
     for (;;) {
-        int rc;
-        int64_t head = next_head(q, c, &rc);
-        if (head < 0) return rc;
-        rc = bh_walk(q, (uint32_t)head, c);
+        int64_t head;
+        int rc = next_chain(q, c, &head);
         if (rc != BH_OK) return rc;
         if (c->rlen < HEADER_SIZE) {
             consume(q, head); k->chains++; k->tx_dropped_no_header++;
@@ -412,18 +433,10 @@ int bh_net_tx(struct bh_vq *q, struct bh_chain *c, int fd, uint64_t features, ui
         /* The tap gets the header that was checked, not the guest's bytes again (which the
            guest may rewrite meanwhile): our copy, then the frame after the header. */
         struct iovec *iov = c->wiov;  /* free on the transmitq: device-writable buffers are ignored */
-        uint32_t niov = 1, i = 0;
-        size_t skip = HEADER_SIZE;
         iov[0].iov_base = raw;
         iov[0].iov_len = HEADER_SIZE;
-        for (; i < c->nr && skip >= c->riov[i].iov_len; i++)
-            skip -= c->riov[i].iov_len;
-        for (; i < c->nr; i++, skip = 0) {
-            if (niov == BH_IOV_MAX) return BH_SLOW;  /* writev's limit: the Python takes it */
-            iov[niov].iov_base = (uint8_t *)c->riov[i].iov_base + skip;
-            iov[niov].iov_len = c->riov[i].iov_len - skip;
-            niov++;
-        }
+        uint32_t niov = iov_after(c->riov, c->nr, HEADER_SIZE, iov, 1, BH_IOV_MAX);
+        if (niov > BH_IOV_MAX) return BH_SLOW;  /* writev's limit: the Python takes it */
         ssize_t n;
         do {
             n = writev(fd, iov, (int)niov);
@@ -626,10 +639,8 @@ int bh_blk(struct bh_vq *q, struct bh_chain *c, int fd, uint64_t capacity, int r
            struct bh_blk_counters *k) {
     static struct iovec iov[BH_IOV_MAX];
     for (;;) {
-        int rc;
-        int64_t head = next_head(q, c, &rc);
-        if (head < 0) return rc;
-        rc = bh_walk(q, (uint32_t)head, c);
+        int64_t head;
+        int rc = next_chain(q, c, &head);
         if (rc != BH_OK) return rc;
         if (c->rlen < BLK_HEADER || c->wlen < 1) return BH_SLOW;
         uint8_t hdr[BLK_HEADER];
@@ -646,14 +657,7 @@ int bh_blk(struct bh_vq *q, struct bh_chain *c, int fd, uint64_t capacity, int r
             if (--iov[cnt - 1].iov_len == 0) cnt--;
             nbytes = c->wlen - 1;
         } else {                      /* every readable byte after the header */
-            size_t skip = BLK_HEADER;
-            uint32_t i = 0;
-            for (; i < c->nr && skip >= c->riov[i].iov_len; i++) skip -= c->riov[i].iov_len;
-            for (; i < c->nr; i++, skip = 0) {
-                iov[cnt].iov_base = (uint8_t *)c->riov[i].iov_base + skip;
-                iov[cnt].iov_len = c->riov[i].iov_len - skip;
-                cnt++;
-            }
+            cnt = iov_after(c->riov, c->nr, BLK_HEADER, iov, 0, BH_IOV_MAX);
             nbytes = c->rlen - BLK_HEADER;
         }
         /* §5.2.6.1: whole sectors; §5.2.6.2: past the end, or a write to a read-only disk,

@@ -244,6 +244,31 @@ def test_tx_indirect_chain(net):
     assert net.host_recv_all() == [bytes(12) + frame]
 
 
+def test_tx_chain_of_more_buffers_than_writev_takes_is_still_sent(net):
+    """1 084 descriptors (60 direct, then an indirect table of 1 024): past IOV_MAX, so the C loop
+    hands it to the Python path, which sends it whole."""
+    net.init(BASIC)
+    q, arena = net.driver.queue(1), net.driver.arena
+    frame = ether(1069)  # 1 083 bytes: with the header, 1 084 pieces
+    pieces = [bytes(12)] + [frame[i:i + 1] for i in range(len(frame))]
+    addrs = []
+    for p in pieces:
+        addrs.append(arena.alloc(len(p)))
+        net.memory.write(addrs[-1], p)
+    table = arena.alloc(16 * 1024, 16)
+    for i in range(1024):  # the last 1 024 pieces, through the table
+        a = addrs[60 + i]
+        q.write_desc(i, a, len(pieces[60 + i]), 1 if i < 1023 else 0, i + 1, table=table)
+    for i in range(60):
+        q.write_desc(i, addrs[i], len(pieces[i]), 1, i + 1)
+    q.write_desc(60, table, 16 * 1024, 4)  # VIRTQ_DESC_F_INDIRECT
+    q.publish(0)
+    q.kick()
+    net.pump()
+    assert net.host_recv_all() == [bytes(12) + frame]
+    assert net.c["tx_packets"] == 1 and q.used_idx() == 1
+
+
 TX_BAD = [
     # (features, header fields, frame length, counter)
     (BASIC, {}, 10, "runt"),

@@ -25,6 +25,7 @@ from pathlib import Path
 from jail.errors import CgroupError
 
 CONTROLLERS = ("memory", "pids", "cpu")
+IO_CONTROLLER = "blkio"  # v1; only when the VM has io limits (cgroup v2: "io")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 STALE_AGE = 60.0  # s: an empty VM cgroup younger than this may belong to a VM being built
 
@@ -74,6 +75,18 @@ def _write(path: Path, value: str) -> None:
 TENANT_PREFIX = "tenant-"  # bulkhead/tenant-<name>/<vm>: a tenant's VMs, never a VM itself
 
 
+@dataclass(frozen=True)
+class IoLimit:
+    """Throttles on one block device ("MAJ:MIN" of a whole disk) for a VM's cgroup: v1
+    blkio.throttle.*_device, v2 io.max.  None leaves a direction unlimited."""
+
+    device: str
+    read_bps: int | None = None
+    write_bps: int | None = None
+    read_iops: int | None = None
+    write_iops: int | None = None
+
+
 @dataclass
 class VmCgroup:
     """One VM's cgroup directories (one for v2, one per controller for v1)."""
@@ -85,11 +98,13 @@ class VmCgroup:
     @classmethod
     def create(cls, name: str, *, memory_max: int | None = None, pids_max: int | None = None,
                cpu_quota: float | None = None, version: int | None = None,
-               tenant: str | None = None) -> VmCgroup:
+               tenant: str | None = None, io: tuple[IoLimit, ...] = ()) -> VmCgroup:
         """Create (or reuse, if empty) the VM's cgroup and set its limits: `bulkhead/<name>`,
         or `bulkhead/tenant-<tenant>/<name>` for a tenant's VM.
 
-        `cpu_quota` is in CPUs (1.5 = one and a half CPUs).  `version` forces 1 or 2.
+        `cpu_quota` is in CPUs (1.5 = one and a half CPUs).  `version` forces 1 or 2.  `io`
+        throttles block devices (v1 throttles direct and read-from-disk I/O only: buffered
+        writes are written back outside the cgroup).
         """
         if not _NAME.fullmatch(name):
             raise CgroupError(f"cgroup: bad name {name!r} (letters, digits, . _ - only)")
@@ -101,13 +116,14 @@ class VmCgroup:
             v2 = _pick_v2(mounts, own)
             if v2 is not None:
                 cg = cls(name, 2, {"": v2 / "bulkhead" / rel})
-                cg._make(enable_in=v2)
+                cg._make(enable_in=v2, io=bool(io))
                 cg.set_limits(memory_max, pids_max, cpu_quota)
+                cg.set_io(io)
                 return cg
             if version == 2:
                 raise CgroupError("cgroup: no writable cgroup2 mount with memory, pids and cpu")
         dirs: dict[str, Path] = {}
-        for ctrl in CONTROLLERS:
+        for ctrl in CONTROLLERS + ((IO_CONTROLLER,) if io else ()):
             m = next((m for m in mounts if m.fstype == "cgroup" and ctrl in m.options), None)
             if m is None or not m.writable:
                 raise CgroupError(f"cgroup: no writable v1 hierarchy has the {ctrl!r} controller")
@@ -115,9 +131,30 @@ class VmCgroup:
         cg = cls(name, 1, dirs)
         cg._make()
         cg.set_limits(memory_max, pids_max, cpu_quota)
+        cg.set_io(io)
         return cg
 
-    def _make(self, enable_in: Path | None = None) -> None:
+    def set_io(self, limits: tuple[IoLimit, ...]) -> None:
+        """Write the block-device throttles (a failure, e.g. a device the kernel does not
+        throttle, is a CgroupError: limits asked for must be in force)."""
+        for lim in limits:
+            values = {"read_bps": lim.read_bps, "write_bps": lim.write_bps,
+                      "read_iops": lim.read_iops, "write_iops": lim.write_iops}
+            try:
+                if self.version == 2:
+                    v2 = {"read_bps": "rbps", "write_bps": "wbps", "read_iops": "riops",
+                          "write_iops": "wiops"}
+                    _write(self.dirs[""] / "io.max", lim.device + "".join(
+                        f" {v2[k]}={v}" for k, v in values.items() if v is not None))
+                else:
+                    for key, value in values.items():
+                        if value is not None:
+                            _write(self.dirs[IO_CONTROLLER] / f"blkio.throttle.{key}_device",
+                                   f"{lim.device} {value}")
+            except CgroupError as e:
+                raise CgroupError(f"{e} (io limit on block device {lim.device})") from None
+
+    def _make(self, enable_in: Path | None = None, io: bool = False) -> None:
         for d in self.dirs.values():
             try:
                 if enable_in is not None:  # v2: controllers must be enabled down the path
@@ -126,7 +163,8 @@ class VmCgroup:
                         chain.append(enable_in / p)
                     for p in chain:
                         p.mkdir(exist_ok=True)
-                        _write(p / "cgroup.subtree_control", "+memory +pids +cpu")
+                        _write(p / "cgroup.subtree_control",
+                               "+memory +pids +cpu" + (" +io" if io else ""))
                 d.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise CgroupError(f"cgroup: cannot create {d}: {err.strerror}") from None
@@ -164,8 +202,10 @@ class VmCgroup:
         in `core/`)."""
         if not _NAME.fullmatch(name):
             raise CgroupError(f"cgroup: bad name {name!r} (letters, digits, . _ - only)")
+        # Not below the VM's blkio cgroup: its processes stay in the VM's, whose throttles are
+        # then certainly theirs (v1 throttling is not hierarchical everywhere).
         cg = VmCgroup(f"{self.name}/{name}", self.version,
-                      {c: d / name for c, d in self.dirs.items()})
+                      {c: d / name for c, d in self.dirs.items() if c != IO_CONTROLLER})
         if self.version == 2:
             _write(self.dirs[""] / "cgroup.subtree_control", "+memory +pids +cpu")
         for d in cg.dirs.values():
@@ -318,7 +358,7 @@ def reap_stale(live_names: set[str]) -> list[str]:
         if m.fstype == "cgroup2":
             bases.append(m.path / own.get("", "/").lstrip("/") / "bulkhead")
         else:
-            for ctrl in CONTROLLERS:
+            for ctrl in CONTROLLERS + (IO_CONTROLLER,):
                 if ctrl in m.options:
                     bases.append(m.path / own.get(ctrl, "/").lstrip("/") / "bulkhead")
     for base in bases:

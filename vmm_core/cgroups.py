@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from jail.cgroup import VmCgroup, outside, reap_stale
+from jail.cgroup import IoLimit, VmCgroup, outside, reap_stale
 from jail.errors import CgroupError
 
 from .errors import ConfigError
@@ -27,6 +27,7 @@ class CgroupLimits:
     required: bool = False  # the user asked for limits: failing to set them is an error
     cpu_quota: float | None = None  # CPUs, for the core and all its devices together
     tenant: str | None = None       # bulkhead/tenant-<tenant>/<vm>
+    io: tuple[IoLimit, ...] = ()    # throttles on the block devices holding the disk images
 
 
 class VmCgroupMembership:
@@ -34,7 +35,7 @@ class VmCgroupMembership:
         try:
             self.cgroup = VmCgroup.create(name, memory_max=limits.memory_max,
                                           pids_max=limits.pids_max, cpu_quota=limits.cpu_quota,
-                                          tenant=limits.tenant)
+                                          tenant=limits.tenant, io=limits.io)
         except CgroupError as e:
             if limits.required:
                 raise ConfigError(f"{e}; run without --cgroup-memory-mib/--cgroup-pids-max or "
@@ -74,6 +75,33 @@ class VmCgroupMembership:
             self.cgroup.remove()
         except CgroupError as e:
             log.warning("%s", e)
+
+
+def block_device_of(path: str) -> str:
+    """"MAJ:MIN" of the whole disk holding file `path` (what blkio/io throttles take; a
+    partition's is its disk's), or ConfigError naming the file and what to do."""
+    try:
+        dev = os.stat(path).st_dev
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    sys_dir = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+    if os.major(dev) == 0 or not os.path.isdir(sys_dir):
+        raise ConfigError(f"{path} is on a filesystem without a block device (tmpfs, overlay, "
+                          "NFS?): io limits throttle block devices; put the image on a disk's "
+                          "filesystem or drop the --cgroup-io-* limits")
+    if os.path.exists(os.path.join(sys_dir, "partition")):
+        sys_dir = os.path.join(os.path.realpath(sys_dir), "..")
+    with open(os.path.join(sys_dir, "dev")) as f:
+        return f.read().strip()
+
+
+def io_limits(paths: list[str], read_bps: int | None, write_bps: int | None,
+              read_iops: int | None, write_iops: int | None) -> tuple[IoLimit, ...]:
+    """One IoLimit per block device under the images at `paths` (none if no limit is given)."""
+    if all(v is None for v in (read_bps, write_bps, read_iops, write_iops)):
+        return ()
+    devices = list(dict.fromkeys(block_device_of(p) for p in paths))
+    return tuple(IoLimit(d, read_bps, write_bps, read_iops, write_iops) for d in devices)
 
 
 def join_vm_cgroup(name: str, limits: CgroupLimits | None) -> VmCgroupMembership | None:

@@ -188,6 +188,11 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
                    help="tasks limit of the VM's cgroup (default 512)")
     p.add_argument("--cgroup-cpu-quota", type=float, metavar="CPUS",
                    help="CPU quota of the VM's cgroup (core + devices), e.g. 1.5")
+    for flag, what in (("read-bps", "bytes/s read"), ("write-bps", "bytes/s written"),
+                       ("read-iops", "read requests/s"), ("write-iops", "write requests/s")):
+        p.add_argument(f"--cgroup-io-{flag}", type=_positive_int, metavar="N",
+                       help=f"cgroup io limit, {what}, on each block device holding a disk image "
+                            "(direct and read-from-disk I/O; see docs/deploy.md)")
     p.add_argument("--tenant", type=_tenant, metavar="NAME",
                    help="the tenant this VM belongs to: its cgroup is bulkhead/tenant-NAME/VM and "
                         "its jail uid/gid come from the tenant's --uid-range")
@@ -326,7 +331,7 @@ def _config_from_args(args: argparse.Namespace, scratch: str):
                             if args.device_memory_mib >= 0 else -1,
                             device_cpu_quota=args.device_cpu_quota or None)
     return VmConfig(kernel=kernel, cmdline=cmdline.strip(), mem_mib=args.mem, vcpus=vcpus,
-                    cgroup=_cgroup_limits(args),
+                    cgroup=_cgroup_limits(args, devices),
                     serial=args.serial, initrd=args.initrd, name=args.name, devices=devices,
                     sandbox=not args.no_sandbox, device_options=options)
 
@@ -338,20 +343,25 @@ def _jail_options(args: argparse.Namespace):
     return JailOptions(seccomp=args.seccomp, uid=args.jail_uid, gid=args.jail_gid)
 
 
-def _cgroup_limits(args: argparse.Namespace):
-    from .cgroups import DEFAULT_PIDS_MAX, CgroupLimits
+def _cgroup_limits(args: argparse.Namespace, devices: list):
+    from .cgroups import DEFAULT_PIDS_MAX, CgroupLimits, io_limits
+    io_args = (args.cgroup_io_read_bps, args.cgroup_io_write_bps, args.cgroup_io_read_iops,
+               args.cgroup_io_write_iops)
     asked = args.cgroup_memory_mib is not None or args.cgroup_pids_max is not None \
-        or args.cgroup_cpu_quota is not None
+        or args.cgroup_cpu_quota is not None or any(v is not None for v in io_args)
     if args.no_cgroup:
         if asked or args.tenant:
             raise BulkheadError("--no-cgroup cannot be combined with --tenant or "
-                                "--cgroup-memory-mib/--cgroup-pids-max/--cgroup-cpu-quota")
+                                "--cgroup-memory-mib/--cgroup-pids-max/--cgroup-cpu-quota/"
+                                "--cgroup-io-*")
         return None
     if args.cgroup_cpu_quota is not None and not 0.01 <= args.cgroup_cpu_quota <= 1024:
         raise BulkheadError(f"--cgroup-cpu-quota {args.cgroup_cpu_quota:g}: give 0.01 to 1024 CPUs")
     return CgroupLimits(memory_max=None if args.cgroup_memory_mib is None else args.cgroup_memory_mib << 20,
                         pids_max=args.cgroup_pids_max or DEFAULT_PIDS_MAX, required=asked or bool(args.tenant),
-                        cpu_quota=args.cgroup_cpu_quota, tenant=args.tenant)
+                        cpu_quota=args.cgroup_cpu_quota, tenant=args.tenant,
+                        io=io_limits([d.params["path"] for d in devices
+                                      if d.kind == "blk" and d.params.get("path")], *io_args))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -85,3 +85,53 @@ def test_sighup_tears_the_vm_down_like_sigterm(tmp_path):
             open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in "ZX"
     assert not os.path.exists(f"/sys/fs/cgroup/pids{core['pids']}")
     assert registry.lookup(name) is None and not os.path.exists(entry.runtime_dir)
+
+
+def test_io_limits_throttle_the_disk_images_block_device_for_core_and_devices(tmp_path):
+    """--cgroup-io-*: the VM's blkio cgroup throttles the whole disk under the image; the blk
+    device process stays in it (its own cgroups carry memory, pids and cpu only), and its disk
+    I/O is accounted there."""
+    from vmm_core.cgroups import block_device_of
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(1 << 20))
+    disk = block_device_of(str(image))
+    fd = os.open(image, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # so the guest's reads reach the disk
+    os.close(fd)
+    name = f"io{os.getpid()}"
+    vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", str(image), "--hold",
+                      "--name", name, "--cgroup-io-read-bps", "52428800",
+                      "--cgroup-io-write-iops", "5000", "--cmdline", "gk.tests=virtio-blk")
+    try:
+        wait_done(vm)
+        core = cgroup_paths(vm.pid)
+        assert core["blkio"].endswith(f"/bulkhead/{name}"), core
+        blkio = f"/sys/fs/cgroup/blkio{core['blkio']}"
+        assert open(f"{blkio}/blkio.throttle.read_bps_device").read().split() == [disk, "52428800"]
+        assert open(f"{blkio}/blkio.throttle.write_iops_device").read().split() == [disk, "5000"]
+        blk = device_pids(vm.pid)["blk0"]
+        assert cgroup_paths(blk)["blkio"] == core["blkio"]          # throttled with the VM
+        assert cgroup_paths(blk)["pids"] == f"{core['pids']}/blk0"  # its own for the rest
+        served = open(f"{blkio}/blkio.throttle.io_service_bytes_recursive").read()
+        assert any(line.split()[:2] == [disk, "Total"] and int(line.split()[2]) > 0
+                   for line in served.splitlines()), served
+        vm.proc.send_signal(signal.SIGTERM)
+        assert vm.wait(30) == 143, vm.explain()
+    finally:
+        vm.kill()
+    assert not os.path.exists(blkio)
+
+
+def test_io_limits_on_an_image_without_a_block_device_is_one_clear_error():
+    path = f"/dev/shm/bulkhead-io-test-{os.getpid()}.img"
+    with open(path, "wb") as f:
+        f.truncate(1 << 20)
+    try:
+        run = run_bulkhead("run", "--kernel", TEST_GUEST, "--disk", path,
+                           "--cgroup-io-read-bps", "1000000")
+    finally:
+        os.unlink(path)
+    assert run.returncode == 2, run.explain()
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "without a block device" in lines[0] and path in lines[0], run.stderr

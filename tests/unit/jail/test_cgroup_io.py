@@ -1,0 +1,60 @@
+"""io limits: the files each cgroup version gets, and which block device an image is on."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from jail.cgroup import IO_CONTROLLER, IoLimit, VmCgroup
+from vmm_core.cgroups import block_device_of, io_limits
+from vmm_core.errors import ConfigError
+
+
+def test_v1_writes_one_throttle_file_per_direction(tmp_path):
+    cg = VmCgroup("vm", 1, {IO_CONTROLLER: tmp_path})
+    cg.set_io((IoLimit("253:0", read_bps=1000, write_iops=7),))
+    assert (tmp_path / "blkio.throttle.read_bps_device").read_text() == "253:0 1000"
+    assert (tmp_path / "blkio.throttle.write_iops_device").read_text() == "253:0 7"
+    assert not (tmp_path / "blkio.throttle.write_bps_device").exists()
+
+
+def test_v2_writes_one_io_max_line(tmp_path):
+    cg = VmCgroup("vm", 2, {"": tmp_path})
+    cg.set_io((IoLimit("8:0", read_bps=5, write_bps=6, read_iops=7, write_iops=8),))
+    assert (tmp_path / "io.max").read_text() == "8:0 rbps=5 wbps=6 riops=7 wiops=8"
+
+
+def test_device_cgroups_stay_in_the_vms_blkio_cgroup(tmp_path):
+    for c in ("memory", IO_CONTROLLER):
+        (tmp_path / c).mkdir()
+    cg = VmCgroup("vm", 1, {"memory": tmp_path / "memory", IO_CONTROLLER: tmp_path / IO_CONTROLLER})
+    child = cg.child("blk0")
+    assert set(child.dirs) == {"memory"}
+
+
+def test_an_image_on_a_disk_names_its_whole_disk(tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"x")
+    dev = os.stat(image).st_dev
+    if os.major(dev) == 0:
+        pytest.skip("the test directory is not on a block device here")
+    major, minor = block_device_of(str(image)).split(":")
+    sys_dir = os.path.realpath(f"/sys/dev/block/{major}:{minor}")
+    assert not os.path.exists(os.path.join(sys_dir, "partition"))  # a disk, not a partition
+    assert io_limits([str(image), str(image)], 1, None, None, None) == (
+        IoLimit(f"{major}:{minor}", read_bps=1),)  # one per device
+
+
+def test_no_limits_need_no_block_device():
+    assert io_limits(["/dev/shm/whatever"], None, None, None, None) == ()
+
+
+def test_an_image_on_tmpfs_is_refused_with_what_to_do():
+    path = f"/dev/shm/bulkhead-unit-{os.getpid()}.img"
+    open(path, "wb").close()
+    try:
+        with pytest.raises(ConfigError, match="without a block device"):
+            block_device_of(path)
+    finally:
+        os.unlink(path)

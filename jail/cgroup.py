@@ -87,6 +87,32 @@ class IoLimit:
     write_iops: int | None = None
 
 
+@dataclass(frozen=True)
+class TenantLimits:
+    """What all of one tenant's VMs may use together (None: no limit of the tenant's own)."""
+
+    memory_max: int | None = None
+    pids_max: int | None = None
+    cpu_quota: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.memory_max is None and self.pids_max is None and self.cpu_quota is None
+
+    def as_reported(self, version: int) -> dict[str, str]:
+        """The given limits as `VmCgroup.limits()` reads them back."""
+        period = 100_000
+        out: dict[str, str] = {}
+        if self.memory_max is not None:
+            out["memory"] = str(self.memory_max // 4096 * 4096)
+        if self.pids_max is not None:
+            out["pids"] = str(self.pids_max)
+        if self.cpu_quota is not None:
+            q = int(self.cpu_quota * period)
+            out["cpu"] = f"{q} {period}" if version == 2 else str(q)
+        return out
+
+
 @dataclass
 class VmCgroup:
     """One VM's cgroup directories (one for v2, one per controller for v1)."""
@@ -98,13 +124,16 @@ class VmCgroup:
     @classmethod
     def create(cls, name: str, *, memory_max: int | None = None, pids_max: int | None = None,
                cpu_quota: float | None = None, version: int | None = None,
-               tenant: str | None = None, io: tuple[IoLimit, ...] = ()) -> VmCgroup:
+               tenant: str | None = None, io: tuple[IoLimit, ...] = (),
+               tenant_limits: TenantLimits | None = None) -> VmCgroup:
         """Create (or reuse, if empty) the VM's cgroup and set its limits: `bulkhead/<name>`,
         or `bulkhead/tenant-<tenant>/<name>` for a tenant's VM.
 
         `cpu_quota` is in CPUs (1.5 = one and a half CPUs).  `version` forces 1 or 2.  `io`
         throttles block devices (v1 throttles direct and read-from-disk I/O only: buffered
-        writes are written back outside the cgroup).
+        writes are written back outside the cgroup).  `tenant_limits` bound all of the tenant's
+        VMs together, on `bulkhead/tenant-<tenant>` (set before the VM's own, which v1 wants
+        no larger than its parent's).
         """
         if not _NAME.fullmatch(name):
             raise CgroupError(f"cgroup: bad name {name!r} (letters, digits, . _ - only)")
@@ -117,8 +146,7 @@ class VmCgroup:
             if v2 is not None:
                 cg = cls(name, 2, {"": v2 / "bulkhead" / rel})
                 cg._make(enable_in=v2, io=bool(io))
-                cg.set_limits(memory_max, pids_max, cpu_quota)
-                cg.set_io(io)
+                cg._limit(memory_max, pids_max, cpu_quota, io, tenant_limits)
                 return cg
             if version == 2:
                 raise CgroupError("cgroup: no writable cgroup2 mount with memory, pids and cpu")
@@ -130,9 +158,43 @@ class VmCgroup:
             dirs[ctrl] = m.path / own.get(ctrl, "/").lstrip("/") / "bulkhead" / rel
         cg = cls(name, 1, dirs)
         cg._make()
-        cg.set_limits(memory_max, pids_max, cpu_quota)
-        cg.set_io(io)
+        cg._limit(memory_max, pids_max, cpu_quota, io, tenant_limits)
         return cg
+
+    def _limit(self, memory_max: int | None, pids_max: int | None, cpu_quota: float | None,
+               io: tuple[IoLimit, ...], tenant_limits: TenantLimits | None) -> None:
+        """All the limits of a new VM cgroup; on failure it is removed again (nothing joined)."""
+        try:
+            self._set_tenant_limits(tenant_limits)
+            self.set_limits(memory_max, pids_max, cpu_quota)
+            self.set_io(io)
+        except CgroupError:
+            try:
+                self.remove()
+            except CgroupError:
+                pass
+            raise
+
+    def _set_tenant_limits(self, limits: TenantLimits | None) -> None:
+        """The tenant directory's limits.  While another VM of the tenant runs, its limits stand:
+        different ones are refused (a VM may not loosen, or tighten under, its neighbours)."""
+        if limits is None or limits.empty:
+            return
+        tenant = VmCgroup(self.name + "/..", self.version,
+                          {c: d.parent for c, d in self.dirs.items() if c != IO_CONTROLLER})
+        siblings = {p.name for d in tenant.dirs.values() for p in d.iterdir()
+                    if p.is_dir() and p.name != self.name}
+        if siblings:
+            now, wanted = tenant.limits(), limits.as_reported(self.version)
+            differ = {k: now[k] for k, v in wanted.items() if now[k] != v}
+            if differ:
+                raise CgroupError(
+                    f"cgroup: tenant {next(iter(tenant.dirs.values())).name} already runs VMs "
+                    f"({', '.join(sorted(siblings))}) under other limits ("
+                    + ", ".join(f"{k} {v}" for k, v in sorted(differ.items()))
+                    + "): give the same tenant limits or none")
+            return
+        tenant.set_limits(limits.memory_max, limits.pids_max, limits.cpu_quota)
 
     def set_io(self, limits: tuple[IoLimit, ...]) -> None:
         """Write the block-device throttles (a failure, e.g. a device the kernel does not

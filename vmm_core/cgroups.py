@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from jail.cgroup import IoLimit, VmCgroup, outside, reap_stale
+from jail.cgroup import IoLimit, TenantLimits, VmCgroup, outside, reap_stale
 from jail.errors import CgroupError
 
 from .errors import ConfigError
@@ -28,6 +28,7 @@ class CgroupLimits:
     cpu_quota: float | None = None  # CPUs, for the core and all its devices together
     tenant: str | None = None       # bulkhead/tenant-<tenant>/<vm>
     io: tuple[IoLimit, ...] = ()    # throttles on the block devices holding the disk images
+    tenant_limits: TenantLimits | None = None  # on bulkhead/tenant-<tenant>, for all its VMs
 
 
 class VmCgroupMembership:
@@ -35,7 +36,8 @@ class VmCgroupMembership:
         try:
             self.cgroup = VmCgroup.create(name, memory_max=limits.memory_max,
                                           pids_max=limits.pids_max, cpu_quota=limits.cpu_quota,
-                                          tenant=limits.tenant, io=limits.io)
+                                          tenant=limits.tenant, io=limits.io,
+                                          tenant_limits=limits.tenant_limits)
         except CgroupError as e:
             if limits.required:
                 raise ConfigError(f"{e}; run without --cgroup-memory-mib/--cgroup-pids-max or "

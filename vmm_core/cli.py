@@ -182,12 +182,16 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
                         "0x78000000-0x7FFFFFFD); give a tenant's VMs their own range")
     p.add_argument("--no-jail", action="store_true",
                    help="debugging only: device processes without namespaces, seccomp or dropped caps")
-    p.add_argument("--cgroup-memory-mib", type=_positive_int, metavar="MIB",
-                   help="memory limit of the VM's cgroup (core + devices)")
-    p.add_argument("--cgroup-pids-max", type=_positive_int, metavar="N",
-                   help="tasks limit of the VM's cgroup (default 512)")
-    p.add_argument("--cgroup-cpu-quota", type=float, metavar="CPUS",
-                   help="CPU quota of the VM's cgroup (core + devices), e.g. 1.5")
+    # The same three limits for one VM's cgroup and for all of a tenant's VMs together.
+    for prefix, whose, pids_default in (("cgroup", "the VM's cgroup (core + devices)", " (default 512)"),
+                                        ("tenant", "all of the tenant's VMs together "
+                                                   "(bulkhead/tenant-NAME; needs --tenant)", "")):
+        p.add_argument(f"--{prefix}-memory-mib", type=_positive_int, metavar="MIB",
+                       help=f"memory limit of {whose}")
+        p.add_argument(f"--{prefix}-pids-max", type=_positive_int, metavar="N",
+                       help=f"tasks limit of {whose}{pids_default}")
+        p.add_argument(f"--{prefix}-cpu-quota", type=float, metavar="CPUS",
+                       help=f"CPU quota of {whose}, e.g. 1.5")
     for flag, what in (("read-bps", "bytes/s read"), ("write-bps", "bytes/s written"),
                        ("read-iops", "read requests/s"), ("write-iops", "write requests/s")):
         p.add_argument(f"--cgroup-io-{flag}", type=_positive_int, metavar="N",
@@ -344,24 +348,39 @@ def _jail_options(args: argparse.Namespace):
 
 
 def _cgroup_limits(args: argparse.Namespace, devices: list):
-    from .cgroups import DEFAULT_PIDS_MAX, CgroupLimits, io_limits
+    from .cgroups import DEFAULT_PIDS_MAX, CgroupLimits, TenantLimits, io_limits
     io_args = (args.cgroup_io_read_bps, args.cgroup_io_write_bps, args.cgroup_io_read_iops,
                args.cgroup_io_write_iops)
     asked = args.cgroup_memory_mib is not None or args.cgroup_pids_max is not None \
-        or args.cgroup_cpu_quota is not None or any(v is not None for v in io_args)
+        or args.cgroup_cpu_quota is not None or any(v is not None for v in io_args) \
+        or any(v is not None for v in (args.tenant_memory_mib, args.tenant_pids_max,
+                                       args.tenant_cpu_quota))
     if args.no_cgroup:
         if asked or args.tenant:
             raise BulkheadError("--no-cgroup cannot be combined with --tenant or "
                                 "--cgroup-memory-mib/--cgroup-pids-max/--cgroup-cpu-quota/"
-                                "--cgroup-io-*")
+                                "--cgroup-io-*/--tenant-*")
         return None
-    if args.cgroup_cpu_quota is not None and not 0.01 <= args.cgroup_cpu_quota <= 1024:
-        raise BulkheadError(f"--cgroup-cpu-quota {args.cgroup_cpu_quota:g}: give 0.01 to 1024 CPUs")
+    for flag, quota in (("--cgroup-cpu-quota", args.cgroup_cpu_quota),
+                        ("--tenant-cpu-quota", args.tenant_cpu_quota)):
+        if quota is not None and not 0.01 <= quota <= 1024:
+            raise BulkheadError(f"{flag} {quota:g}: give 0.01 to 1024 CPUs")
+    tenant_limits = TenantLimits(
+        memory_max=None if args.tenant_memory_mib is None else args.tenant_memory_mib << 20,
+        pids_max=args.tenant_pids_max, cpu_quota=args.tenant_cpu_quota)
+    if not tenant_limits.empty and not args.tenant:
+        raise BulkheadError("--tenant-memory-mib/--tenant-pids-max/--tenant-cpu-quota need "
+                            "--tenant NAME (they bound all of that tenant's VMs)")
+    if None not in (args.cgroup_cpu_quota, args.tenant_cpu_quota) \
+            and args.cgroup_cpu_quota > args.tenant_cpu_quota:
+        raise BulkheadError(f"--cgroup-cpu-quota {args.cgroup_cpu_quota:g} is more than the "
+                            f"tenant's --tenant-cpu-quota {args.tenant_cpu_quota:g}")
     return CgroupLimits(memory_max=None if args.cgroup_memory_mib is None else args.cgroup_memory_mib << 20,
                         pids_max=args.cgroup_pids_max or DEFAULT_PIDS_MAX, required=asked or bool(args.tenant),
                         cpu_quota=args.cgroup_cpu_quota, tenant=args.tenant,
                         io=io_limits([d.params["path"] for d in devices
-                                      if d.kind == "blk" and d.params.get("path")], *io_args))
+                                      if d.kind == "blk" and d.params.get("path")], *io_args),
+                        tenant_limits=tenant_limits)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -135,3 +135,40 @@ def test_io_limits_on_an_image_without_a_block_device_is_one_clear_error():
     assert run.returncode == 2, run.explain()
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "without a block device" in lines[0] and path in lines[0], run.stderr
+
+
+def test_tenant_limits_bound_all_its_vms_and_a_vm_cannot_change_them(tmp_path):
+    """--tenant-*: the first VM of a tenant sets bulkhead/tenant-T's limits, a second one runs
+    under them, one asking for other limits is refused with one line while they run."""
+    tenant = f"t{os.getpid()}"
+    common = ("run", "--kernel", TEST_GUEST, "--rng", "--hold", "--tenant", tenant,
+              "--cmdline", "gk.tests=virtio-rng")
+    first = BackgroundVm(*common, "--name", f"{tenant}a", "--tenant-pids-max", "900",
+                         "--tenant-memory-mib", "8192")
+    second = None
+    try:
+        wait_done(first)
+        core = cgroup_paths(first.pid)
+        tenant_pids = f"/sys/fs/cgroup/pids{core['pids'].rsplit('/', 1)[0]}"
+        assert tenant_pids.endswith(f"/bulkhead/tenant-{tenant}")
+        assert open(f"{tenant_pids}/pids.max").read().strip() == "900"
+        tenant_mem = f"/sys/fs/cgroup/memory{core['memory'].rsplit('/', 1)[0]}"
+        assert int(open(f"{tenant_mem}/memory.limit_in_bytes").read()) == 8192 << 20
+        second = BackgroundVm(*common, "--name", f"{tenant}b")  # no tenant limits: joins
+        wait_done(second)
+        assert cgroup_paths(second.pid)["pids"].startswith(core["pids"].rsplit("/", 1)[0] + "/")
+        refused = run_bulkhead(*common, "--name", f"{tenant}c", "--tenant-pids-max", "800",
+                               timeout=60)
+        assert refused.returncode == 2, refused.explain()
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and "under other limits" in lines[0] and "pids 900" in lines[0], \
+            refused.stderr
+        assert open(f"{tenant_pids}/pids.max").read().strip() == "900"
+        for vm in (first, second):
+            vm.proc.send_signal(signal.SIGTERM)
+            assert vm.wait(30) == 143, vm.explain()
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+    assert not os.path.exists(tenant_pids)  # the last VM of the tenant took its directory along

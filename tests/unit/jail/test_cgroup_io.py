@@ -58,3 +58,42 @@ def test_an_image_on_tmpfs_is_refused_with_what_to_do():
             block_device_of(path)
     finally:
         os.unlink(path)
+
+
+# -- tenant limits ---------------------------------------------------------------------------------
+from jail.cgroup import TenantLimits  # noqa: E402
+from jail.errors import CgroupError  # noqa: E402
+
+
+def _v1_tenant(tmp_path, vms):
+    """A v1 layout bulkhead/tenant-t/<vm> per controller, files as the kernel would show them."""
+    dirs = {}
+    for c in ("memory", "pids", "cpu"):
+        t = tmp_path / c / "bulkhead" / "tenant-t"
+        for vm in vms:
+            (t / vm).mkdir(parents=True, exist_ok=True)
+        dirs[c] = t
+    (dirs["memory"] / "memory.limit_in_bytes").write_text("9223372036854771712")
+    (dirs["pids"] / "pids.max").write_text("max")
+    (dirs["cpu"] / "cpu.cfs_quota_us").write_text("-1")
+    return dirs
+
+
+def test_the_first_vm_of_a_tenant_sets_the_tenants_limits(tmp_path):
+    dirs = _v1_tenant(tmp_path, ["a"])
+    cg = VmCgroup("a", 1, {c: d / "a" for c, d in dirs.items()})
+    cg._set_tenant_limits(TenantLimits(memory_max=1 << 30, pids_max=900, cpu_quota=1.5))
+    assert (dirs["memory"] / "memory.limit_in_bytes").read_text() == str(1 << 30)
+    assert (dirs["pids"] / "pids.max").read_text() == "900"
+    assert (dirs["cpu"] / "cpu.cfs_quota_us").read_text() == "150000"
+
+
+def test_a_later_vm_must_bring_the_same_tenant_limits_or_none(tmp_path):
+    dirs = _v1_tenant(tmp_path, ["a", "b"])
+    (dirs["pids"] / "pids.max").write_text("900")  # set by running VM a
+    b = VmCgroup("b", 1, {c: d / "b" for c, d in dirs.items()})
+    b._set_tenant_limits(TenantLimits(pids_max=900))  # the same: fine
+    b._set_tenant_limits(None)                        # none: fine
+    with pytest.raises(CgroupError, match=r"tenant-t already runs VMs \(a\).*pids 900"):
+        b._set_tenant_limits(TenantLimits(pids_max=800))
+    assert (dirs["pids"] / "pids.max").read_text() == "900"

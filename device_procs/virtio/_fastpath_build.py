@@ -116,7 +116,6 @@ ffibuilder.set_source("device_procs.virtio._fastpath", r"""
 #define VIRTQ_DESC_F_NEXT 1
 #define VIRTQ_DESC_F_WRITE 2
 #define VIRTQ_DESC_F_INDIRECT 4
-#define VIRTQ_AVAIL_F_NO_INTERRUPT 1
 #define MAX_INDIRECT_DESCRIPTORS 1024
 #define MAX_CHAIN_BYTES (64ull * 1024 * 1024)
 

@@ -101,11 +101,11 @@ class FastRing:
         if self._inflight:
             q.counter = vq.counter  # type: ignore[attr-defined]
 
-    def _count(self, counters: dict[str, Any]) -> None:
-        k = self.counters
-        for name in COUNTERS:
-            v = getattr(k, name)
-            if v:
+    @staticmethod
+    def _fold(k: Any, names: tuple[str, ...], counters: dict[str, Any]) -> None:
+        """Add the C counters `k` into the device's and zero them."""
+        for name in names:
+            if v := getattr(k, name):
                 counters[name] += v
                 setattr(k, name, 0)
 
@@ -123,7 +123,7 @@ class FastRing:
             rc = lib.bh_net_tx(self.vq, self.chain, fd, features, mtu, self.counters, self._err)
         finally:
             self._take_back()
-            self._count(counters)
+            self._fold(self.counters, COUNTERS, counters)
         self._raise_if_broken(rc)
         return rc, self._err[0]
 
@@ -139,7 +139,7 @@ class FastRing:
                                keep, len(bounce), budget, self.counters, self._err)
         finally:
             self._take_back()
-            self._count(counters)
+            self._fold(self.counters, COUNTERS, counters)
         self._raise_if_broken(rc)
         return rc, self._err[0]
 
@@ -155,20 +155,19 @@ class FastRing:
             rc = lib.bh_blk(self.vq, self.chain, fd, capacity, int(readonly), k)
         finally:
             self._take_back()
-            for name in BLK_COUNTERS:
-                if v := getattr(k, name):
-                    counters[name] += v
-                    setattr(k, name, 0)
+            self._fold(k, BLK_COUNTERS, counters)
         self._raise_if_broken(rc)
         return rc
 
-    def spilled(self, n: int, bounce: bytearray) -> tuple[bytes, int]:
-        """After STOP with a spilled frame of `n` bytes: its bytes (the gathered buffers, then
-        the bounce tail) and how many the buffers held."""
+    # After net_rx's STOP with a spilled frame: the guest buffers it was read into (not used).
+    def gathered_capacity(self) -> int:
         c = self.chain
-        parts = [bytes(ffi.buffer(c.wiov[i].iov_base, c.wiov[i].iov_len)) for i in range(c.nr)]
-        held = sum(len(p) for p in parts)
-        return b"".join(parts) + bytes(bounce[:max(0, n - held)]), held
+        return sum(c.wiov[i].iov_len for i in range(c.nr))
+
+    def gathered(self) -> bytes:
+        c = self.chain
+        return b"".join(bytes(ffi.buffer(c.wiov[i].iov_base, c.wiov[i].iov_len))
+                        for i in range(c.nr))
 
 
 class NativeFilter:

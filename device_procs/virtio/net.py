@@ -443,8 +443,8 @@ class NetDevice(VirtioDevice):
                 self._tap_error("read", str(OSError(n, os.strerror(n))) if n else "end of file",
                                 fatal=True)
                 return used
-            if rc == fastpath.STOP:
-                used |= self._place_spilled(queue, ring, n)
+            if rc == fastpath.STOP:  # a frame that did not fit what the C loop gathered
+                used |= self._place_spilled(queue, n, ring.gathered_capacity(), ring.gathered)
                 budget -= 1
             # SLOW, or after a spilled frame: the Python path goes on
         for _ in range(budget):
@@ -470,18 +470,6 @@ class NetDevice(VirtioDevice):
         nothing either, and no rate limit has to be charged per frame."""
         return (self.rx_limiter is None and not self._rx_chains and self._rx_pending is None
                 and self.tap_fd >= 0 and self.link_up)
-
-    def _place_spilled(self, queue: Queue, ring: fastpath.FastRing, n: int) -> bool:
-        """A frame the C loop read that did not fit the buffers it gathered (none consumed):
-        what `_receive` does with a frame that spilled into the bounce tail."""
-        data, capacity = ring.spilled(n, self._bounce)
-        if n == capacity + len(self._bounce):
-            self.counters["rx_dropped_too_big"] += 1  # truncated even in the tail
-            return False
-        if not self._accept_rx(data[:HEADER_SIZE + 6], n):
-            return False
-        self._rx_pending = _RxFrame(data)
-        return self._deliver_pending(queue)
 
     def _gather(self, queue: Queue, capacity: int) -> int:
         """Pop receive buffers until `capacity` bytes are held (or the ring is dry); held bytes."""
@@ -538,13 +526,19 @@ class NetDevice(VirtioDevice):
             return None
         if n <= capacity:
             return self._complete(queue, views, n)
+        return self._place_spilled(queue, n, capacity, lambda: b"".join(bytes(v) for v in views))
+
+    def _place_spilled(self, queue: Queue, n: int, capacity: int,
+                       buffered: Callable[[], bytes]) -> bool:
+        """A frame of `n` bytes read into `capacity` bytes of buffers (`buffered()`: their
+        bytes) that spilled into the bounce tail; the buffers are not used for it."""
         if n == capacity + len(self._bounce):
             # The tap truncates silently to what it is given: a frame that filled even the
             # bounce tail is longer than any frame may be.
             self.counters["rx_dropped_too_big"] += 1
             return False
-        # It spilled into the tail: it is placed by copying, now or once there are buffers.
-        data = b"".join(bytes(v) for v in views) + bytes(self._bounce[:n - capacity])
+        # It is placed by copying, now or once there are buffers.
+        data = buffered() + bytes(self._bounce[:n - capacity])
         if not self._accept_rx(data[:HEADER_SIZE + 6], n):
             return False
         self._rx_pending = _RxFrame(data)

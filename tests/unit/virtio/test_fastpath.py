@@ -135,3 +135,12 @@ def test_transmit_keeps_the_inflight_region_as_the_python_does():
         b.close()
         mem.close()
     assert sides[0] == sides[1]
+
+
+def test_the_python_names_of_the_c_codes_are_the_c_ones():
+    lib = fastpath.lib
+    assert (fastpath.OK, fastpath.EMPTY, fastpath.SLOW, fastpath.EAGAIN, fastpath.TAP_ERROR,
+            fastpath.STOP) == (lib.BH_OK, lib.BH_EMPTY, lib.BH_SLOW, lib.BH_EAGAIN,
+                               lib.BH_TAP_ERROR, lib.BH_STOP)
+    for code, name in fastpath.ERROR_NAMES.items():
+        assert getattr(lib, f"BH_E_{name.upper()}") == code

@@ -22,11 +22,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jail.errors import CgroupError
+from jail.errors import CgroupConflict, CgroupError
 
 CONTROLLERS = ("memory", "pids", "cpu")
 IO_CONTROLLER = "blkio"  # v1; only when the VM has io limits (cgroup v2: "io")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+CPU_PERIOD_US = 100_000  # the period every CPU quota is written with
 STALE_AGE = 60.0  # s: an empty VM cgroup younger than this may belong to a VM being built
 
 
@@ -101,15 +102,14 @@ class TenantLimits:
 
     def as_reported(self, version: int) -> dict[str, str]:
         """The given limits as `VmCgroup.limits()` reads them back."""
-        period = 100_000
         out: dict[str, str] = {}
         if self.memory_max is not None:
             out["memory"] = str(self.memory_max // 4096 * 4096)
         if self.pids_max is not None:
             out["pids"] = str(self.pids_max)
         if self.cpu_quota is not None:
-            q = int(self.cpu_quota * period)
-            out["cpu"] = f"{q} {period}" if version == 2 else str(q)
+            q = int(self.cpu_quota * CPU_PERIOD_US)
+            out["cpu"] = f"{q} {CPU_PERIOD_US}" if version == 2 else str(q)
         return out
 
 
@@ -188,7 +188,7 @@ class VmCgroup:
             now, wanted = tenant.limits(), limits.as_reported(self.version)
             differ = {k: now[k] for k, v in wanted.items() if now[k] != v}
             if differ:
-                raise CgroupError(
+                raise CgroupConflict(
                     f"cgroup: tenant {next(iter(tenant.dirs.values())).name} already runs VMs "
                     f"({', '.join(sorted(siblings))}) under other limits ("
                     + ", ".join(f"{k} {v}" for k, v in sorted(differ.items()))
@@ -237,7 +237,7 @@ class VmCgroup:
     def set_limits(self, memory_max: int | None = None, pids_max: int | None = None,
                    cpu_quota: float | None = None) -> None:
         """Set whichever limits are given; None leaves a limit as it is."""
-        period = 100_000
+        period = CPU_PERIOD_US
         if self.version == 2:
             d = self.dirs[""]
             if memory_max is not None:

@@ -18,3 +18,8 @@ class PolicyError(JailError):
 
 class CgroupError(JailError):
     """A cgroup could not be created, limited, joined or removed."""
+
+
+class CgroupConflict(CgroupError):
+    """The limits asked for contradict ones in force for others (a tenant's running VMs): the
+    host is fine, the request is not."""

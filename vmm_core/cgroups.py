@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 from jail.cgroup import IoLimit, TenantLimits, VmCgroup, outside, reap_stale
-from jail.errors import CgroupError
+from jail.errors import CgroupConflict, CgroupError
 
 from .errors import ConfigError
 
@@ -38,6 +38,8 @@ class VmCgroupMembership:
                                           pids_max=limits.pids_max, cpu_quota=limits.cpu_quota,
                                           tenant=limits.tenant, io=limits.io,
                                           tenant_limits=limits.tenant_limits)
+        except CgroupConflict as e:
+            raise ConfigError(str(e)) from None  # the request, not the host, is at fault
         except CgroupError as e:
             if limits.required:
                 raise ConfigError(f"{e}; run without --cgroup-memory-mib/--cgroup-pids-max or "

@@ -163,6 +163,7 @@ def test_tenant_limits_bound_all_its_vms_and_a_vm_cannot_change_them(tmp_path):
         lines = refused.stderr.strip().splitlines()
         assert len(lines) == 1 and "under other limits" in lines[0] and "pids 900" in lines[0], \
             refused.stderr
+        assert "writable cgroups" not in lines[0]  # the host is fine: the request is not
         assert open(f"{tenant_pids}/pids.max").read().strip() == "900"
         for vm in (first, second):
             vm.proc.send_signal(signal.SIGTERM)

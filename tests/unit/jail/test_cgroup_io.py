@@ -62,7 +62,7 @@ def test_an_image_on_tmpfs_is_refused_with_what_to_do():
 
 # -- tenant limits ---------------------------------------------------------------------------------
 from jail.cgroup import TenantLimits  # noqa: E402
-from jail.errors import CgroupError  # noqa: E402
+from jail.errors import CgroupConflict  # noqa: E402
 
 
 def _v1_tenant(tmp_path, vms):
@@ -94,6 +94,6 @@ def test_a_later_vm_must_bring_the_same_tenant_limits_or_none(tmp_path):
     b = VmCgroup("b", 1, {c: d / "b" for c, d in dirs.items()})
     b._set_tenant_limits(TenantLimits(pids_max=900))  # the same: fine
     b._set_tenant_limits(None)                        # none: fine
-    with pytest.raises(CgroupError, match=r"tenant-t already runs VMs \(a\).*pids 900"):
+    with pytest.raises(CgroupConflict, match=r"tenant-t already runs VMs \(a\).*pids 900"):
         b._set_tenant_limits(TenantLimits(pids_max=800))
     assert (dirs["pids"] / "pids.max").read_text() == "900"

@@ -15,12 +15,15 @@ New cgroups go below the caller's own cgroup of each hierarchy (from /proc/self/
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from jail.errors import CgroupConflict, CgroupError
 
@@ -145,8 +148,9 @@ class VmCgroup:
             v2 = _pick_v2(mounts, own)
             if v2 is not None:
                 cg = cls(name, 2, {"": v2 / "bulkhead" / rel})
-                cg._make(enable_in=v2, io=bool(io))
-                cg._limit(memory_max, pids_max, cpu_quota, io, tenant_limits)
+                with cg._parent_locked():
+                    cg._make(enable_in=v2, io=bool(io))
+                    cg._limit(memory_max, pids_max, cpu_quota, io, tenant_limits)
                 return cg
             if version == 2:
                 raise CgroupError("cgroup: no writable cgroup2 mount with memory, pids and cpu")
@@ -157,9 +161,29 @@ class VmCgroup:
                 raise CgroupError(f"cgroup: no writable v1 hierarchy has the {ctrl!r} controller")
             dirs[ctrl] = m.path / own.get(ctrl, "/").lstrip("/") / "bulkhead" / rel
         cg = cls(name, 1, dirs)
-        cg._make()
-        cg._limit(memory_max, pids_max, cpu_quota, io, tenant_limits)
+        with cg._parent_locked():
+            cg._make()
+            cg._limit(memory_max, pids_max, cpu_quota, io, tenant_limits)
         return cg
+
+    @contextlib.contextmanager
+    def _parent_locked(self) -> Iterator[None]:
+        """Hold an exclusive flock on the directory above the VM's (its tenant's) while the VM's
+        directory is made and the tenant's limits checked and set: two VMs of one tenant started
+        at once must not both find no running sibling, nor one count the other before it has
+        passed the check."""
+        key = min(c for c in self.dirs if c != IO_CONTROLLER)  # the same for VMs with io limits
+        parent = self.dirs[key].parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            raise CgroupError(f"cgroup: cannot create {parent}: {err.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # drops the lock
 
     def _limit(self, memory_max: int | None, pids_max: int | None, cpu_quota: float | None,
                io: tuple[IoLimit, ...], tenant_limits: TenantLimits | None) -> None:

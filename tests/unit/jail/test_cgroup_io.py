@@ -97,3 +97,29 @@ def test_a_later_vm_must_bring_the_same_tenant_limits_or_none(tmp_path):
     with pytest.raises(CgroupConflict, match=r"tenant-t already runs VMs \(a\).*pids 900"):
         b._set_tenant_limits(TenantLimits(pids_max=800))
     assert (dirs["pids"] / "pids.max").read_text() == "900"
+
+
+def test_a_vm_is_made_and_checked_under_its_tenants_lock(tmp_path, monkeypatch):
+    """Two VMs of one tenant started at once: the second makes its directory and checks the
+    tenant's limits only once the first is through, so neither misses nor miscounts the other."""
+    import fcntl
+    import threading
+
+    import jail.cgroup as cgroup
+    dirs = _v1_tenant(tmp_path, ["a"])
+    (dirs["pids"] / "pids.max").write_text("900")
+    monkeypatch.setattr(cgroup, "read_mounts", lambda: [
+        cgroup.Mount(tmp_path / c, "cgroup", frozenset({c, "rw"}), True) for c in dirs])
+    monkeypatch.setattr(cgroup, "own_cgroups", lambda: {})
+    lock = os.open(dirs["cpu"], os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as a VM being created in another process would
+    made: list[VmCgroup] = []
+    t = threading.Thread(target=lambda: made.append(VmCgroup.create(
+        "b", version=1, tenant="t", tenant_limits=TenantLimits(pids_max=900))))
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and not (dirs["pids"] / "b").exists()
+    os.close(lock)
+    t.join(10)
+    assert made and made[0].dirs["pids"] == dirs["pids"] / "b"
+    assert (dirs["pids"] / "b").is_dir()

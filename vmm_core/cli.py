@@ -9,7 +9,7 @@ import os
 import sys
 
 from .boot import DEFAULT_LINUX_CMDLINE
-from .devices.options import DEFAULT_DEVICE_CPU_QUOTA, DEFAULT_DEVICE_MEMORY
+from .devices.options import DEFAULT_DEVICE_CPU_QUOTA, DEFAULT_DEVICE_MEMORY, DEFAULT_START_TIMEOUT
 from .errors import BulkheadError
 
 EXIT_USAGE = 2
@@ -162,6 +162,10 @@ def _add_vm_args(p: argparse.ArgumentParser, kernel_required: bool) -> None:
     p.add_argument("--heartbeat-timeout-ms", type=_milliseconds, default=500, metavar="MS",
                    help="a device that leaves a heartbeat (sent every 250 ms) unanswered this long "
                         "is failed with cause `heartbeat timeout` (default 500)")
+    p.add_argument("--device-start-timeout", type=_seconds, default=DEFAULT_START_TIMEOUT,
+                   metavar="SECONDS",
+                   help="how long a device process (a restart's too) may take from spawn to ready "
+                        f"before its start counts as failed (default {DEFAULT_START_TIMEOUT:g})")
     p.add_argument("--allow-faults", action="store_true",
                    help="testing only: let `bulkhead fault` inject faults into this VM's devices")
     p.add_argument("--ring-spin-us", type=_spin_us, default=100, metavar="US",
@@ -326,6 +330,7 @@ def _config_from_args(args: argparse.Namespace, scratch: str):
     supervision = SupervisionPolicy(on_crash=args.on_device_crash,
                                     device_timeout=args.device_timeout_ms / 1000,
                                     heartbeat_timeout=args.heartbeat_timeout_ms / 1000,
+                                    start_timeout=args.device_start_timeout,
                                     max_restarts=args.max_restarts,
                                     restart_window=args.restart_window)
     options = DeviceOptions(sandbox=not args.no_sandbox, jail=_jail_options(args),

@@ -8,6 +8,8 @@
 detached process in its own session (so a terminal's signals do not reach it), its output in
 `<host runtime dir>/logs/<name>.log` (0600) and its pid in `<name>.pid` beside it; it returns
 once every VM answers on its API, or says which did not (their log's last lines) and exits 1.
+At most `--parallel` VMs (default 4 per CPU) are coming up at once; the next starts as soon as
+one is up, so a directory of many VMs does not stretch every start past its timeouts.
 A VM's name is the file's `name` key, else the file name without its extension; the VM runs in
 the file's directory, so relative paths in it are relative to the file.  Every file is checked
 before anything starts: a bad one is one line and exit 2, and nothing runs.
@@ -47,6 +49,9 @@ def add_parsers(sub: Any) -> None:
     up.add_argument("paths", nargs="+", metavar="FILE|DIR")
     up.add_argument("--wait", type=float, default=UP_WAIT, metavar="SECONDS",
                     help=f"how long to wait for each VM's API (default {UP_WAIT:.0f})")
+    up.add_argument("--parallel", type=_parallel, default=default_parallel(), metavar="N",
+                    help="start at most N VMs at a time: the next starts when one is up "
+                         f"(default {default_parallel()}, 4 per CPU)")
     logs = sub.add_parser("logs", help="print a VM's output (started by `bulkhead up`)")
     logs.add_argument("vm", metavar="VM")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the VM exits")
@@ -59,6 +64,22 @@ def add_parsers(sub: Any) -> None:
                            "before the VMM stops it (default 10)")
     for p in (up, logs, down):
         p.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def default_parallel() -> int:
+    # Every VM start is CPU-bound (a core, a zygote, its devices' handshakes): far more starting
+    # at once than there are CPUs only stretches each start towards its device-start timeout.
+    return 4 * (len(os.sched_getaffinity(0)) or 1)
+
+
+def _parallel(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 to 10000")
+    return value
 
 
 def logs_dir() -> Path:
@@ -121,8 +142,31 @@ def cmd_up(args: argparse.Namespace, run_parser: argparse.ArgumentParser, out=sy
             os.chdir(here)
         plan.append((f, name))
     root = Path(__file__).resolve().parent.parent
-    started: list[tuple[str, subprocess.Popen, Path]] = []
+    starting: list[tuple[str, subprocess.Popen, Path, float]] = []
+    failed = 0
+
+    def settle(at_most: int) -> None:
+        """Wait until no more than `at_most` VMs are still coming up, reporting each."""
+        nonlocal failed
+        while len(starting) > at_most:
+            for item in list(starting):
+                name, proc, log, deadline = item
+                state = _state(name, proc, deadline)
+                if state is None:
+                    continue
+                starting.remove(item)
+                if state:
+                    print(f"started VM {name} (pid {proc.pid}, log {log})", file=out)
+                else:
+                    failed += 1
+                    tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+                    print(f"bulkhead: VM {name} did not come up: "
+                          + (" | ".join(tail) or "no output"), file=sys.stderr)
+            if len(starting) > at_most:
+                time.sleep(0.02)
+
     for f, name in plan:
+        settle(args.parallel - 1)
         log = logs_dir() / f"{name}.log"
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
@@ -134,29 +178,19 @@ def cmd_up(args: argparse.Namespace, run_parser: argparse.ArgumentParser, out=sy
         finally:
             os.close(fd)
         (logs_dir() / f"{name}.pid").write_text(f"{proc.pid}\n")
-        started.append((name, proc, log))
-    failed = 0
-    for name, proc, log in started:
-        if _await(name, proc, args.wait):
-            print(f"started VM {name} (pid {proc.pid}, log {log})", file=out)
-        else:
-            failed += 1
-            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-            print(f"bulkhead: VM {name} did not come up: " + (" | ".join(tail) or "no output"),
-                  file=sys.stderr)
+        starting.append((name, proc, log, time.monotonic() + args.wait))
+    settle(0)
     return 1 if failed else 0
 
 
-def _await(name: str, proc: subprocess.Popen, wait: float) -> bool:
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        entry = registry.lookup(name)
-        if entry is not None and entry.pid == proc.pid and os.path.exists(entry.api_socket):
-            return True
-        time.sleep(0.02)
-    return False
+def _state(name: str, proc: subprocess.Popen, deadline: float) -> bool | None:
+    """True once the VM answers on its API, False if it exited or ran out of time, else None."""
+    if proc.poll() is not None:
+        return False
+    entry = registry.lookup(name)
+    if entry is not None and entry.pid == proc.pid and os.path.exists(entry.api_socket):
+        return True
+    return False if time.monotonic() >= deadline else None
 
 
 def cmd_logs(args: argparse.Namespace, out=sys.stdout) -> int:

@@ -251,3 +251,17 @@ def test_supervisor_names_the_syscall_in_trap_mode(tmp_path: Path, caplog: Any) 
         machine.close()
     assert "device blk0 stopped: seccomp violation: socket(2)" in caplog.text, caplog.text
     assert stop.exit_status == 67 and "seccomp violation: socket(2)" in (stop.message or ""), stop
+
+
+@pytest.mark.kvm
+def test_a_device_not_ready_within_the_start_timeout_fails_with_the_flag_named() -> None:
+    """--device-start-timeout bounds spawn -> Ready; missing it is one line naming the flag."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "vmm_core.cli", "run", "--kernel", str(TEST_GUEST),
+                           "--rng", "--cmdline", "gk.tests=virtio-rng", "--timeout", "20",
+                           "--device-start-timeout", "0.001"],
+                          capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "rng0 sent no Hello within 0.001 s" in lines[0] and "--device-start-timeout" in lines[0]

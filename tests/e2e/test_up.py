@@ -154,7 +154,8 @@ def test_up_refuses_bad_files_before_starting_anything(tmp_path, runtime):
     assert run.returncode == 2 and "no such file or directory" in run.stderr
 
 
-def test_down_presses_the_power_button_and_a_guest_that_handles_it_powers_off(runtime, tmp_path):
+def test_down_presses_the_power_button_and_a_guest_that_handles_it_powers_off(runtime, tmp_path,
+                                                                              monkeypatch):
     """The ACPI power button through the Generic Event Device: guest_kit waits for its line and
     then powers off through SLEEP_CONTROL_REG, as an OS would; a guest that ignores the button
     is stopped by the VMM once the grace is over."""
@@ -165,8 +166,13 @@ def test_down_presses_the_power_button_and_a_guest_that_handles_it_powers_off(ru
     (tmp_path / "deaf.toml").write_text(
         f'kernel = "{ROOT}/guest_kit/build/testguest.elf"\nmem = 64\nhold = true\n'
         'cmdline = "gk.tests=pio"\n')
-    assert _cli(env, "up", str(tmp_path)).returncode == 0
+    assert _cli(env, "up", "--parallel", "1", str(tmp_path)).returncode == 0
     logs = os.path.join(runtime, "bulkhead", "logs")
+    # --parallel 1: "polite" (second in name order) started only once "deaf" answered on its API.
+    from vmm_core import registry
+    monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+    api = registry.lookup("deaf").api_socket
+    assert os.stat(os.path.join(logs, "polite.pid")).st_mtime_ns >= os.stat(api).st_mtime_ns
     deadline = time.monotonic() + 60
     while "waiting for the power button" not in open(os.path.join(logs, "polite.log")).read():
         assert time.monotonic() < deadline

@@ -20,6 +20,7 @@ SPAWN_METHODS = ("zygote", "exec")
 DEFAULT_DEVICE_TIMEOUT = 0.5     # s a vCPU waits for a register read before the device fails
 DEFAULT_HEARTBEAT_INTERVAL = 0.25
 DEFAULT_HEARTBEAT_TIMEOUT = 0.5
+DEFAULT_START_TIMEOUT = 10.0    # s from spawn to Ready (many VMs starting at once on few CPUs need more)
 DEFAULT_MAX_RESTARTS = 100
 DEFAULT_RESTART_WINDOW = 30.0
 DEFAULT_RING_SPIN_US = 100
@@ -48,6 +49,7 @@ class SupervisionPolicy:
     device_timeout: float = DEFAULT_DEVICE_TIMEOUT
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+    start_timeout: float = DEFAULT_START_TIMEOUT
 
     def __post_init__(self) -> None:
         if self.on_crash not in POLICIES:
@@ -58,6 +60,7 @@ class SupervisionPolicy:
         check_seconds(self.device_timeout, "device timeout", high=60.0)
         check_seconds(self.heartbeat_interval, "heartbeat interval", high=60.0)
         check_seconds(self.heartbeat_timeout, "heartbeat timeout", high=60.0)
+        check_seconds(self.start_timeout, "device start timeout")
 
     def with_on_crash(self, on_crash: str | None) -> "SupervisionPolicy":
         return self if on_crash is None else replace(self, on_crash=on_crash)

@@ -64,12 +64,13 @@ from ipc_protocol.transport.zmq_channel import SUN_PATH_MAX, ControlServer
 
 from ..errors import BulkheadError
 from ..memory import GuestMemory
+from .options import DEFAULT_START_TIMEOUT
 from .proxy import DEFAULT_TIMEOUT, ProxyDevice
 from .zygote import Zygote, ZygoteError, default_zygote
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT = 10.0  # a fresh interpreter importing zmq/msgpack takes ~0.2-1 s
+HANDSHAKE_TIMEOUT = DEFAULT_START_TIMEOUT  # for tools; the supervisor takes its policy's
 SPAWN_METHODS = ("zygote", "exec")
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 

@@ -41,7 +41,7 @@ from ..errors import BulkheadError
 from ..vcpu import StopReason, StopRequest
 from . import lifecycle as lc
 from .options import DeviceOptions
-from .spawn import HANDSHAKE_TIMEOUT, DeviceProcess, DeviceStartError
+from .spawn import DeviceProcess, DeviceStartError
 from .untrusted import escape
 from .zygote import Zygote, ZygoteError
 
@@ -225,7 +225,7 @@ class Supervisor(threading.Thread):
             return
         backend.pending = proc
         self._handshakes[proc.identity] = Handshake(backend, generation, proc, activate,
-                                                    now + HANDSHAKE_TIMEOUT)
+                                                    now + self.policy.start_timeout)
 
     def _complete(self, hs: Handshake) -> None:
         del self._handshakes[hs.proc.identity]
@@ -341,7 +341,9 @@ class Supervisor(threading.Thread):
             for b in list(self.backends):
                 self._execute(b, b.lifecycle.handle(lc.Tick(now)))
             for hs in [h for h in self._handshakes.values() if now >= h.deadline]:
-                self._abort_handshake(hs, f"device {hs.proc.name} sent no {hs.phase} in time")
+                self._abort_handshake(hs, f"device {hs.proc.name} sent no {hs.phase} within "
+                                        f"{self.policy.start_timeout:g} s (a loaded host may need a "
+                                        "longer --device-start-timeout)")
             if now >= next_tick:
                 self._tick(now)
                 next_tick = time.monotonic() + self.policy.heartbeat_interval

@@ -315,6 +315,21 @@ class VmCgroup:
             pass
         return 0
 
+    def memory_limit_hits(self) -> int:
+        """How many times an allocation here met the memory limit (v1 memory.failcnt, v2 the
+        `max` count of memory.events): a process silent while this grows is stalled in reclaim
+        at its limit, whether or not the OOM killer has got to it yet."""
+        try:
+            if self.version == 2:
+                for line in (self.dirs[""] / "memory.events").read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "max":
+                        return int(value)
+                return 0
+            return int((self.dirs["memory"] / "memory.failcnt").read_text())
+        except (OSError, ValueError, KeyError):
+            return 0
+
     def cpu_throttled(self) -> int:
         """How many CPU-quota periods the cgroup was throttled in (cpu.stat)."""
         d = self.dirs[""] if self.version == 2 else self.dirs["cpu"]

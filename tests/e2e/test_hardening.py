@@ -112,7 +112,10 @@ def test_user_owned_0644_image_works(tmp_path) -> None:
 
 def test_device_over_its_memory_limit_is_restarted_with_that_cause(faulty_vm) -> None:
     """Finding 6: a device grew to 4.2 GB resident and kept answering heartbeats."""
-    vm = faulty_vm("h-mem", "--allow-faults", "--device-memory-mib", "96")
+    # A long heartbeat timeout: on a loaded host the growth itself can outlast 500 ms of
+    # silence before the limit is reached, and this test is about the limit.
+    vm = faulty_vm("h-mem", "--allow-faults", "--device-memory-mib", "96",
+                   "--heartbeat-timeout-ms", "5000")
     assert vm.stats()["blk0"]["limits"]["memory"] == str(96 << 20)
     vm.fault("blk0", "grow-memory")
     vm.wait_restarts("blk0", 1, timeout=30)

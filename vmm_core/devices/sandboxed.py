@@ -76,6 +76,7 @@ class SandboxedBackend:
             self.jail = dataclasses.replace(options.jail,
                                             cgroup_procs=tuple(self.cgroup.procs_files()))
         self._oom_kills = 0
+        self._limit_hits = 0
         self.proc: DeviceProcess | None = None      # the process serving (or that last served)
         self.pending: DeviceProcess | None = None   # a process in its handshake
         self._proc_generation = 0
@@ -125,6 +126,15 @@ class SandboxedBackend:
             return False
         count = self.cgroup.oom_kills()
         grew, self._oom_kills = count > self._oom_kills, count
+        return grew
+
+    def at_memory_limit(self) -> bool:
+        """Whether this device's allocations met its memory limit since the last time we asked
+        (the supervisor asks when a heartbeat goes out, and again if it goes unanswered)."""
+        if self.cgroup is None:
+            return False
+        count = self.cgroup.memory_limit_hits()
+        grew, self._limit_hits = count > self._limit_hits, count
         return grew
 
     def proc_gone(self) -> None:

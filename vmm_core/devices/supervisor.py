@@ -267,6 +267,16 @@ class Supervisor(threading.Thread):
                    f"{describe_exit(status)}"
         return f"process {proc.pid} {describe_exit(status)}"
 
+    def _silence_cause(self, backend: "SandboxedBackend", silent: float) -> str:
+        """Why a device stopped answering heartbeats, as far as the core can tell: a device
+        stalled in reclaim at its memory limit (or killed for it meanwhile) is named for the
+        limit, not for the silence that followed."""
+        heard = f"silent for {silent * 1000:.0f} ms"
+        if backend.memory_killed() or backend.at_memory_limit():
+            limit = self.options.device_memory_max
+            return f"memory limit ({limit >> 20 if limit else '?'} MiB): {heard} at its limit"
+        return f"heartbeat timeout ({heard})"
+
     # -- faults and stats (supervisor thread, through call()) --------------------------------------
     def inject_fault(self, backend: "SandboxedBackend", action: str, ms: int) -> str:
         if not backend.lifecycle.serving or backend.proc is None:
@@ -500,8 +510,7 @@ class Supervisor(threading.Thread):
                     b.hb_pending_since = now
                 elif silent > self.policy.heartbeat_timeout:
                     b.hb_pending_since = None
-                    self.handle(b, lc.Died(b.lifecycle.generation, now,
-                                           f"heartbeat timeout (silent for {silent * 1000:.0f} ms)"))
+                    self.handle(b, lc.Died(b.lifecycle.generation, now, self._silence_cause(b, silent)))
                     continue
             b.proxy.check_page()  # a failure comes back to this thread as an event
             self._hb_seq += 1
@@ -511,6 +520,7 @@ class Supervisor(threading.Thread):
                 pass  # not connected yet, or gone: its clock keeps running either way
             if b.hb_pending_since is None:
                 b.hb_pending_since, b.hb_pending_seq = now, self._hb_seq
+                b.at_memory_limit()  # from now: did the limit hold it up while it was silent?
         if self._ticks % STATS_EVERY_TICKS == 0:
             self.poll_stats()
 

@@ -123,3 +123,13 @@ def test_a_vm_is_made_and_checked_under_its_tenants_lock(tmp_path, monkeypatch):
     t.join(10)
     assert made and made[0].dirs["pids"] == dirs["pids"] / "b"
     assert (dirs["pids"] / "b").is_dir()
+
+
+def test_memory_limit_hits_are_read_from_each_versions_counter(tmp_path):
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "memory.failcnt").write_text("17\n")
+    assert VmCgroup("vm", 1, {"memory": tmp_path / "v1"}).memory_limit_hits() == 17
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "memory.events").write_text("low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\n")
+    assert VmCgroup("vm", 2, {"": tmp_path / "v2"}).memory_limit_hits() == 5
+    assert VmCgroup("vm", 1, {}).memory_limit_hits() == 0  # no memory controller: none counted

@@ -38,7 +38,8 @@ setup_python() {
     local stamp=.venv/.bulkhead-installed
     local stale=0 f
     [ -f "$stamp" ] || stale=1
-    for f in pyproject.toml setup.py vmm_core/kvm/_build.py jail/_seccomp_build.py ipc_protocol/_atomics_build.py \
+    [ -x jail/bulkhead-jail-init ] || stale=1
+    for f in pyproject.toml setup.py vmm_core/kvm/_build.py jail/_seccomp_build.py jail/pid_init.c ipc_protocol/_atomics_build.py \
              vmm_core/vhost_frontend/_watch_build.py device_procs/virtio/_fastpath_build.py; do
         [ -f "$f" ] && [ "$f" -nt "$stamp" ] && stale=1
     done

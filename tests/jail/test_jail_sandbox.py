@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -184,6 +185,39 @@ def test_not_dumpable_and_dies_with_its_launcher(jailed: Any) -> None:
         import time
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{child.proc.pid}")
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _status_of(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(ln.split(":\t", 1) for ln in f.read().splitlines() if ":\t" in ln)
+
+
+def test_the_pid_namespace_init_is_unprivileged_small_and_dies_with_its_launcher(jailed: Any) -> None:
+    child = jailed("rng", "kill")
+    launcher = child.proc.launcher.pid
+    (init,) = [c for c in _children(launcher) if c != child.proc.pid]
+    st = _status_of(init)
+    assert st["NSpid"].split()[-1] == "1"  # the namespace's init: the device is its pid 2
+    assert os.readlink(f"/proc/{init}/ns/pid") == os.readlink(f"/proc/{child.proc.pid}/ns/pid")
+    assert st["Uid"].split() == [str(JAIL_UID)] * 4 and st["Gid"].split() == [str(JAIL_UID)] * 4
+    assert st["Groups"].strip() == "" and st["NoNewPrivs"].strip() == "1"
+    assert all(int(st[k], 16) == 0 for k in ("CapPrm", "CapEff", "CapAmb", "CapInh")), st
+    assert len(os.listdir(f"/proc/{init}/fd")) == 1  # the pipe whose EOF says the launcher is gone
+    # Forked in C, it never ran Python: it dirtied a few pages, not an interpreter's worth.
+    with open(f"/proc/{init}/smaps_rollup") as f:
+        rollup = {ln.split(":")[0]: ln.split()[1] for ln in f if ln[0].isupper() and ":" in ln}
+    assert int(rollup["Private_Dirty"]) < 512, rollup  # KiB
+    os.kill(launcher, signal.SIGKILL)
+    child.proc.launcher.wait(5)
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{init}") and _status_of(init)["State"][0] != "Z":
+        assert time.monotonic() < deadline, "the init outlived its launcher"
+        time.sleep(0.05)
 
 
 VIOLATIONS = {

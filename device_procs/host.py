@@ -45,7 +45,7 @@ from ipc_protocol.kinds import KINDS
 
 log = logging.getLogger("device_procs.host")
 
-BOOTSTRAP_TIMEOUT = 10.0   # seconds to receive fds / Configure before giving up
+BOOTSTRAP_TIMEOUT = 10.0   # default seconds to receive fds / Configure (the core's start timeout)
 EXIT_OK, EXIT_ERROR, EXIT_BOOTSTRAP = 0, 1, 2
 E_JAIL = "jail-error"  # ErrorReport code: the jail could not be entered (the core reports the text)
 
@@ -88,6 +88,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--factory", default=None, help="module:function building the device (tests)")
     p.add_argument("--allow-faults", action="store_true", help="honour Fault messages (tests)")
     p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--bootstrap-timeout", type=float, default=BOOTSTRAP_TIMEOUT, metavar="S",
+                   help="seconds to wait for the fds and for Configure (the core's start timeout)")
     return p.parse_args(argv)
 
 
@@ -480,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     import socket
     bootstrap = socket.socket(fileno=args.bootstrap_fd)
     try:
-        fds = fdpass.recv_bundle(bootstrap, timeout=BOOTSTRAP_TIMEOUT)
+        fds = fdpass.recv_bundle(bootstrap, timeout=args.bootstrap_timeout)
     except ProtocolError as err:
         log.error("no fds from the core: %s", err)
         return EXIT_BOOTSTRAP
@@ -507,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         control.send(msg.Hello(msg.PROTOCOL_MAJOR, msg.PROTOCOL_MINOR, args.name,
                                args.device_type, host_pid()))
-        config = control.recv(BOOTSTRAP_TIMEOUT)
+        config = control.recv(args.bootstrap_timeout)
         if not isinstance(config, msg.Configure):
             raise RemoteProtocolError(f"expected Configure, got {config.TAG}")
         host = DeviceHost(args, fds, control, load_factory(args.factory))

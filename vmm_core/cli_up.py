@@ -8,7 +8,7 @@
 detached process in its own session (so a terminal's signals do not reach it), its output in
 `<host runtime dir>/logs/<name>.log` (0600) and its pid in `<name>.pid` beside it; it returns
 once every VM answers on its API, or says which did not (their log's last lines) and exits 1.
-At most `--parallel` VMs (default 4 per CPU) are coming up at once; the next starts as soon as
+At most `--parallel` VMs (default 2 per CPU) are coming up at once; the next starts as soon as
 one is up, so a directory of many VMs does not stretch every start past its timeouts.
 A VM's name is the file's `name` key, else the file name without its extension; the VM runs in
 the file's directory, so relative paths in it are relative to the file.  Every file is checked
@@ -51,7 +51,7 @@ def add_parsers(sub: Any) -> None:
                     help=f"how long to wait for each VM's API (default {UP_WAIT:.0f})")
     up.add_argument("--parallel", type=_parallel, default=default_parallel(), metavar="N",
                     help="start at most N VMs at a time: the next starts when one is up "
-                         f"(default {default_parallel()}, 4 per CPU)")
+                         f"(default {default_parallel()}, 2 per CPU)")
     logs = sub.add_parser("logs", help="print a VM's output (started by `bulkhead up`)")
     logs.add_argument("vm", metavar="VM")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the VM exits")
@@ -69,7 +69,9 @@ def add_parsers(sub: Any) -> None:
 def default_parallel() -> int:
     # Every VM start is CPU-bound (a core, a zygote, its devices' handshakes): far more starting
     # at once than there are CPUs only stretches each start towards its device-start timeout.
-    return 4 * (len(os.sched_getaffinity(0)) or 1)
+    # Measured on 2 CPUs (benchmarks/density.py's VMs): 2 per CPU brought 40 VMs up in 19.6 s;
+    # 4 per CPU took 21-23 s and, with 22 running, left a device 10 s without its Configure.
+    return 2 * (len(os.sched_getaffinity(0)) or 1)
 
 
 def _parallel(text: str) -> int:

@@ -108,7 +108,8 @@ class SandboxedBackend:
                             generation=generation, allow_faults=self.options.allow_faults,
                             jail=self.jail if self.jail is not None else False,
                             spawn_method=self.supervisor.spawn_method,
-                            zygote=self.supervisor.zygote)
+                            zygote=self.supervisor.zygote,
+                            start_timeout=self.supervisor.policy.start_timeout)
 
     def attach(self, proc: DeviceProcess, generation: int) -> None:
         """`proc` finished its handshake: it serves from now on."""

@@ -257,14 +257,16 @@ def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: Dev
                  ring_capacity: int = DEFAULT_CAPACITY, generation: int = 1,
                  factory: str | None = None, allow_faults: bool = False,
                  log_level: str = "WARNING", jail: JailOrOptions = True,
-                 spawn_method: str | None = None, zygote: Zygote | None = None) -> DeviceProcess:
+                 spawn_method: str | None = None, zygote: Zygote | None = None,
+                 start_timeout: float = HANDSHAKE_TIMEOUT) -> DeviceProcess:
     """Start the child and send it its fds; the handshake is `DeviceProcess.handshake`.
 
     `jail`: True (default: the device type's policy, seccomp `kill`, the per-VM uid/gid), False
     (a plain child, for debugging), or a `JailOptions` / dict of its fields, e.g.
     `{"seccomp": "trap", "uid": 300000, "gid": 300000}`.
     `spawn_method`: "zygote" or "exec" (see the module docstring); `zygote`: the VM's zygote
-    (default: this process's, started on first use).
+    (default: this process's, started on first use); `start_timeout`: how long the device waits
+    for its fds and Configure (the supervisor passes its policy's, so both ends wait alike).
 
     Call from a long-lived thread: PR_SET_PDEATHSIG in the child fires when the *spawning thread*
     exits, not only the core process.
@@ -294,7 +296,7 @@ def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: Dev
     parent_sock, child_sock = fdpass.socketpair()
     host_args = ["--name", name, "--type", device_type, "--identity", identity.decode(),
                  "--control", device_endpoint, "--parent-pid", str(os.getpid()),
-                 "--log-level", log_level]
+                 "--log-level", log_level, "--bootstrap-timeout", f"{start_timeout:g}"]
     if factory:
         host_args += ["--factory", factory]
     if allow_faults:

@@ -253,6 +253,11 @@ class DeviceProcess:
         self.rings.close()
 
 
+def routing_identity(name: str, generation: int) -> bytes:
+    """The ZeroMQ routing id of `name`'s process of `generation` (known before it exists)."""
+    return f"{name}.{generation}".encode()
+
+
 def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: DeviceFds,
                  ring_capacity: int = DEFAULT_CAPACITY, generation: int = 1,
                  factory: str | None = None, allow_faults: bool = False,
@@ -279,7 +284,7 @@ def spawn_device(name: str, device_type: str, *, control_endpoint: str, fds: Dev
         options = JailOptions.coerce(jail)
     except JailError as err:
         raise DeviceStartError(f"device {name}: {err}") from None
-    identity = f"{name}.{generation}".encode()
+    identity = routing_identity(name, generation)
     relay = None
     device_endpoint = control_endpoint
     if options is not None and options.namespaces and control_endpoint.startswith("ipc://"):

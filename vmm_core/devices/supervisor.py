@@ -41,7 +41,7 @@ from ..errors import BulkheadError
 from ..vcpu import StopReason, StopRequest
 from . import lifecycle as lc
 from .options import DeviceOptions
-from .spawn import DeviceProcess, DeviceStartError
+from .spawn import DeviceProcess, DeviceStartError, routing_identity
 from .untrusted import escape
 from .zygote import Zygote, ZygoteError
 
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 STATS_EVERY_TICKS = 4      # device counters polled about once a second (they die with a process)
 MESSAGE_BUDGET = 256       # messages one device may send per heartbeat interval
 DRAIN_BATCH = 512          # messages handled per loop turn before pidfds and timers again
+EARLY_LIMIT = 16           # messages kept from a device whose spawn has not come back yet
 KILL_WAIT = 2.0            # s to wait for a SIGKILLed device's launcher to report and exit
 
 
@@ -143,6 +144,9 @@ class Supervisor(threading.Thread):
         self._posted: collections.deque[Callable[[], None]] = collections.deque()
         self.backends: list["SandboxedBackend"] = []
         self._handshakes: dict[bytes, Handshake] = {}
+        # A device may say Hello before its spawn job comes back to this thread (the job
+        # posts, the control socket may wake us first): kept here until `_spawned`.
+        self._early: dict[bytes, list[msg.Message]] = {}
         self.stats_cond = threading.Condition()
         self._hb_seq = 0
         self._ticks = 0
@@ -204,6 +208,8 @@ class Supervisor(threading.Thread):
         backend.state_changed()
 
     def _spawn(self, backend: "SandboxedBackend", generation: int, activate: bool) -> None:
+        self._early[routing_identity(backend.name, generation)] = []
+
         def job() -> None:
             try:
                 proc: DeviceProcess | BaseException = backend.spawn_process(generation)
@@ -215,6 +221,7 @@ class Supervisor(threading.Thread):
     def _spawned(self, backend: "SandboxedBackend", generation: int, activate: bool,
                  proc: DeviceProcess | BaseException) -> None:
         now = time.monotonic()
+        early = self._early.pop(routing_identity(backend.name, generation), [])
         if isinstance(proc, BaseException):
             text = str(proc) if isinstance(proc, BulkheadError) else f"{type(proc).__name__}: {proc}"
             self.handle(backend, lc.StartFailed(generation, now, text))
@@ -224,8 +231,11 @@ class Supervisor(threading.Thread):
             self._discard(proc)
             return
         backend.pending = proc
-        self._handshakes[proc.identity] = Handshake(backend, generation, proc, activate,
-                                                    now + self.policy.start_timeout)
+        hs = Handshake(backend, generation, proc, activate, now + self.policy.start_timeout)
+        self._handshakes[proc.identity] = hs
+        for m in early:  # what it said before we knew it (its Hello, a log line)
+            if self._handshakes.get(proc.identity) is hs:
+                self._handshake_step(hs, m)
 
     def _complete(self, hs: Handshake) -> None:
         del self._handshakes[hs.proc.identity]
@@ -418,6 +428,11 @@ class Supervisor(threading.Thread):
             hs = self._handshakes.get(peer)
             if hs is not None:
                 self._handshake_step(hs, m)
+                continue
+            early = self._early.get(peer)
+            if early is not None:
+                if len(early) < EARLY_LIMIT:
+                    early.append(m)
                 continue
             b = peers.get(peer)
             if b is None:

@@ -70,7 +70,7 @@ def default_parallel() -> int:
     # Every VM start is CPU-bound (a core, a zygote, its devices' handshakes): far more starting
     # at once than there are CPUs only stretches each start towards its device-start timeout.
     # Measured on 2 CPUs (benchmarks/density.py's VMs): 2 per CPU brought 40 VMs up in 19.6 s;
-    # 4 per CPU took 21-23 s and, with 22 running, left a device 10 s without its Configure.
+    # 4 per CPU took 21-23 s.
     return 2 * (len(os.sched_getaffinity(0)) or 1)
 
 

@@ -207,6 +207,8 @@ def test_the_pid_namespace_init_is_unprivileged_small_and_dies_with_its_launcher
     assert st["Uid"].split() == [str(JAIL_UID)] * 4 and st["Gid"].split() == [str(JAIL_UID)] * 4
     assert st["Groups"].strip() == "" and st["NoNewPrivs"].strip() == "1"
     assert all(int(st[k], 16) == 0 for k in ("CapPrm", "CapEff", "CapAmb", "CapInh")), st
+    with open(f"/proc/{init}/cmdline") as f:
+        assert f.read().rstrip("\0") == "bulkhead-jail-init:rng0"  # its title, not its numbers
     assert len(os.listdir(f"/proc/{init}/fd")) == 1  # the pipe whose EOF says the launcher is gone
     # Forked in C, it never ran Python: it dirtied a few pages, not an interpreter's worth.
     with open(f"/proc/{init}/smaps_rollup") as f:

@@ -114,8 +114,8 @@ def cmd_stats(vm: str, as_json: bool, out=sys.stdout) -> int:
         print(file=out)
         return 0
     print(f"VM {body.get('name')} (pid {body.get('pid')})", file=out)
-    row = "{:<10} {:>9} {:>12} {:>6} {:>8} {:>8}  {:<17} {:<22}"
-    print(row.format("DEVICE", "REQUESTS", "BYTES", "ERRORS", "FAILURES", "RESTARTS",
+    row = "{:<10} {:>9} {:>12} {:>6} {:>9} {:>8} {:>8}  {:<17} {:<22}"
+    print(row.format("DEVICE", "REQUESTS", "BYTES", "ERRORS", "THROTTLED", "FAILURES", "RESTARTS",
                      "RECOVERY p50/p99", "MMIO READ p50/p99/max").rstrip(), file=out)
     for d in body.get("devices", []):
         rec = d.get("recovery_ms") or {}
@@ -124,7 +124,7 @@ def cmd_stats(vm: str, as_json: bool, out=sys.stdout) -> int:
         latency = (f"{_fmt(lat.get('p50'))}/{_fmt(lat.get('p99'))}/{_fmt(lat.get('max'))} us"
                    if lat.get("count") else "-")
         print(row.format(_fmt(d.get("name")), _fmt(d.get("requests")), _fmt(d.get("bytes")),
-                         _fmt(d.get("errors")), _fmt(d.get("failures")), _fmt(d.get("restarts")),
+                         _fmt(d.get("errors")), _fmt(d.get("throttled")), _fmt(d.get("failures")), _fmt(d.get("restarts")),
                          recovery, latency).rstrip(), file=out)
         for cause in d.get("last_causes") or []:
             print(f"    failure: {cause}", file=out)

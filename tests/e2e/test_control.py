@@ -26,10 +26,10 @@ def wait_for_line(vm: BackgroundVm, prefix: str, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-def start_held_vm(tmp_path, name: str, *extra: str) -> BackgroundVm:
+def start_held_vm(tmp_path, name: str, *extra: str, disk_keys: str = "") -> BackgroundVm:
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
-    vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", str(disk), "--rng",
+    vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--disk", f"path={disk}{disk_keys}", "--rng",
                       "--console", str(tmp_path / "console.txt"), "--hold", "--name", name,
                       *extra, "--cmdline", f"gk.tests={VIRTIO_TESTS}")
     wait_for_line(vm, "GK done")
@@ -75,6 +75,30 @@ def test_ps_stats_stop_against_a_running_vm(tmp_path, private_registry):
         vm.kill()
     assert registry.lookup("ctl1") is None
     assert not [p for p in os.listdir(private_registry) if p.startswith("bulkhead-ctl1-")]
+
+
+def test_a_rate_limited_disk_holds_the_guest_back_and_stats_count_it(tmp_path, private_registry):
+    """Token bucket of 4 requests per 100 ms on the jailed blk device: the guest's checks still
+    pass (throttling delays, never fails, a request) and `bulkhead stats` counts the held-back
+    requests in JSON and in its table."""
+    t0 = time.monotonic()
+    vm = start_held_vm(tmp_path, "rate1", disk_keys=",ops=4/100")
+    try:
+        assert any(line.startswith("GK virtio-blk ok") for line in vm.stdout), vm.explain()
+        stats = run_bulkhead("stats", "rate1", "--json")
+        assert stats.returncode == 0, stats.explain()
+        blk = {d["name"]: d for d in json.loads(stats.stdout)["devices"]}["blk0"]
+        assert blk["failures"] == 0 and blk["restarts"] == 0, blk  # held back, never failed
+        assert blk["throttled"] == blk["device"]["throttled"] > 0, blk
+        # 4 ops at once, then 4 per 100 ms: the requests past the burst took their time.
+        assert time.monotonic() - t0 >= (blk["requests"] - 4) / 40 * 0.9, blk
+        table = run_bulkhead("stats", "rate1")
+        assert table.returncode == 0, table.explain()
+        header, row = table.stdout.splitlines()[1], next(
+            line for line in table.stdout.splitlines() if line.startswith("blk0"))
+        assert row.split()[header.split().index("THROTTLED")] == str(blk["throttled"])
+    finally:
+        vm.kill()
 
 
 def test_bad_input_is_one_line_and_status_2(tmp_path, private_registry):

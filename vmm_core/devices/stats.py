@@ -19,6 +19,7 @@ from typing import Any
 REQUEST_KEYS = ("requests", "chains")
 BYTE_KEYS = ("bytes", "bytes_read", "bytes_written", "tx_bytes", "rx_bytes")
 ERROR_KEYS = ("errors", "malformed", "queue_errors", "unsupported")
+THROTTLE_KEYS = ("throttled", "throttled_tx", "throttled_rx")  # requests a rate limiter held back
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -75,4 +76,5 @@ class DeviceCounters:
         requests = next((t[k] for k in REQUEST_KEYS if k in t), 0)
         return {"requests": requests,
                 "bytes": sum(t.get(k, 0) for k in BYTE_KEYS),
-                "errors": sum(t.get(k, 0) for k in ERROR_KEYS), "device": t}
+                "errors": sum(t.get(k, 0) for k in ERROR_KEYS),
+                "throttled": sum(t.get(k, 0) for k in THROTTLE_KEYS), "device": t}

@@ -242,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     jail.add_argument("action", choices=("learn",))
     jail.add_argument("rest", nargs=argparse.REMAINDER)
     jail.set_defaults(verbose=0)
+    net = sub.add_parser("net", help="`bulkhead net setup|down --netns NS --tap TAP [--dry-run]`: "
+                         "connect a VM's network namespace to the host with a veth pair "
+                         "(or remove it)", add_help=False)
+    net.add_argument("action", choices=("setup", "down"))
+    net.add_argument("rest", nargs=argparse.REMAINDER)
+    net.set_defaults(verbose=0)
     guest = sub.add_parser("guest", help="guest assets: `bulkhead guest fetch` downloads Debian's cloud "
                            "kernel and busybox and builds an initramfs (cached)")
     guest.add_argument("action", choices=("fetch",))
@@ -479,6 +485,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "jail":
             from vmm_core.testing.jail_learn import learn_main
             return learn_main(args.rest)
+        if args.verb == "net":
+            from .netsetup import main as net_main
+            return net_main(args.rest + (["--down"] if args.action == "down" else []),
+                            prog=f"bulkhead net {args.action}")
         if args.verb == "guest":
             from .guest_assets import main as guest_main
             return guest_main(["--refresh"] if args.refresh else [])

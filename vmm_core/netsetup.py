@@ -22,7 +22,8 @@ not done here): `sysctl -w net.ipv4.ip_forward=1` and
 Teardown: `ip link del bh-NAME-h` (the peer and the routes go with it); a `netns=new` namespace
 disappears by itself when the VM exits.
 
-`python -m vmm_core.netsetup --netns NS --tap TAP [--name NAME] [--dry-run] [--down]`.
+`bulkhead net setup --netns NS --tap TAP [--name NAME] [--dry-run]`, `bulkhead net down ...`
+(or `python -m vmm_core.netsetup ... [--down]`).
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ def run(commands: list[list[str]], *, check: bool = True) -> None:
             raise TapError(f"net setup: `{' '.join(argv)}` failed: {done.stderr.strip() or done.returncode}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vmm_core.netsetup",
+def main(argv: list[str] | None = None, prog: str = "python -m vmm_core.netsetup") -> int:
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Connect a VM's network namespace to the host.")
     p.add_argument("--netns", required=True, help="the VM's namespace: an `ip netns` name or a path")
     p.add_argument("--tap", required=True, help="the VM's tap inside that namespace")

@@ -102,3 +102,17 @@ def test_netsetup_dry_run(capsys):
     assert out[0] == "ip link add bh-vm0-h type veth peer name bh-vm0-n" and len(out) == 11
     assert main(["--netns", "vmns", "--tap", "bad/name", "--dry-run"]) == 2
     assert "bad/name" in capsys.readouterr().err
+
+
+def test_bulkhead_net_setup_and_down_verbs_print_the_plan(capsys):
+    from vmm_core.cli import main as cli_main
+    plan = NetPlan("vmns", "bhtap0", "t1", "10.0.2.2/24", "10.200.0.1/30", "10.200.0.2/30")
+    assert cli_main(["net", "setup", "--netns", "vmns", "--tap", "bhtap0", "--name", "t1",
+                     "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines() == [" ".join(c) for c in plan.up()]
+    assert cli_main(["net", "down", "--netns", "vmns", "--tap", "bhtap0", "--name", "t1",
+                     "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["ip link del bh-t1-h"]
+    assert cli_main(["net", "setup", "--netns", "vmns", "--tap", "a b", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'a b'" in err[0]

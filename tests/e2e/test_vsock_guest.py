@@ -168,3 +168,60 @@ def test_a_vsock_without_cid_gets_the_lowest_free_one_allocated(tmp_path) -> Non
             vm.kill()
         for s in servers:
             s.close()
+
+
+def test_net_in_a_new_namespace_and_vsock_cid_3_run_jailed_side_by_side(tmp_path, private_registry):
+    """Issue 12's "done when" line: `--net tap=…,netns=new --vsock cid=3` starts both devices
+    jailed, each in its own process; the guest's vsock echo passes through the broker; the tap
+    lives in a namespace of the VM's own (held by the core, holding only lo and the tap), not
+    in the host's."""
+    import json
+    import subprocess
+
+    from vmm_core.cli_control import wait_for_vm
+    from vmm_core.testing import BackgroundVm, device_pids
+
+    vsock = str(tmp_path / "v.sock")
+    lst, seen = echo_server(f"{vsock}_{PORT}")
+    vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--mem", "64", "--hold", "--name", "nv1",
+                      "--net", "tap=bh0,netns=new", "--vsock", f"cid=3,socket={vsock}",
+                      "--cmdline", f"gk.tests=virtio-vsock gk.vsock={PORT}")
+    try:
+        deadline = time.monotonic() + 60
+        while not any(line.startswith("GK done") for line in vm.stdout):
+            assert vm.proc.poll() is None and time.monotonic() < deadline, vm.explain()
+            time.sleep(0.05)
+        assert any(line.startswith("GK virtio-vsock ok cid=3 ") for line in vm.stdout), vm.explain()
+        assert b"".join(seen).startswith(b"bulkhead vsock echo"), seen
+        wait_for_vm("nv1")
+        ps = run_bulkhead("ps", "--json")
+        assert ps.returncode == 0, ps.explain()
+        [row] = json.loads(ps.stdout)
+        devices = {d["name"]: d for d in row["devices"]}
+        assert {n: d["mode"] for n, d in devices.items()} == {"net0": "sandboxed",
+                                                              "vsock0": "sandboxed"}
+        pids = device_pids(vm.pid)
+        assert {n: d["pid"] for n, d in devices.items()} == pids and len(set(pids.values())) == 2
+
+        host_ns = os.readlink("/proc/self/ns/net")
+        held = {}
+        for fd in os.listdir(f"/proc/{vm.pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{vm.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("net:[") and link != host_ns:
+                held[link] = fd
+        assert len(held) == 1, held
+        [fd] = held.values()
+        links = subprocess.run(["nsenter", f"--net=/proc/{vm.pid}/fd/{fd}", "ip", "-o", "link"],
+                               capture_output=True, text=True, check=True).stdout
+        names = sorted(line.split(":")[1].strip() for line in links.splitlines())
+        assert names == ["bh0", "lo"], links
+        host_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        assert " bh0:" not in host_links
+        assert run_bulkhead("stop", "nv1").returncode == 0
+        assert vm.wait(15) == 0, vm.explain()
+    finally:
+        vm.kill()
+        lst.close()

@@ -206,6 +206,7 @@ int vq_next_used(struct vdev *v, unsigned qi, u32 *id, u32 *len, u64 timeout_ms,
 	struct vq *q = &v->vq[qi];
 	u64 waited = 0;
 
+	v->timed_out = 0;
 	for (;;) {
 		u16 idx = *(volatile u16 *)(q->used + 2);
 		u64 r;
@@ -219,8 +220,10 @@ int vq_next_used(struct vdev *v, unsigned qi, u32 *id, u32 *len, u64 timeout_ms,
 		}
 		if (rd(v, VIRTIO_MMIO_STATUS) & VIRTIO_STATUS_NEEDS_RESET)
 			return fail(d, "device-needs-reset while waiting on queue %u", qi);
-		if (waited >= timeout_ms)
+		if (waited >= timeout_ms) {
+			v->timed_out = 1;
 			return fail(d, "timeout queue=%u after %lu ms (used idx %u)", qi, waited, idx);
+		}
 		r = v->irq < 16 ? wait_irq(1u << v->irq, POLL_MS) : (sleep_ms(POLL_MS), 0);
 		if (r & (1u << v->irq)) {
 			v->by_irq++;

@@ -65,6 +65,7 @@ struct vdev {
 	u8 *buf;             /* VBUF_SIZE bytes of request memory for this device */
 	u32 by_irq, by_poll; /* how completions were noticed */
 	u64 timeout_ms;      /* how long one request may take */
+	int timed_out;       /* the last vq_next_used failed by its timeout (nothing else wrong) */
 };
 
 #define VBUF_SIZE 0x40000

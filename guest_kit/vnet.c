@@ -1,8 +1,11 @@
 /* virtio-net test (VIRTIO 1.2 §5.1) through a minimal CPL3 driver: receiveq 0 holds RX_BUFS
- * posted buffers, transmitq 1 sends one frame at a time.  The test ARPs for the peer named by
- * gk.net=IP/PREFIX,PEER (e.g. gk.net=10.0.2.15/24,10.0.2.2: the tap's address on the host),
- * sends it an ICMP echo request and checks the reply; ARP requests for our own address are
- * answered meanwhile, so the peer can refresh its neighbour entry. */
+ * posted buffers, transmitq 1 sends one frame at a time.  gk.net=IP/PREFIX,PEER[,TARGET]: the
+ * test ARPs for PEER (the tap's address, or the gateway in front of TARGET), sends an ICMP echo
+ * request to TARGET (PEER if not given) through PEER's MAC and checks the reply; ARP requests
+ * for our own address are answered meanwhile, so the peer can refresh its neighbour entry.
+ * Requests are sent again every RETRY_MS until gk.net_wait_ms (default gk.io_timeout_ms): the
+ * other side of a `netns=new` tap gets its addresses and routes (`bulkhead net setup`) only
+ * after the VM has started, and a frame sent before that is simply not answered. */
 #include "virtio.h"
 #include "tests.h"
 
@@ -25,11 +28,13 @@
 #define ICMP_ECHOREPLY 0
 #define PING_PAYLOAD 56
 #define MAX_UNRELATED 64  /* frames we skip (IPv6, other ARP) while waiting for an answer */
+#define RETRY_MS 500
 
 struct netcfg {
 	u8 mac[6], peer_mac[6];
-	u32 ip, peer;          /* host byte order */
+	u32 ip, peer, target;  /* host byte order */
 	u16 ping_id, ping_seq;
+	unsigned sent;         /* requests sent, retries included */
 };
 
 static const u8 broadcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
@@ -77,10 +82,15 @@ static int parse_netcfg(struct netcfg *c, char *d)
 	u64 prefix;
 
 	if (!cmdline_get("gk.net", arg, sizeof(arg)))
-		return fail(d, "no gk.net=IP/PREFIX,PEER on the command line");
+		return fail(d, "no gk.net=IP/PREFIX,PEER[,TARGET] on the command line");
 	if (!parse_ip(&p, &c->ip) || *p++ != '/' || !parse_u64(&p, &prefix) || prefix > 32 || *p++ != ',' ||
-	    !parse_ip(&p, &c->peer) || *p)
-		return fail(d, "bad gk.net=%s (want IP/PREFIX,PEER)", arg);
+	    !parse_ip(&p, &c->peer))
+		return fail(d, "bad gk.net=%s (want IP/PREFIX,PEER[,TARGET])", arg);
+	c->target = c->peer;
+	if (*p == ',' && (p++, !parse_ip(&p, &c->target)))
+		return fail(d, "bad TARGET in gk.net=%s (want IP/PREFIX,PEER[,TARGET])", arg);
+	if (*p)
+		return fail(d, "bad gk.net=%s (want IP/PREFIX,PEER[,TARGET])", arg);
 	return 1;
 }
 
@@ -147,7 +157,7 @@ static unsigned icmp_frame(u8 *f, const struct netcfg *c)
 	ip[8] = 64;
 	ip[9] = 1;             /* ICMP */
 	put32(ip + 12, c->ip);
-	put32(ip + 16, c->peer);
+	put32(ip + 16, c->target);
 	put16(ip + 10, csum(ip, IP_HLEN));
 	icmp[0] = ICMP_ECHO;
 	put16(icmp + 4, c->ping_id);
@@ -177,7 +187,7 @@ static int match_echo_reply(struct netcfg *c, const u8 *f, unsigned len)
 	unsigned i;
 
 	if (len < ETH_HLEN + IP_HLEN + 8 + PING_PAYLOAD || get16(f + 12) != ETH_P_IP || ip[0] != 0x45 ||
-	    ip[9] != 1 || get32(ip + 12) != c->peer || get32(ip + 16) != c->ip || icmp[0] != ICMP_ECHOREPLY ||
+	    ip[9] != 1 || get32(ip + 12) != c->target || get32(ip + 16) != c->ip || icmp[0] != ICMP_ECHOREPLY ||
 	    get16(icmp + 4) != c->ping_id || get16(icmp + 6) != c->ping_seq)
 		return 0;
 	if (csum(ip, IP_HLEN) || csum(icmp, get16(ip + 2) - IP_HLEN))
@@ -188,10 +198,12 @@ static int match_echo_reply(struct netcfg *c, const u8 *f, unsigned len)
 	return 1;
 }
 
-/* Receive frames until `match` accepts one (copied to the scratch area, `*out`); answer ARP
- * requests for our address on the way. */
-static int net_recv(struct vdev *v, struct netcfg *c, int (*match)(struct netcfg *, const u8 *, unsigned),
-		    const char *what, char *d)
+typedef int (*frame_match)(struct netcfg *, const u8 *, unsigned);
+
+/* Receive frames until `match` accepts one (copied to the scratch area); answer ARP requests
+ * for our address on the way.  A wait longer than `timeout_ms` fails with v->timed_out set. */
+static int net_recv(struct vdev *v, struct netcfg *c, frame_match match, const char *what, u64 timeout_ms,
+		    char *d)
 {
 	unsigned n;
 
@@ -200,7 +212,7 @@ static int net_recv(struct vdev *v, struct netcfg *c, int (*match)(struct netcfg
 		u8 *buf, *f;
 		int m;
 
-		if (!vq_next_used(v, 0, &id, &len, v->timeout_ms, d))
+		if (!vq_next_used(v, 0, &id, &len, timeout_ms, d))
 			return 0;
 		if (id >= RX_BUFS)
 			return fail(d, "rx used-id %u (posted 0..%u)", id, RX_BUFS - 1);
@@ -230,13 +242,33 @@ static int net_recv(struct vdev *v, struct netcfg *c, int (*match)(struct netcfg
 	return fail(d, "no %s among %u frames", what, MAX_UNRELATED);
 }
 
+/* Send `frame` and wait for the answer `match` accepts, sending it again every RETRY_MS until
+ * `wait_ms` has passed; anything but a quiet receiveq ends at once. */
+static int exchange(struct vdev *v, struct netcfg *c, const u8 *frame, unsigned len, frame_match match,
+		    const char *what, u64 wait_ms, char *d)
+{
+	u64 waited;
+
+	for (waited = 0;; waited += RETRY_MS) {
+		c->sent++;
+		if (!net_send(v, frame, len, d))
+			return 0;
+		if (net_recv(v, c, match, what, wait_ms - waited < RETRY_MS ? wait_ms - waited : RETRY_MS, d))
+			return 1;
+		if (!v->timed_out)
+			return 0;
+		if (waited + RETRY_MS >= wait_ms)
+			return fail(d, "no %s in %lu ms (%u requests sent)", what, wait_ms, c->sent);
+	}
+}
+
 int test_virtio_net(char *d)
 {
 	struct netcfg c;
 	struct vdev v;
 	u8 frame[ETH_HLEN + IP_HLEN + 8 + PING_PAYLOAD];
 	unsigned i, len;
-	u64 pings;
+	u64 pings, wait_ms;
 	int ok;
 
 	memset(&c, 0, sizeof(c));
@@ -256,24 +288,26 @@ int test_virtio_net(char *d)
 		rx_post(&v, i);
 	vq_notify(&v, 0);
 
+	wait_ms = cmdline_u64("gk.net_wait_ms", v.timeout_ms);
 	len = arp_frame(frame, &c, ARP_REQUEST, broadcast, c.peer);
-	ok = net_send(&v, frame, len, d) && net_recv(&v, &c, match_arp_reply, "arp-reply", d);
+	ok = exchange(&v, &c, frame, len, match_arp_reply, "arp-reply", wait_ms, d);
 	c.ping_id = 0x4b47; /* "GK" */
 	c.ping_seq = 1;
 	if (ok) {
 		len = icmp_frame(frame, &c);
-		ok = net_send(&v, frame, len, d) && net_recv(&v, &c, match_echo_reply, "echo-reply", d);
+		ok = exchange(&v, &c, frame, len, match_echo_reply, "echo-reply", wait_ms, d);
 	}
 	/* gk.net_pings=N: N more echo round trips (benchmarks/net.py times runs with and without) */
 	for (i = 0, pings = cmdline_u64("gk.net_pings", 0); ok && i < pings; i++) {
 		c.ping_seq++;
 		len = icmp_frame(frame, &c);
-		ok = net_send(&v, frame, len, d) && net_recv(&v, &c, match_echo_reply, "echo-reply", d);
+		ok = net_send(&v, frame, len, d) && net_recv(&v, &c, match_echo_reply, "echo-reply", v.timeout_ms, d);
 	}
 	if (ok)
-		fmt(d, DETAIL_SIZE, "mac=%02x:%02x:%02x:%02x:%02x:%02x peer-mac=%02x:%02x:%02x:%02x:%02x:%02x irq=%u poll=%u",
+		fmt(d, DETAIL_SIZE, "mac=%02x:%02x:%02x:%02x:%02x:%02x peer-mac=%02x:%02x:%02x:%02x:%02x:%02x target=%u.%u.%u.%u sent=%u irq=%u poll=%u",
 		    c.mac[0], c.mac[1], c.mac[2], c.mac[3], c.mac[4], c.mac[5], c.peer_mac[0], c.peer_mac[1],
-		    c.peer_mac[2], c.peer_mac[3], c.peer_mac[4], c.peer_mac[5], v.by_irq, v.by_poll);
+		    c.peer_mac[2], c.peer_mac[3], c.peer_mac[4], c.peer_mac[5], c.target >> 24, c.target >> 16 & 0xff,
+		    c.target >> 8 & 0xff, c.target & 0xff, c.sent, v.by_irq, v.by_poll);
 	vdev_close(&v);
 	return ok;
 }

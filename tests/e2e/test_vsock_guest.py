@@ -170,27 +170,62 @@ def test_a_vsock_without_cid_gets_the_lowest_free_one_allocated(tmp_path) -> Non
             s.close()
 
 
-def test_net_in_a_new_namespace_and_vsock_cid_3_run_jailed_side_by_side(tmp_path, private_registry):
+def test_net_in_a_new_namespace_and_vsock_cid_3_run_jailed_side_by_side(tmp_path, private_registry,
+                                                                       netns):
     """Issue 12's "done when" line: `--net tap=…,netns=new --vsock cid=3` starts both devices
-    jailed, each in its own process; the guest's vsock echo passes through the broker; the tap
-    lives in a namespace of the VM's own (held by the core, holding only lo and the tap), not
-    in the host's."""
+    jailed, each in its own process.  The tap lives in a namespace of the VM's own (held by the
+    core, holding only lo and the tap), not in the host's; `bulkhead net setup` then connects
+    that namespace to a "host" side (a namespace the test made, standing in for the real host)
+    while the guest waits, and the guest pings the host's end of the veth through it (ARP for
+    its gateway, the tap's new address; ICMP routed by the VM's namespace).  The guest's vsock
+    echo passes through the broker."""
     import json
     import subprocess
 
     from vmm_core.cli_control import wait_for_vm
-    from vmm_core.testing import BackgroundVm, device_pids
+    from vmm_core.testing import BackgroundVm, bulkhead_argv, device_pids
+    from vmm_core.testing.netns import held_netns
 
+    host_side = netns()
     vsock = str(tmp_path / "v.sock")
     lst, seen = echo_server(f"{vsock}_{PORT}")
     vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--mem", "64", "--hold", "--name", "nv1",
                       "--net", "tap=bh0,netns=new", "--vsock", f"cid=3,socket={vsock}",
-                      "--cmdline", f"gk.tests=virtio-vsock gk.vsock={PORT}")
+                      "--cmdline", "gk.tests=virtio-net,virtio-vsock gk.net=10.0.2.15/24,10.0.2.2,10.200.0.1 "
+                                   f"gk.net_wait_ms=60000 gk.vsock={PORT}")
     try:
         deadline = time.monotonic() + 60
-        while not any(line.startswith("GK done") for line in vm.stdout):
+        while not (held := held_netns(vm.pid)):
             assert vm.proc.poll() is None and time.monotonic() < deadline, vm.explain()
             time.sleep(0.05)
+        [ns_path] = held
+        links = subprocess.run(["nsenter", f"--net={ns_path}", "ip", "-o", "link"],
+                               capture_output=True, text=True, check=True).stdout
+        names = sorted(line.split(":")[1].strip() for line in links.splitlines())
+        assert names == ["bh0", "lo"], links
+        host_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        assert " bh0:" not in host_links
+
+        setup = subprocess.run(["ip", "netns", "exec", host_side,
+                                *bulkhead_argv("net", "setup", "--netns", ns_path, "--tap", "bh0",
+                                               "--name", "nv1")],
+                               capture_output=True, text=True, timeout=30)
+        assert setup.returncode == 0, setup.stderr
+        while not any(line.startswith("GK done") for line in vm.stdout):
+            assert vm.proc.poll() is None and time.monotonic() < deadline + 60, vm.explain()
+            time.sleep(0.05)
+        [net_line] = [line for line in vm.stdout if line.startswith("GK virtio-net ")]
+        assert net_line.startswith("GK virtio-net ok ") and " target=10.200.0.1 " in net_line, vm.explain()
+        guest_mac, tap_mac = net_line.split("mac=")[1].split()[0], net_line.split("peer-mac=")[1].split()[0]
+        # Who talked: the guest learnt the tap's MAC, the VM's namespace the guest's (an ARP the
+        # guest answered while it waited for the echo reply routed back from the host side).
+        in_vm_ns = ["nsenter", f"--net={ns_path}", "ip"]
+        tap_link = subprocess.run([*in_vm_ns, "-br", "link", "show", "bh0"], capture_output=True,
+                                  text=True, check=True).stdout
+        assert tap_link.split()[2] == tap_mac, tap_link
+        neigh = subprocess.run([*in_vm_ns, "neigh", "show", "10.0.2.15"], capture_output=True,
+                               text=True, check=True).stdout
+        assert f"lladdr {guest_mac}" in neigh, neigh
         assert any(line.startswith("GK virtio-vsock ok cid=3 ") for line in vm.stdout), vm.explain()
         assert b"".join(seen).startswith(b"bulkhead vsock echo"), seen
         wait_for_vm("nv1")
@@ -203,23 +238,6 @@ def test_net_in_a_new_namespace_and_vsock_cid_3_run_jailed_side_by_side(tmp_path
         pids = device_pids(vm.pid)
         assert {n: d["pid"] for n, d in devices.items()} == pids and len(set(pids.values())) == 2
 
-        host_ns = os.readlink("/proc/self/ns/net")
-        held = {}
-        for fd in os.listdir(f"/proc/{vm.pid}/fd"):
-            try:
-                link = os.readlink(f"/proc/{vm.pid}/fd/{fd}")
-            except OSError:
-                continue
-            if link.startswith("net:[") and link != host_ns:
-                held[link] = fd
-        assert len(held) == 1, held
-        [fd] = held.values()
-        links = subprocess.run(["nsenter", f"--net=/proc/{vm.pid}/fd/{fd}", "ip", "-o", "link"],
-                               capture_output=True, text=True, check=True).stdout
-        names = sorted(line.split(":")[1].strip() for line in links.splitlines())
-        assert names == ["bh0", "lo"], links
-        host_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-        assert " bh0:" not in host_links
         assert run_bulkhead("stop", "nv1").returncode == 0
         assert vm.wait(15) == 0, vm.explain()
     finally:

@@ -58,3 +58,18 @@ class Namespaces:
         for name in reversed(self.made):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
         self.made = []
+
+
+def held_netns(pid: int) -> list[str]:
+    """Paths (`/proc/PID/fd/N`) of the network namespaces other than ours that process `pid`
+    holds open: how a test reaches the namespace a VM's core made for `netns=new`."""
+    ours = os.readlink("/proc/self/ns/net")
+    held: dict[str, str] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if link.startswith("net:[") and link != ours:
+            held.setdefault(link, f"/proc/{pid}/fd/{fd}")
+    return list(held.values())

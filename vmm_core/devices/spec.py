@@ -7,6 +7,8 @@ kind's declared fields (`ipc_protocol.kinds`):
     --disk disk.img,readonly          (shorthand: a bare value sets the kind's main field,
                                        a bare key sets a boolean)
     --disk path=a,,b.img              (a doubled comma is a comma in the value)
+    --disk disk.img,bw=1048576/100,ops=1000/1000
+                                      (aliases: ro, bw, tx_bw, rx_bw)
 
 Keys every kind has: `id` (the device's name, default <prefix><index>) and `on-crash`
 (restart | fail | stop-vm, default the VM's).  A config file's `[[disk]]` table gives the same
@@ -30,7 +32,8 @@ COMMON_KEYS = ("id", "on-crash")
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,15}$")
 _TRUE = ("on", "true", "yes", "1")
 _FALSE = ("off", "false", "no", "0")
-_ALIASES = {"ro": "readonly"}
+# Short spellings: `ro`, and `bw` as in the rate-limiter keys of issue 12 (`bw=…,ops=…`).
+_ALIASES = {"ro": "readonly", "bw": "bandwidth", "tx_bw": "tx_bandwidth", "rx_bw": "rx_bandwidth"}
 
 
 @dataclass(frozen=True)
@@ -136,9 +139,12 @@ def build_spec(kind: DeviceKind, values: Mapping[str, Any], index: int, where: s
             on_crash = value
         else:
             fname = key.replace("-", "_")
+            fname = _ALIASES.get(fname, fname)
             if kind.field_named(fname) is None:
                 raise ConfigError(f"{where}: unknown key {raw_key!r} (known: "
                                   f"{', '.join(known) or 'none'})")
+            if fname in params:
+                raise ConfigError(f"{where}: {fname} is given twice")
             params[fname] = _convert(kind, fname, value, where)
     frontend = kind.frontend_only or (kind.frontend_field is not None
                                       and kind.frontend_field in params)

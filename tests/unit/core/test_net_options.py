@@ -30,6 +30,21 @@ def test_net_flag_through_the_generic_parser(net_kind):
     assert parse_device_arg(net_kind, "", 2).params["tap"] == "bhtap%d"       # the default
 
 
+def test_rate_keys_have_the_short_bw_spelling(net_kind):
+    """`bw=` (blk), `tx_bw=`/`rx-bw=` (net) name the bandwidth buckets; both spellings of one
+    key at once are refused rather than one silently winning."""
+    from ipc_protocol.kinds import BLK
+
+    blk = parse_device_arg(BLK, "disk.img,bw=1048576/100,ops=1000/1000", 0)
+    assert blk.device_spec()["bandwidth"] == "1048576/100" and blk.params["ops"] == "1000/1000"
+    net = parse_device_arg(net_kind, "tap=t0,tx_bw=65536/10,rx-bw=4096/10/8192", 0)
+    assert (net.params["tx_bandwidth"], net.params["rx_bandwidth"]) == ("65536/10", "4096/10/8192")
+    with pytest.raises(ConfigError, match="bandwidth is given twice"):
+        parse_device_arg(BLK, "disk.img,bw=1/1,bandwidth=2/2", 0)
+    with pytest.raises(ConfigError, match="SIZE/REFILL_MS"):
+        parse_device_arg(BLK, "disk.img,bw=fast", 0)
+
+
 def test_net_flag_errors_name_the_key(net_kind):
     with pytest.raises(ConfigError, match="bridge"):
         parse_device_arg(net_kind, "tap=x,bridge=br0", 0)

@@ -151,6 +151,42 @@ def to_toml(observed: Observed, *, skip: set[str] | frozenset[str] = frozenset()
     return "\n".join(out)
 
 
+def merge(*runs: Observed) -> Observed:
+    """The union of learn runs: what one run missed by timing (a malloc trim, a retried wait)
+    another may have seen, as an operator learning a policy would run the workload more than once."""
+    out: dict[str, set[tuple[int, ...]]] = defaultdict(set)
+    for run in runs:
+        for name, calls in run.items():
+            out[name] |= calls
+    return dict(out)
+
+
+class SeccompAudit:
+    """Seccomp kills logged by the kernel (audit type=1326, "syscall=N") since this was made:
+    the one way to name the syscall that a kill-mode filter refused, in any thread."""
+
+    def __init__(self) -> None:
+        self._skip = len(self._lines())
+
+    @staticmethod
+    def _lines() -> list[str]:
+        import subprocess
+
+        done = subprocess.run(["dmesg"], capture_output=True, text=True)
+        return [line for line in done.stdout.splitlines() if "type=1326" in line]
+
+    def kills(self) -> list[str]:
+        """'pid=P syscall=NAME' for each SIGSYS kill (sig=31) logged since construction."""
+        import re
+
+        out = []
+        for line in self._lines()[self._skip:]:
+            m = re.search(r"pid=(\d+) .* sig=31 .*syscall=(\d+)", line)
+            if m:
+                out.append(f"pid={m[1]} syscall={syscall_name(int(m[2]))}")
+        return out
+
+
 def learn(device: str, argv: Sequence[str] | None = None, *, rounds: int = 3,
           timeout: float = 60.0, uid: int = 100000, gid: int = 100000) -> Observed:
     """Run `argv` (default: the probe's workload for `device`) jailed in learn mode."""

@@ -6,35 +6,14 @@ import time
 
 import pytest
 
-from vmm_core.testing import BackgroundVm, TEST_GUEST, blk_pattern, device_pids, parse_results
+from vmm_core.testing import (BackgroundVm, TEST_GUEST, blk_pattern, kill_device, parse_results,
+                              wait_for_device)
 
 pytestmark = pytest.mark.kvm
 
 
 def GuestProcess(*args: str) -> BackgroundVm:
     return BackgroundVm("run", "--kernel", TEST_GUEST, *args)
-
-
-def wait_for_device(core_pid: int, name: str, not_pid: int | None = None, timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pid = device_pids(core_pid).get(name)
-        if pid is not None and pid != not_pid:
-            return pid
-        time.sleep(0.01)
-    raise AssertionError(f"device {name} did not (re)appear within {timeout} s")
-
-
-def kill_device(core_pid: int, name: str, not_pid: int | None = None) -> int:
-    """SIGKILL the device's current process (retrying if it is just being replaced)."""
-    for _ in range(20):
-        pid = wait_for_device(core_pid, name, not_pid=not_pid)
-        try:
-            os.kill(pid, signal.SIGKILL)
-            return pid
-        except ProcessLookupError:
-            not_pid = pid
-    raise AssertionError(f"could not kill device {name}")
 
 
 def test_kill_blk_20_times_during_workload_loses_nothing(tmp_path):

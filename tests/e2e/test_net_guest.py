@@ -43,3 +43,54 @@ def test_netns_new_gives_the_vm_its_own_stack(tmp_path) -> None:
     run = run_bulkhead("run", "--kernel", TEST_GUEST, "--mem", "64",
                        "--net", "tap=bh0,netns=new", "--cmdline", "gk.tests=pio", timeout=120)
     assert run.returncode == 0, run.explain()
+
+
+def test_killing_the_net_device_mid_ping_keeps_the_tap_and_the_guest_going(netns) -> None:
+    """Crash restart under `bulkhead run`: the net device is SIGKILLed three times while the
+    guest ping-pongs with the tap's address.  The core owns the tap (created by it, so it would
+    vanish with its last fd): the same interface serves every incarnation, and the guest's
+    echoes all come back (one lost in a restart is re-sent after 500 ms)."""
+    import json
+    import time
+
+    from vmm_core.testing import BackgroundVm, kill_device, wait_for_device
+
+    ns = netns()
+    vm = BackgroundVm("run", "--kernel", TEST_GUEST, "--mem", "64", "--hold",
+                      "--net", f"tap=bhk0,netns={ns}",
+                      "--cmdline", "gk.tests=virtio-net gk.net=10.0.2.15/24,10.0.2.2 "
+                                   "gk.net_pings=30000 gk.net_wait_ms=30000")
+
+    def ifindex() -> int:
+        return json.loads(sh(ns, "ip -j link show bhk0"))[0]["ifindex"]
+
+    def done() -> bool:
+        return any(line.startswith("GK done") for line in vm.stdout)
+
+    try:
+        wait_for_device(vm.pid, "net0", timeout=30)
+        deadline = time.monotonic() + 30
+        while "bhk0" not in sh(ns, "ip -o link"):  # the core made the tap: give it the address
+            assert vm.proc.poll() is None and time.monotonic() < deadline, vm.explain()
+            time.sleep(0.05)
+        sh(ns, "ip addr add 10.0.2.2/24 dev bhk0")
+        index = ifindex()
+        kills, killed = 0, None
+        while kills < 3:
+            time.sleep(0.5)
+            assert not done() and vm.proc.poll() is None, \
+                f"the guest finished before kill {kills + 1}: give it more pings\n{vm.explain()}"
+            killed = kill_device(vm.pid, "net0", not_pid=killed)
+            kills += 1
+            wait_for_device(vm.pid, "net0", not_pid=killed)  # restarted
+            assert ifindex() == index
+        while not done():
+            assert vm.proc.poll() is None and time.monotonic() < deadline + 120, vm.explain()
+            time.sleep(0.1)
+        results, _ = vm.results()
+        ok, detail = results["virtio-net"]
+        assert ok, vm.explain()
+        assert ifindex() == index
+        assert "".join(vm.stderr).count("device net0 restarted") >= 3, vm.explain()
+    finally:
+        vm.kill()

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -115,6 +117,31 @@ def device_pids(core_pid: int) -> dict[str, int]:
         # The title may be padded with spaces (prctl's set_proctitle overwrites argv in place).
         out[argv[0].split(b":", 1)[1].decode().strip()] = int(entry)
     return out
+
+
+def wait_for_device(core_pid: int, name: str, not_pid: int | None = None,
+                    timeout: float = 10.0) -> int:
+    """The pid of device `name` of core `core_pid` once it runs (one other than `not_pid`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = device_pids(core_pid).get(name)
+        if pid is not None and pid != not_pid:
+            return pid
+        time.sleep(0.01)
+    raise AssertionError(f"device {name} did not (re)appear within {timeout} s")
+
+
+def kill_device(core_pid: int, name: str, not_pid: int | None = None) -> int:
+    """SIGKILL the device's current process (a positive pid this test's VM started, found
+    afresh if it is just being replaced); its pid."""
+    for _ in range(20):
+        pid = wait_for_device(core_pid, name, not_pid=not_pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            return pid
+        except ProcessLookupError:
+            not_pid = pid
+    raise AssertionError(f"could not kill device {name}")
 
 
 class BackgroundVm:

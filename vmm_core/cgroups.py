@@ -57,6 +57,15 @@ class VmCgroupMembership:
             self.cgroup.remove()
             raise
 
+    def adopt(self, pid: int) -> None:
+        """Move `pid` (a helper the core started before the VM's cgroup existed: the prestarted
+        device zygote) in beside the core, so the VM's limits count it too."""
+        target = self.cgroup.child("core") if self.cgroup.version == 2 else self.cgroup
+        try:
+            target.add(pid)
+        except CgroupError as e:
+            log.warning("cgroup: could not move pid %d into the VM's cgroup: %s", pid, e)
+
     def device_cgroup(self, name: str, memory_max: int | None,
                       cpu_quota: float | None) -> VmCgroup:
         """A device's own cgroup below the VM's: its launcher, init and device are born there,

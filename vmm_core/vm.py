@@ -140,8 +140,7 @@ class Machine:
                         self.name, self.cgroup),
                 self.device_options)
             self.add_cleanup(self.devices.close)
-            for spec in config.devices:
-                self.devices.add(spec)
+            self.devices.add_all(config.devices)
 
             self.boot_kind, entry, boot_regs = self._load_kernel()
             self.vcpus = [Vcpu(self.vm, i) for i in range(config.vcpus)]

@@ -43,7 +43,7 @@ from . import lifecycle as lc
 from .options import DeviceOptions
 from .spawn import DeviceProcess, DeviceStartError, routing_identity
 from .untrusted import escape
-from .zygote import Zygote, ZygoteError
+from .zygote import Zygote, ZygoteError, take_prestarted
 
 if TYPE_CHECKING:
     from .ports import VmPorts
@@ -119,16 +119,21 @@ class Supervisor(threading.Thread):
         self.options = options
         self.policy = options.supervision
         self.allow_faults = options.allow_faults
-        # The VM's device zygote: started here, on the thread building the VM (inside its cgroup)
-        # and before this VM opens its ZeroMQ socket.  It is a fresh interpreter, never a fork.
+        # The VM's device zygote: prestarted by `bulkhead run` (then moved into the VM's cgroup
+        # here) or started here, on the thread building the VM (inside its cgroup), before this
+        # VM opens its ZeroMQ socket.  It is a fresh interpreter, never a fork.
         self.zygote: Zygote | None = None
         self.spawn_method = options.spawn_method if options.jail is not None else "exec"
         if self.spawn_method == "zygote":
-            try:
-                self.zygote = Zygote()
-            except ZygoteError as err:
-                log.warning("%s: devices start as fresh interpreters", err)
-                self.spawn_method = "exec"
+            self.zygote = take_prestarted()
+            if self.zygote is not None and ports.cgroup is not None and self.zygote.pid is not None:
+                ports.cgroup.adopt(self.zygote.pid)
+            if self.zygote is None:
+                try:
+                    self.zygote = Zygote()
+                except ZygoteError as err:
+                    log.warning("%s: devices start as fresh interpreters", err)
+                    self.spawn_method = "exec"
         self.control = ControlServer(ports.runtime_dir)
         self.spawner = Spawner()
         try:

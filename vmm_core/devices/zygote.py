@@ -5,7 +5,8 @@ pays that once per VM and then forks each device (jail launcher semantics includ
 process that has everything imported.  The zygote itself is a fresh interpreter too (`subprocess`,
 i.e. fork+exec with no Python code between them): the threaded core never forks Python code.
 
-    zygote = Zygote()                 # early, from the VM's main thread, once in the VM's cgroup
+    zygote = Zygote()                 # early, from the VM's main thread (`prestart`: before the
+                                      # core's own setup; moved into the VM's cgroup when it exists)
     start = zygote.launcher_start(host_args, bootstrap_fd)   # a `sandbox.LauncherStart`
     ...                               # `sandbox.spawn(..., start=start)` does the rest
     zygote.close()                    # with the VM; the zygote also exits on EOF and PDEATHSIG
@@ -209,6 +210,39 @@ def _wait_readable(sock: socket.socket, timeout: float) -> None:
 
 _default: Zygote | None = None
 _default_lock = threading.Lock()
+_prestarted: Zygote | None = None
+
+
+def prestart() -> None:
+    """Start this process's VM zygote now, from `bulkhead run`'s main thread before the core's
+    own imports and KVM setup, so its interpreter start and imports (~150 ms) overlap them
+    instead of delaying the first device.  The VM's supervisor takes it (`take_prestarted`) and
+    moves it into the VM's cgroup; the caller calls `discard_prestarted` when the VM is over."""
+    global _prestarted
+    if _prestarted is None:
+        try:
+            _prestarted = Zygote()
+        except ZygoteError as err:
+            log.info("%s: the supervisor will try again", err)
+            return
+        atexit.register(discard_prestarted)  # a usage error ends the process before `cmd_run`
+
+
+def take_prestarted() -> Zygote | None:
+    """The prestarted zygote, once (None if there is none or it has died)."""
+    global _prestarted
+    zygote, _prestarted = _prestarted, None
+    if zygote is not None and not zygote.alive():
+        zygote.close()
+        return None
+    return zygote
+
+
+def discard_prestarted() -> None:
+    """Close a prestarted zygote nobody took (the VM failed before its devices)."""
+    zygote = take_prestarted()
+    if zygote is not None:
+        zygote.close()
 
 
 def default_zygote() -> Zygote:

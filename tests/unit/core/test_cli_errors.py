@@ -83,3 +83,27 @@ def test_help_has_examples():
     run = run_bulkhead("run", "--help")
     assert run.returncode == 0
     assert "examples:" in run.stdout and "--kernel" in run.stdout
+
+
+@pytest.mark.parametrize("argv, started", [
+    (["run", "--kernel", "k", "--disk", "d.img"], True),
+    (["run", "--kernel", "k", "--rng"], True),
+    (["run", "--kernel", "k", "--net=tap=t0"], True),
+    (["run", "--config", "vm.toml"], True),
+    (["demo"], True),
+    (["run", "--kernel", "k"], False),                                   # no device
+    (["run", "--kernel", "k", "--rng", "--no-sandbox"], False),
+    (["run", "--kernel", "k", "--rng", "--no-jail"], False),
+    (["run", "--kernel", "k", "--rng", "--spawn-method", "exec"], False),
+    (["run", "--kernel", "k", "--rng", "--spawn-method=exec"], False),
+    (["run", "--rng", "--help"], False),
+    (["ps"], False),
+])
+def test_the_zygote_is_prestarted_only_for_a_run_with_jailed_devices(monkeypatch, argv, started):
+    from vmm_core import cli
+    from vmm_core.devices import zygote
+
+    calls = []
+    monkeypatch.setattr(zygote, "prestart", lambda: calls.append(1))
+    cli._prestart_from_argv(argv)
+    assert bool(calls) is started

@@ -6,14 +6,14 @@ counters, logs), the proxies' failure reports, the clock (heartbeats every `hear
 a device whose oldest unanswered heartbeat is older than `heartbeat_timeout` is failed, so a hung
 device is caught even when the guest never touches its registers; crash-loop back-offs).
 
-It never blocks on a device: a spawn runs on the VM's spawner thread and comes back as an event;
+It never blocks on a device: a spawn runs on one of the VM's spawner threads and comes back as an event;
 the Hello -> Configure -> Ready (-> Activate -> Ack) handshake is a sequence of messages this
 loop answers as they arrive, each bounded by a deadline.  pidfds are looked at before messages,
 and each device may send at most `MESSAGE_BUDGET` messages per heartbeat interval: a device
 flooding its channel (even with valid answers) is failed instead of pinning this thread.
 
 Why one thread: ZeroMQ sockets are not thread-safe and `ControlServer` buffers messages per peer,
-so exactly one thread may receive.  The spawner thread lives as long as the VM, so
+so exactly one thread may receive.  The spawner threads live as long as the VM, so
 PR_SET_PDEATHSIG in the launchers (which fires when the *spawning thread* exits) means "when the
 VM goes".
 """
@@ -86,17 +86,37 @@ class Handshake:
     request_id: int = 0
 
 
-class Spawner(threading.Thread):
-    """The VM's long-lived thread that starts device processes (see the module docstring)."""
+class Spawner:
+    """The VM's long-lived threads that start device processes (see the module docstring).
+
+    A spawn waits for the new launcher to report its device's pid (~15-20 ms, mostly in the
+    child processes), so `THREADS` of them let a VM's devices start side by side rather than
+    one after another; jobs for one device never overlap (its next spawn is submitted only
+    after the last one came back)."""
+
+    THREADS = 4
 
     def __init__(self) -> None:
-        super().__init__(name="device-spawner", daemon=True)
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._threads = [threading.Thread(target=self._run, name=f"device-spawner-{i}", daemon=True)
+                         for i in range(self.THREADS)]
+
+    def start(self) -> None:
+        """Start the threads; RuntimeError (the pids limit) if one cannot be, none left running."""
+        started = []
+        try:
+            for t in self._threads:
+                t.start()
+                started.append(t)
+        except RuntimeError:
+            for _ in started:
+                self._jobs.put(None)
+            raise
 
     def submit(self, job: Callable[[], None]) -> None:
         self._jobs.put(job)
 
-    def run(self) -> None:
+    def _run(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
@@ -107,9 +127,12 @@ class Spawner(threading.Thread):
                 log.exception("device spawn job failed")
 
     def stop(self) -> None:
-        self._jobs.put(None)
-        if self.is_alive():
-            self.join(15.0)
+        for _ in self._threads:
+            self._jobs.put(None)
+        deadline = time.monotonic() + 15.0
+        for t in self._threads:
+            if t.is_alive():
+                t.join(max(0.0, deadline - time.monotonic()))
 
 
 class Supervisor(threading.Thread):

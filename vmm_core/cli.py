@@ -431,11 +431,41 @@ def _prestart_from_argv(argv: list[str]) -> None:
     if any(a in _NO_ZYGOTE_FLAGS for a in rest) or any(
             a == "--spawn-method" and b == "exec" for a, b in zip(rest, rest[1:])):
         return
-    device_flags = {f"--{k.flag.replace('_', '-')}" for k in KINDS.values()} | {"--config",
-                                                                               "--firecracker-config"}
-    if argv[0] == "demo" or any(a.partition("=")[0] in device_flags for a in rest):
+    device_flags = {f"--{k.flag.replace('_', '-')}" for k in KINDS.values()}
+    wanted = argv[0] == "demo" or any(a.partition("=")[0] in device_flags for a in rest)
+    for i, a in enumerate(rest):  # a config file may say no-sandbox, or hold the devices
+        flag, eq, value = a.partition("=")
+        if flag in ("--config", "--firecracker-config"):
+            path = value if eq else (rest[i + 1] if i + 1 < len(rest) else "")
+            verdict = _config_wants_zygote(path, flag == "--firecracker-config")
+            if verdict is False:
+                return
+            wanted = wanted or bool(verdict)
+    if wanted:
         from .devices.zygote import prestart
         prestart()
+
+
+def _config_wants_zygote(path: str, firecracker: bool) -> bool | None:
+    """A quick look at a config file for `_prestart_from_argv`: False if it turns the sandbox,
+    the jail or the zygote off, True if it has devices, None if neither (or unreadable: the real
+    parse reports that)."""
+    import json
+    import tomllib
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f) if firecracker else tomllib.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if firecracker:
+        return True if data.get("drives") or data.get("network-interfaces") or data.get("vsock") else None
+    from ipc_protocol.kinds import KINDS
+    keys = {str(k).replace("_", "-"): v for k, v in data.items()}
+    if keys.get("no-sandbox") is True or keys.get("no-jail") is True or keys.get("spawn-method") == "exec":
+        return False
+    return True if any(k.flag.replace("_", "-") in keys for k in KINDS.values()) else None
 
 
 def _wants_zygote(args: argparse.Namespace) -> bool:

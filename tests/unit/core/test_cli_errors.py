@@ -90,7 +90,6 @@ def test_help_has_examples():
     (["run", "--kernel", "k", "--disk", "d.img"], True),
     (["run", "--kernel", "k", "--rng"], True),
     (["run", "--kernel", "k", "--net=tap=t0"], True),
-    (["run", "--config", "vm.toml"], True),
     (["demo"], True),
     (["run", "--kernel", "k"], False),                                   # no device
     (["run", "--kernel", "k", "--rng", "--no-sandbox"], False),
@@ -108,3 +107,28 @@ def test_the_zygote_is_prestarted_only_for_a_run_with_jailed_devices(monkeypatch
     monkeypatch.setattr(zygote, "prestart", lambda: calls.append(1))
     cli._prestart_from_argv(argv)
     assert bool(calls) is started
+
+
+@pytest.mark.parametrize("text, started", [
+    ('kernel = "k"\nrng = true\n', True),
+    ('kernel = "k"\n[[disk]]\npath = "d.img"\n', True),
+    ('kernel = "k"\nno-sandbox = true\n[[disk]]\npath = "d.img"\n', False),
+    ('kernel = "k"\nno_jail = true\nrng = true\n', False),
+    ('kernel = "k"\nspawn-method = "exec"\nrng = true\n', False),
+    ('kernel = "k"\n', False),
+    ('not toml [', False),
+])
+def test_a_config_file_decides_the_zygote_prestart_too(monkeypatch, tmp_path, text, started):
+    from vmm_core import cli
+    from vmm_core.devices import zygote
+
+    calls = []
+    monkeypatch.setattr(zygote, "prestart", lambda: calls.append(1))
+    (tmp_path / "vm.toml").write_text(text)
+    cli._prestart_from_argv(["run", "--config", str(tmp_path / "vm.toml")])
+    cli._prestart_from_argv(["run", f"--config={tmp_path / 'vm.toml'}"])
+    assert calls == ([1, 1] if started else [])
+    # A flag beside the file still turns it off.
+    calls.clear()
+    cli._prestart_from_argv(["run", "--config", str(tmp_path / "vm.toml"), "--no-sandbox"])
+    assert not calls

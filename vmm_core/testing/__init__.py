@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -149,8 +151,11 @@ class BackgroundVm:
     or `bulkhead chaos` can act on the VM (kill its devices) while it runs."""
 
     def __init__(self, *args: str) -> None:
+        # A TMPDIR of its own: a VM killed by `kill()` cannot remove its scratch directory.
+        self._tmp = tempfile.mkdtemp(prefix="bh-bgvm-")
         self.proc = subprocess.Popen(bulkhead_argv(*args), cwd=ROOT, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "TMPDIR": self._tmp})
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self._pumps = [threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True),
@@ -171,12 +176,14 @@ class BackgroundVm:
         code = self.proc.wait(timeout)
         for t in self._pumps:
             t.join(5)
+        shutil.rmtree(self._tmp, ignore_errors=True)
         return code
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     def results(self) -> tuple[dict[str, tuple[bool, str]], tuple[int, int] | None]:
         return parse_results("".join(self.stdout))

@@ -1,4 +1,4 @@
-"""Ethernet, ARP, IPv4, ICMP, UDP and TCP frames for tests that play a guest on a virtio-net device.
+"""Ethernet, ARP, IPv4/IPv6, ICMP, UDP and TCP frames for tests that play a guest on a virtio-net device.
 
 Just enough to talk to a real kernel through a tap: build frames with correct checksums (or a
 partial one for checksum offload, VIRTIO 1.2 §5.1.6.2), and pick received frames apart.
@@ -11,6 +11,8 @@ import struct
 from dataclasses import dataclass
 
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+IP6_HLEN = 40
 ETH_P_ARP = 0x0806
 IPPROTO_ICMP = 1
 IPPROTO_TCP = 6
@@ -79,7 +81,21 @@ def ip_frame(dst_mac: bytes, src_mac: bytes, src: str, dst: str, proto: int, pay
 
 
 def pseudo_header_sum(src: str, dst: str, proto: int, length: int) -> int:
-    return ones_sum(ip4(src) + ip4(dst) + struct.pack("!BBH", 0, proto, length))
+    """RFC 793's pseudo header for IPv4 addresses, RFC 8200 §8.1's for IPv6 ones."""
+    a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    if a.version == 6:
+        return ones_sum(a.packed + b.packed + struct.pack("!I3xB", length, proto))
+    return ones_sum(a.packed + b.packed + struct.pack("!BBH", 0, proto, length))
+
+
+def ipv6(src: str, dst: str, next_header: int, payload: bytes, hop_limit: int = 64) -> bytes:
+    return struct.pack("!IHBB16s16s", 6 << 28, len(payload), next_header, hop_limit,
+                       ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed) + payload
+
+
+def ip6_frame(dst_mac: bytes, src_mac: bytes, src: str, dst: str, next_header: int, payload: bytes) -> bytes:
+    """An Ethernet frame carrying an IPv6 packet (no extension headers)."""
+    return ethernet(dst_mac, src_mac, ETH_P_IPV6, ipv6(src, dst, next_header, payload))
 
 
 def icmp_echo(ident: int, seq: int, payload: bytes, reply: bool = False) -> bytes:
@@ -138,6 +154,16 @@ def parse_ipv4(frame: bytes) -> Ip | None:
     payload = frame[ETH_HLEN + ihl:ETH_HLEN + total]
     return Ip(str(ipaddress.IPv4Address(header[12:16])), str(ipaddress.IPv4Address(header[16:20])),
               header[9], header, payload)
+
+
+def parse_ipv6(frame: bytes) -> Ip | None:
+    """An IPv6 packet without extension headers (`proto` is its next header)."""
+    if len(frame) < ETH_HLEN + IP6_HLEN or struct.unpack_from("!H", frame, 12)[0] != ETH_P_IPV6:
+        return None
+    header = frame[ETH_HLEN:ETH_HLEN + IP6_HLEN]
+    length = struct.unpack_from("!H", header, 4)[0]
+    return Ip(str(ipaddress.IPv6Address(header[8:24])), str(ipaddress.IPv6Address(header[24:40])),
+              header[6], header, frame[ETH_HLEN + IP6_HLEN:ETH_HLEN + IP6_HLEN + length])
 
 
 def complete_checksum(frame: bytes, csum_start: int, csum_offset: int) -> bytes:

@@ -265,6 +265,16 @@ def no_offloads(iface: str) -> None:
             _ifreq_ioctl(s, SIOCETHTOOL, iface.encode(), struct.pack("<Q", ctypes.addressof(value)))
 
 
+def assert_tso_segments(segs: list[pk.Ip], data: bytes, *, mss: int, first_seq: int) -> None:
+    """What the peer must see of one GSO frame the kernel segmented: valid TCP checksums, at
+    most `mss` bytes each, in order from `first_seq`, together exactly `data`."""
+    assert all(s.l4_checksum_ok() for s in segs)
+    assert all(len(s.payload) - pk.TCP_HLEN <= mss for s in segs)
+    seqs = [struct.unpack_from("!I", s.payload, 4)[0] for s in segs]
+    assert seqs == sorted(seqs) and seqs[0] == first_seq
+    assert b"".join(s.payload[pk.TCP_HLEN:] for s in segs) == data
+
+
 def test_transmit_checksum_offload_and_tso_end_to_end(netns, guests):
     vm_ns, peer_ns = netns(), netns()
     g = Guest(vm_ns, BASIC | CSUM_TSO | nh.VIRTIO_NET_F_MRG_RXBUF, tap_addr=None)
@@ -313,11 +323,8 @@ def test_transmit_checksum_offload_and_tso_end_to_end(netns, guests):
         ours = struct.pack("!H", 40000)  # the source port
         segs = captured(lambda ip: ip.proto == pk.IPPROTO_TCP and ip.payload[:2] == ours, 20)
         assert len(segs) == 20
-        assert all(s.l4_checksum_ok() and pk.checksum(s.header) == 0 for s in segs)
-        assert all(len(s.payload) - pk.TCP_HLEN <= 1000 for s in segs)
-        seqs = [struct.unpack_from("!I", s.payload, 4)[0] for s in segs]
-        assert seqs == sorted(seqs) and seqs[0] == 1000
-        assert b"".join(s.payload[pk.TCP_HLEN:] for s in segs) == data
+        assert all(pk.checksum(s.header) == 0 for s in segs)  # IPv4 has a header checksum
+        assert_tso_segments(segs, data, mss=1000, first_seq=1000)
         assert g.device.counters["tx_packets"] == 3
     finally:
         capture.close()
@@ -378,11 +385,7 @@ def test_tso6_end_to_end_over_ipv6(netns, guests):
                     and ip.payload[:2] == ours:
                 segs.append(ip)
         assert len(segs) == 20, (len(segs), sent, g.device.counters)
-        assert all(s.l4_checksum_ok() for s in segs)
-        assert all(len(s.payload) - pk.TCP_HLEN <= 1000 for s in segs)
-        seqs = [struct.unpack_from("!I", s.payload, 4)[0] for s in segs]
-        assert seqs == sorted(seqs) and seqs[0] == 1000
-        assert b"".join(s.payload[pk.TCP_HLEN:] for s in segs) == data
+        assert_tso_segments(segs, data, mss=1000, first_seq=1000)
         assert g.device.counters["tx_dropped_gso_type"] == 0
     finally:
         capture.close()
